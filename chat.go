@@ -1,0 +1,803 @@
+// Chat over WebSocket.
+//
+// Who owns what:
+//   - The hub owns the set of clients, their names, the message sequence
+//     number, the history and the pending presence changes, all under one
+//     mutex (hub.mu).
+//   - Each client has two goroutines. The reader (the handler goroutine that
+//     x/net/websocket gives us) decodes frames and calls into the hub. The
+//     writer is the only goroutine that writes to the socket; it drains the
+//     client's bounded queue (client.send).
+//   - A broadcast encodes its frame once and, under hub.mu, offers the same
+//     bytes to every queue without blocking. A client whose queue is full is
+//     dropped, never waited for, and nothing touches a socket while hub.mu is
+//     held. Offering under the lock is what keeps every client's view in seq
+//     order.
+//
+// x/net/websocket leaves three things to us, handled here: its Conn.Close
+// always sends status 1000 (writeClose sends the code we choose); it returns
+// ErrFrameTooLarge but keeps the connection (we close it with 1009); and it
+// answers pings and swallows pongs inside Read, so we cannot see a pong
+// arrive. Instead liveReader pushes the read deadline forward on any bytes
+// from the peer, pongs included, and a peer that goes silent times out.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"golang.org/x/net/websocket"
+)
+
+// Chat limits. Sizes are in bytes, text lengths in characters (runes).
+const (
+	// maxFrameBytes is the largest frame payload a client may send; a larger
+	// frame closes the connection with 1009.
+	maxFrameBytes = 8 << 10
+	// maxTextChars bounds a message's text after trimming.
+	maxTextChars = 2000
+	// maxNameChars bounds a display name after trimming.
+	maxNameChars = 32
+	// historySize is how many recent messages a newcomer's welcome carries.
+	historySize = 50
+	// welcomeUsers bounds the users listed in a welcome, so that a welcome
+	// stays small in a large room.
+	welcomeUsers = 100
+	// presenceEvery is the shortest time between two presence frames: joins
+	// and leaves inside it are coalesced into one frame.
+	presenceEvery = 250 * time.Millisecond
+	// presenceNames bounds each of a presence frame's joined and left lists;
+	// joinedCount and leftCount carry the totals.
+	presenceNames = 20
+	// sendQueueFrames is each client's outbound queue, in frames. A client
+	// whose queue is full when a frame is offered is dropped.
+	sendQueueFrames = 64
+	// writeWait bounds one frame write to a client.
+	writeWait = 10 * time.Second
+	// pingEvery is how often the server pings each client. Must be well
+	// under readIdle, so that a live peer's pong arrives in time.
+	pingEvery = 30 * time.Second
+	// readIdle is how long a client may send nothing at all (no frame, no
+	// pong) before it is taken for gone. With pingEvery, a vanished peer is
+	// removed within 75 s.
+	readIdle = 75 * time.Second
+	// closeGrace is how long, after sending a close frame, the server reads
+	// (and discards) while waiting for the peer's close frame.
+	closeGrace = 2 * time.Second
+	// rateBurst and ratePerSecond limit frames from one client: a burst of
+	// rateBurst, refilled at ratePerSecond. Frames over it are refused.
+	rateBurst     = 10
+	ratePerSecond = 5
+	// floodStrikes is how many refused frames in a row close the connection
+	// with 1008.
+	floodStrikes = 30
+)
+
+// WebSocket close codes (RFC 6455, section 7.4.1).
+const (
+	closeNormal          = 1000
+	closeGoingAway       = 1001 // server shutting down
+	closePolicyViolation = 1008 // flooding, or too slow to read
+	closeTooBig          = 1009 // frame over maxFrameBytes
+)
+
+// Error codes carried by {"type":"error"} frames.
+const (
+	errBadJSON     = "bad_json"
+	errUnknownType = "unknown_type"
+	errEmpty       = "empty"
+	errTooLong     = "too_long"
+	errBadName     = "bad_name"
+	errRateLimited = "rate_limited"
+)
+
+// user is a client's public identity on the wire.
+type user struct {
+	ID   string `json:"id"`
+	Name string `json:"name"`
+}
+
+// inbound is any frame a client sends; which fields matter depends on Type.
+type inbound struct {
+	Type string `json:"type"` // "message", "rename" or "ping"
+	Text string `json:"text"` // message
+	Name string `json:"name"` // rename
+}
+
+// message is a chat message as broadcast and kept in history.
+type message struct {
+	Type string `json:"type"` // "message"
+	Seq  int64  `json:"seq"`  // strictly increasing per server run
+	From user   `json:"from"`
+	Text string `json:"text"`
+	Time string `json:"time"`
+}
+
+// refusal is why a client's frame was refused; it goes back as an error frame.
+type refusal struct {
+	Code string `json:"code"`
+	Text string `json:"error"`
+}
+
+// hub is the chat room: the http.Handler for GET /ws and everything the
+// clients share.
+type hub struct {
+	log          *slog.Logger
+	maxClients   int
+	allowOrigins map[string]bool // lower-case "scheme://host[:port]"
+	run          string          // identifies this server run; seq restarts with it
+	pingEvery    time.Duration   // pingEvery, changeable by tests
+	readIdle     time.Duration   // readIdle, changeable by tests
+
+	admitted atomic.Int64   // connections past admission, including mid-handshake
+	handlers sync.WaitGroup // one per upgraded connection, for shutdown
+	nextID   atomic.Int64
+
+	mu       sync.Mutex // guards the fields below, and every send on or close of a client.send
+	clients  map[*client]struct{}
+	byName   map[string]*client // by foldName(name), to keep names unique
+	seq      int64
+	history  [][]byte // encoded message frames, oldest first, at most historySize
+	joined   map[*client]bool
+	left     []user
+	leftN    int
+	flushing bool // a presence flush is scheduled
+	closed   bool // shutdown has begun: no joins, no frames
+}
+
+func newHub(log *slog.Logger, maxClients int, allowOrigins []string) *hub {
+	h := &hub{
+		log:          log,
+		maxClients:   maxClients,
+		allowOrigins: make(map[string]bool),
+		run:          strconv.FormatUint(rand.Uint64(), 36),
+		pingEvery:    pingEvery,
+		readIdle:     readIdle,
+		clients:      make(map[*client]struct{}),
+		byName:       make(map[string]*client),
+		joined:       make(map[*client]bool),
+		left:         []user{},
+	}
+	for _, o := range allowOrigins {
+		h.allowOrigins[strings.ToLower(strings.TrimSuffix(o, "/"))] = true
+	}
+	return h
+}
+
+// client is one chat connection.
+type client struct {
+	id   string
+	conn net.Conn    // the hijacked connection, for deadlines
+	live *liveReader // set at upgrade
+
+	// name, send and closeCode are guarded by hub.mu. send is only sent on
+	// and closed while holding it; closeCode is set just before send is
+	// closed, so the writer may read it once it sees send closed.
+	name      string
+	send      chan []byte
+	closeCode int
+	closeText string
+
+	writerDone chan struct{} // closed when the writer goroutine exits
+}
+
+// online reports how many clients are in the room.
+func (h *hub) online() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.clients)
+}
+
+// ServeHTTP handles GET /ws. Every refusal happens before the upgrade, so it
+// is a plain HTTP answer: 400 for a request that is not a WebSocket
+// handshake, 403 for a cross-origin one, 503 when the room is full or the
+// server is stopping.
+func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !strings.EqualFold(r.Header.Get("Upgrade"), "websocket") {
+		http.Error(w, "this endpoint speaks WebSocket only", http.StatusBadRequest)
+		return
+	}
+	if err := h.checkOrigin(r); err != nil {
+		h.log.Debug("ws refused", "remote", r.RemoteAddr, "err", err)
+		http.Error(w, err.Error(), http.StatusForbidden)
+		return
+	}
+	if h.admitted.Add(1) > int64(h.maxClients) {
+		h.admitted.Add(-1)
+		http.Error(w, "chat is full, try again later", http.StatusServiceUnavailable)
+		return
+	}
+	defer h.admitted.Add(-1)
+
+	c := &client{
+		id:         "u" + strconv.FormatInt(h.nextID.Add(1), 10),
+		send:       make(chan []byte, sendQueueFrames),
+		writerDone: make(chan struct{}),
+	}
+	h.handlers.Add(1)
+	defer h.handlers.Done()
+	ws := websocket.Server{Handler: func(ws *websocket.Conn) { h.serve(ws, c, r.URL.Query().Get("name")) }}
+	ws.ServeHTTP(hijacker{w, c, h.readIdle}, r)
+}
+
+// checkOrigin refuses cross-site WebSocket hijacking: a browser always sends
+// Origin, and it must name this server (or an allowed origin). A request
+// without Origin comes from a non-browser client and is allowed.
+func (h *hub) checkOrigin(r *http.Request) error {
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return nil
+	}
+	u, err := url.Parse(origin)
+	if err != nil || u.Host == "" {
+		return fmt.Errorf("bad Origin %q", origin)
+	}
+	if strings.EqualFold(u.Host, r.Host) || h.allowOrigins[strings.ToLower(u.Scheme+"://"+u.Host)] {
+		return nil
+	}
+	return fmt.Errorf("origin %s may not open a WebSocket on %s (see -allow-origin)", origin, r.Host)
+}
+
+// hijacker hands x/net/websocket the hijacked connection with its reader
+// replaced by a liveReader, and records the connection in the client.
+type hijacker struct {
+	http.ResponseWriter
+	c    *client
+	idle time.Duration
+}
+
+func (hj hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(hj.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	hj.c.conn = conn
+	hj.c.live = &liveReader{conn: conn, idle: hj.idle}
+	var r io.Reader = hj.c.live
+	if n := brw.Reader.Buffered(); n > 0 { // bytes that came with the handshake
+		early, _ := brw.Reader.Peek(n)
+		r = io.MultiReader(bytes.NewReader(bytes.Clone(early)), r)
+	}
+	brw.Reader.Reset(r)
+	conn.SetReadDeadline(time.Now().Add(hj.idle))
+	return conn, brw, nil
+}
+
+// liveReader reads from the connection and pushes its read deadline forward
+// whenever bytes arrive, so that any traffic from the peer, including the
+// pongs x/net/websocket swallows, proves it is still there. Once the
+// connection is closing the deadline stays where closeAfter put it.
+type liveReader struct {
+	conn net.Conn
+	idle time.Duration
+
+	mu      sync.Mutex // orders deadline updates between Read and closeAfter
+	closing bool
+}
+
+func (lr *liveReader) Read(p []byte) (int, error) {
+	n, err := lr.conn.Read(p)
+	if n > 0 {
+		lr.mu.Lock()
+		if !lr.closing {
+			lr.conn.SetReadDeadline(time.Now().Add(lr.idle))
+		}
+		lr.mu.Unlock()
+	}
+	return n, err
+}
+
+// closeAfter stops pushing the deadline and gives the peer d to finish.
+func (lr *liveReader) closeAfter(d time.Duration) {
+	lr.mu.Lock()
+	defer lr.mu.Unlock()
+	lr.closing = true
+	lr.conn.SetReadDeadline(time.Now().Add(d))
+}
+
+// isClosing reports whether closeAfter has been called.
+func (lr *liveReader) isClosing() bool {
+	lr.mu.Lock()
+	defer lr.mu.Unlock()
+	return lr.closing
+}
+
+// serve runs a client's reader on the handler goroutine: it is the only
+// reader of ws. It returns once the writer has finished; x/net then closes
+// the connection.
+func (h *hub) serve(ws *websocket.Conn, c *client, wantName string) {
+	ws.MaxPayloadBytes = maxFrameBytes
+	log := h.log.With("client", c.id)
+	if !h.join(c, wantName) {
+		writeClose(ws, closeGoingAway, "server shutting down")
+		return
+	}
+	log.Debug("joined", "remote", c.conn.RemoteAddr())
+	go h.write(ws, c)
+
+	limit := bucket{tokens: rateBurst, last: time.Now()}
+	strikes := 0
+	for {
+		var data []byte
+		err := frameCodec.Receive(ws, &data)
+		if c.live.isClosing() {
+			if err == nil || errors.Is(err, websocket.ErrFrameTooLarge) {
+				continue // drain until the peer's close frame or closeGrace
+			}
+			break
+		}
+		if errors.Is(err, websocket.ErrFrameTooLarge) {
+			h.drop(c, closeTooBig, "frame over "+strconv.Itoa(maxFrameBytes)+" bytes")
+			continue
+		}
+		if err != nil {
+			log.Debug("read ended", "err", err)
+			break
+		}
+		if !limit.allow(time.Now()) {
+			if strikes++; strikes >= floodStrikes {
+				h.drop(c, closePolicyViolation, "flooding")
+				continue
+			}
+			h.refuse(c, &refusal{errRateLimited, "too many frames: at most " +
+				strconv.Itoa(rateBurst) + " at once or " + strconv.Itoa(ratePerSecond) + " a second"})
+			continue
+		}
+		strikes = 0
+		if ref := h.handle(c, data); ref != nil {
+			h.refuse(c, ref)
+		}
+	}
+	h.drop(c, closeNormal, "")
+	<-c.writerDone
+	log.Debug("left")
+}
+
+// pongFrame answers a client's ping.
+var pongFrame = []byte(`{"type":"pong"}`)
+
+// handle acts on one frame from c, or says why it refused it.
+func (h *hub) handle(c *client, data []byte) *refusal {
+	in, ref := decodeFrame(data)
+	if ref != nil {
+		return ref
+	}
+	switch in.Type {
+	case "message":
+		h.say(c, in.Text)
+	case "rename":
+		return h.rename(c, in.Name)
+	case "ping":
+		h.reply(c, pongFrame)
+	}
+	return nil
+}
+
+// decodeFrame parses and checks a client frame. It refuses what is not a JSON
+// object, an unknown type, and a message whose trimmed text is empty or over
+// maxTextChars. Invalid UTF-8 is refused, so it can never be relayed.
+func decodeFrame(data []byte) (inbound, *refusal) {
+	var in inbound
+	if !utf8.Valid(data) {
+		return in, &refusal{errBadJSON, "frame is not valid UTF-8"}
+	}
+	if err := json.Unmarshal(data, &in); err != nil {
+		return in, &refusal{errBadJSON, "frame is not a JSON object of the chat protocol: " + err.Error()}
+	}
+	switch in.Type {
+	case "message":
+		in.Text = strings.TrimSpace(in.Text)
+		if in.Text == "" {
+			return in, &refusal{errEmpty, "message text is empty"}
+		}
+		if utf8.RuneCountInString(in.Text) > maxTextChars {
+			return in, &refusal{errTooLong, "message text is over " + strconv.Itoa(maxTextChars) + " characters"}
+		}
+	case "rename", "ping":
+	default:
+		return in, &refusal{errUnknownType, fmt.Sprintf("unknown frame type %q: want message, rename or ping", in.Type)}
+	}
+	return in, nil
+}
+
+// cleanName returns the display name a client asked for, trimmed and with
+// inner white space collapsed, or a refusal. Names may not hold control or
+// invisible formatting characters (zero-width, bidi overrides), so a name
+// cannot hide text or pass for someone else's by invisible differences.
+func cleanName(s string) (string, *refusal) {
+	if !utf8.ValidString(s) {
+		return "", &refusal{errBadName, "name is not valid UTF-8"}
+	}
+	s = strings.Join(strings.Fields(s), " ")
+	if s == "" {
+		return "", &refusal{errBadName, "name is empty"}
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) || unicode.Is(unicode.Cf, r) || r == utf8.RuneError {
+			return "", &refusal{errBadName, fmt.Sprintf("name holds a control or invisible character (%U)", r)}
+		}
+	}
+	if utf8.RuneCountInString(s) > maxNameChars {
+		return "", &refusal{errBadName, "name is over " + strconv.Itoa(maxNameChars) + " characters"}
+	}
+	return s, nil
+}
+
+// foldName is the key under which names must be unique: case does not
+// tell two users apart.
+func foldName(s string) string { return strings.ToLower(s) }
+
+// uniqueNameLocked returns name, or name with a "-2", "-3"... suffix, such that
+// no other client online has it. The caller holds h.mu.
+func (h *hub) uniqueNameLocked(name string, self *client) string {
+	taken := func(n string) bool {
+		other, ok := h.byName[foldName(n)]
+		return ok && other != self
+	}
+	if !taken(name) {
+		return name
+	}
+	for i := 2; ; i++ {
+		suffix := "-" + strconv.Itoa(i)
+		base := []rune(name)
+		if max := maxNameChars - len(suffix); len(base) > max {
+			base = base[:max]
+		}
+		if n := strings.TrimSpace(string(base)) + suffix; !taken(n) {
+			return n
+		}
+	}
+}
+
+var (
+	nameAdjectives = []string{"amber", "brave", "calm", "clever", "eager", "gentle", "happy", "jolly",
+		"keen", "lucky", "merry", "nimble", "quiet", "rapid", "sunny", "witty"}
+	nameAnimals = []string{"badger", "crane", "dolphin", "falcon", "gecko", "heron", "koala", "lynx",
+		"marmot", "otter", "panda", "quokka", "raven", "seal", "tapir", "wombat"}
+)
+
+// randomName picks a readable name for a client that asked for none.
+func randomName() string {
+	return nameAdjectives[rand.IntN(len(nameAdjectives))] + "-" + nameAnimals[rand.IntN(len(nameAnimals))]
+}
+
+// join adds c to the room under a unique name and queues its welcome. A name
+// that cannot be used is replaced by a random one, with an error frame after
+// the welcome saying why. It reports false once shutdown has begun.
+func (h *hub) join(c *client, want string) bool {
+	var bad *refusal
+	name := randomName()
+	if want != "" {
+		if n, ref := cleanName(want); ref != nil {
+			bad = ref
+		} else {
+			name = n
+		}
+	}
+	now := time.Now()
+
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		return false
+	}
+	c.name = h.uniqueNameLocked(name, c)
+	h.clients[c] = struct{}{}
+	h.byName[foldName(c.name)] = c
+	h.joined[c] = true
+	h.schedulePresenceLocked()
+
+	users := []user{{c.id, c.name}}
+	for other := range h.clients {
+		if len(users) == welcomeUsers {
+			break
+		}
+		if other != c {
+			users = append(users, user{other.id, other.name})
+		}
+	}
+	history := make([]json.RawMessage, len(h.history))
+	for i, m := range h.history {
+		history[i] = m
+	}
+	welcome := encode(struct {
+		Type    string            `json:"type"` // "welcome"
+		You     user              `json:"you"`
+		Online  int               `json:"online"`
+		Users   []user            `json:"users"`
+		History []json.RawMessage `json:"history"`
+		Run     string            `json:"run"`
+		Time    string            `json:"time"`
+	}{"welcome", users[0], len(h.clients), users, history, h.run, stamp(now)})
+	c.send <- welcome // the queue is new and empty: this cannot block
+	if bad != nil {
+		h.offerLocked(c, encodeRefusal(bad))
+	}
+	return true
+}
+
+// say broadcasts a message from c, already checked by decodeFrame.
+func (h *hub) say(c *client, text string) {
+	now := time.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.inRoomLocked(c) {
+		return
+	}
+	h.seq++
+	frame := encode(message{"message", h.seq, user{c.id, c.name}, text, stamp(now)})
+	if len(h.history) == historySize {
+		copy(h.history, h.history[1:])
+		h.history = h.history[:historySize-1]
+	}
+	h.history = append(h.history, frame)
+	h.broadcastLocked(frame)
+}
+
+// inRoomLocked reports whether c is still in the room (not dropped, and the
+// server not shutting down). The caller holds h.mu.
+func (h *hub) inRoomLocked(c *client) bool {
+	_, ok := h.clients[c]
+	return ok && !h.closed
+}
+
+// rename changes c's display name and tells everyone.
+func (h *hub) rename(c *client, want string) *refusal {
+	name, ref := cleanName(want)
+	if ref != nil {
+		return ref
+	}
+	now := time.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.inRoomLocked(c) || name == c.name {
+		return nil
+	}
+	old := c.name
+	delete(h.byName, foldName(old))
+	c.name = h.uniqueNameLocked(name, c)
+	h.byName[foldName(c.name)] = c
+	h.broadcastLocked(encode(struct {
+		Type string `json:"type"` // "rename"
+		User user   `json:"user"`
+		Old  string `json:"old"`
+		Time string `json:"time"`
+	}{"rename", user{c.id, c.name}, old, stamp(now)}))
+	return nil
+}
+
+// reply queues frame for c alone.
+func (h *hub) reply(c *client, frame []byte) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.inRoomLocked(c) {
+		h.offerLocked(c, frame)
+	}
+}
+
+// refuse tells c why its last frame was refused; the connection stays open.
+func (h *hub) refuse(c *client, r *refusal) { h.reply(c, encodeRefusal(r)) }
+
+func encodeRefusal(r *refusal) []byte {
+	return encode(struct {
+		Type string `json:"type"` // "error"
+		*refusal
+	}{"error", r})
+}
+
+// broadcastLocked offers frame to every client. The caller holds h.mu.
+func (h *hub) broadcastLocked(frame []byte) {
+	for c := range h.clients {
+		h.offerLocked(c, frame)
+	}
+}
+
+// offerLocked queues frame for c without blocking; if c's queue is full, c is
+// too slow to keep up and is dropped. The caller holds h.mu.
+func (h *hub) offerLocked(c *client, frame []byte) {
+	select {
+	case c.send <- frame:
+	default:
+		h.dropLocked(c, closePolicyViolation, "too slow: outbound queue full")
+	}
+}
+
+// drop removes c from the room, if it is still there, and has its writer
+// close the connection with code.
+func (h *hub) drop(c *client, code int, text string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.dropLocked(c, code, text)
+}
+
+func (h *hub) dropLocked(c *client, code int, text string) {
+	if _, ok := h.clients[c]; !ok {
+		return
+	}
+	delete(h.clients, c)
+	if h.byName[foldName(c.name)] == c {
+		delete(h.byName, foldName(c.name))
+	}
+	if h.joined[c] {
+		delete(h.joined, c) // joined and left inside one window: in neither list
+	} else if !h.closed {
+		if len(h.left) < presenceNames {
+			h.left = append(h.left, user{c.id, c.name})
+		}
+		h.leftN++
+		h.schedulePresenceLocked()
+	}
+	if code != closeNormal {
+		h.log.Debug("dropping client", "client", c.id, "code", code, "reason", text)
+	}
+	c.closeCode, c.closeText = code, text
+	close(c.send)
+}
+
+// schedulePresenceLocked makes sure a presence flush is on its way. The
+// caller holds h.mu.
+func (h *hub) schedulePresenceLocked() {
+	if !h.flushing {
+		h.flushing = true
+		time.AfterFunc(presenceEvery, h.flushPresence)
+	}
+}
+
+// flushPresence broadcasts one presence frame covering every join and leave
+// since the last one.
+func (h *hub) flushPresence() {
+	now := time.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.flushing = false
+	if h.closed || len(h.joined) == 0 && h.leftN == 0 {
+		return
+	}
+	joined := make([]user, 0, min(len(h.joined), presenceNames))
+	for c := range h.joined {
+		if len(joined) == presenceNames {
+			break
+		}
+		joined = append(joined, user{c.id, c.name})
+	}
+	frame := encode(struct {
+		Type        string `json:"type"` // "presence"
+		Online      int    `json:"online"`
+		Joined      []user `json:"joined"`
+		Left        []user `json:"left"`
+		JoinedCount int    `json:"joinedCount"`
+		LeftCount   int    `json:"leftCount"`
+		Time        string `json:"time"`
+	}{"presence", len(h.clients), joined, h.left, len(h.joined), h.leftN, stamp(now)})
+	clear(h.joined)
+	h.left, h.leftN = []user{}, 0
+	h.broadcastLocked(frame)
+}
+
+// write is c's writer goroutine, the only writer of ws. It sends queued
+// frames and pings until the queue is closed, then sends a close frame with
+// the code the hub chose and gives the peer closeGrace to answer.
+func (h *hub) write(ws *websocket.Conn, c *client) {
+	defer close(c.writerDone)
+	ping := time.NewTicker(h.pingEvery)
+	defer ping.Stop()
+	for {
+		var err error
+		select {
+		case frame, ok := <-c.send:
+			if !ok {
+				ws.SetWriteDeadline(time.Now().Add(writeWait))
+				writeClose(ws, c.closeCode, c.closeText)
+				c.live.closeAfter(closeGrace)
+				return
+			}
+			ws.SetWriteDeadline(time.Now().Add(writeWait))
+			_, err = ws.Write(frame)
+		case <-ping.C:
+			ws.SetWriteDeadline(time.Now().Add(writeWait))
+			err = rawCodec(websocket.PingFrame).Send(ws, []byte(nil))
+		}
+		if err != nil {
+			// The peer is gone or stuck: end the reader too, then wait for
+			// the hub to close the queue so it is not closed twice.
+			c.live.closeAfter(0)
+			for range c.send {
+			}
+			return
+		}
+	}
+}
+
+// frameCodec receives one frame's payload as bytes, text or binary alike.
+var frameCodec = websocket.Codec{Unmarshal: func(data []byte, _ byte, v any) error {
+	*v.(*[]byte) = data
+	return nil
+}}
+
+// rawCodec writes its []byte argument as one frame of the given opcode,
+// holding the connection's write lock like every other write.
+func rawCodec(opcode byte) websocket.Codec {
+	return websocket.Codec{Marshal: func(v any) ([]byte, byte, error) {
+		return v.([]byte), opcode, nil
+	}}
+}
+
+// writeClose sends a close frame with code and reason (RFC 6455, 5.5.1).
+func writeClose(ws *websocket.Conn, code int, reason string) error {
+	payload := binary.BigEndian.AppendUint16(nil, uint16(code))
+	return rawCodec(websocket.CloseFrame).Send(ws, append(payload, reason...))
+}
+
+// shutdown closes every client with 1001 and refuses new ones.
+func (h *hub) shutdown() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.closed = true
+	for c := range h.clients {
+		h.dropLocked(c, closeGoingAway, "server shutting down")
+	}
+}
+
+// wait blocks until every connection handler has returned, or ctx is done.
+func (h *hub) wait(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		h.handlers.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("chat connections still open: %w", ctx.Err())
+	}
+}
+
+// bucket is a token-bucket rate limiter: it holds up to rateBurst tokens,
+// refills at ratePerSecond, and each frame takes one. Only the client's
+// reader uses it.
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+func (b *bucket) allow(now time.Time) bool {
+	b.tokens = min(rateBurst, b.tokens+now.Sub(b.last).Seconds()*ratePerSecond)
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// encode marshals a frame. Every frame is a fixed struct of strings and
+// numbers, so marshalling cannot fail.
+func encode(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic("chat: encoding frame: " + err.Error())
+	}
+	return b
+}
+
+// stamp formats t as the protocol's times are: RFC 3339, UTC, milliseconds.
+func stamp(t time.Time) string { return t.UTC().Format("2006-01-02T15:04:05.000Z07:00") }

@@ -1,0 +1,278 @@
+// Pollfree serves one web page that gets live data without polling: a chat
+// room over WebSocket and a live server-stats panel over Server-Sent Events,
+// from one binary on one port.
+//
+// Endpoints:
+//
+//	GET /         the page, embedded in the binary
+//	GET /ws       WebSocket chat (JSON text frames; see chat.go)
+//	GET /events   Server-Sent Events: a stats snapshot once a second (see sse.go)
+//	GET /stats    the latest stats snapshot as one JSON object
+//	GET /healthz  200 "ok" while serving, 503 once shutdown has begun
+//
+// Usage:
+//
+//	pollfree [-addr :3000] [-allow-origin URL,...] [-max-clients N]
+//	         [-tls-cert FILE -tls-key FILE] [-log-level info]
+//
+// Without -addr, the PORT environment variable picks the port (the container
+// convention); without either, pollfree listens on :3000. On SIGINT or
+// SIGTERM it stops accepting, closes every chat connection with code 1001,
+// ends every event stream and exits within five seconds.
+package main
+
+import (
+	"context"
+	_ "embed"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Server-wide limits and timeouts.
+const (
+	// defaultPort is used when neither -addr nor $PORT is given.
+	defaultPort = "3000"
+	// defaultMaxClients bounds concurrent chat connections; one more gets 503.
+	defaultMaxClients = 10_000
+	// readHeaderTimeout cuts clients that send request headers too slowly (slowloris).
+	readHeaderTimeout = 5 * time.Second
+	// idleTimeout closes keep-alive HTTP connections with no request in flight.
+	idleTimeout = 120 * time.Second
+	// maxHeaderBytes bounds the request line plus headers.
+	maxHeaderBytes = 16 << 10
+	// shutdownTimeout bounds the whole shutdown sequence, after which run returns anyway.
+	shutdownTimeout = 5 * time.Second
+)
+
+//go:embed index.html
+var page []byte
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return
+		}
+		fmt.Fprintln(os.Stderr, "pollfree:", err)
+		os.Exit(1)
+	}
+}
+
+// config is what the command line and environment decide.
+type config struct {
+	addr         string
+	allowOrigins []string // extra origins allowed to open /ws, as "scheme://host[:port]"
+	maxClients   int
+	tlsCert      string
+	tlsKey       string
+	logLevel     slog.Level
+}
+
+// parseConfig reads flags from args and falls back to $PORT for the address.
+// -h prints the usage to stdout and returns flag.ErrHelp.
+func parseConfig(args []string, getenv func(string) string, stdout, stderr io.Writer) (config, error) {
+	var cfg config
+	fs := flag.NewFlagSet("pollfree", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&cfg.addr, "addr", "", "listen address, host:port (default \":$PORT\", or \":"+defaultPort+"\" without $PORT)")
+	origins := fs.String("allow-origin", "", "comma-separated origins, besides the page's own, that may open /ws (e.g. https://example.com)")
+	fs.IntVar(&cfg.maxClients, "max-clients", defaultMaxClients, "most concurrent chat connections; more get 503")
+	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "certificate `file` (PEM) to serve HTTPS and HTTP/2; needs -tls-key")
+	fs.StringVar(&cfg.tlsKey, "tls-key", "", "private key `file` (PEM) for -tls-cert")
+	fs.TextVar(&cfg.logLevel, "log-level", slog.LevelInfo, "log `level`: debug, info, warn or error (debug logs every connection)")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "pollfree serves a live chat (WebSocket) and live server stats (Server-Sent Events) on one page.\n\nUsage: pollfree [flags]\n\n")
+		fs.PrintDefaults()
+	}
+	for _, a := range args {
+		if a == "-h" || a == "-help" || a == "--help" || a == "--h" {
+			fs.SetOutput(stdout)
+			break
+		}
+	}
+	if err := fs.Parse(args); err != nil {
+		return cfg, err
+	}
+	if fs.NArg() > 0 {
+		return cfg, fmt.Errorf("unexpected argument %q (see -h)", fs.Arg(0))
+	}
+	if cfg.addr == "" {
+		port := getenv("PORT")
+		if port == "" {
+			port = defaultPort
+		}
+		cfg.addr = ":" + port
+	}
+	if (cfg.tlsCert == "") != (cfg.tlsKey == "") {
+		return cfg, errors.New("-tls-cert and -tls-key go together")
+	}
+	if cfg.maxClients < 1 {
+		return cfg, fmt.Errorf("-max-clients must be at least 1, got %d", cfg.maxClients)
+	}
+	for o := range strings.SplitSeq(*origins, ",") {
+		if o = strings.TrimSpace(o); o != "" {
+			cfg.allowOrigins = append(cfg.allowOrigins, o)
+		}
+	}
+	return cfg, nil
+}
+
+// run is the whole program: it parses args, listens, serves until ctx is
+// done, then shuts down. main only adds signals and the exit status, so tests
+// can start the real program with run.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	cfg, err := parseConfig(args, getenv, stdout, stderr)
+	if err != nil {
+		return err
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: cfg.logLevel}))
+	app := newServer(cfg, log)
+
+	// Listen before logging, so the URL printed is the real one (even for port 0).
+	ln, err := net.Listen("tcp", cfg.addr)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{
+		Handler: app,
+		// Headers must arrive promptly; bodies and streams set their own deadlines.
+		ReadHeaderTimeout: readHeaderTimeout,
+		// Idle keep-alive connections are closed after this long.
+		IdleTimeout: idleTimeout,
+		// Request line plus headers, at most.
+		MaxHeaderBytes: maxHeaderBytes,
+		// No WriteTimeout: /events streams for hours. Each stream write has its own deadline.
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	serveErr := make(chan error, 1)
+	scheme := "http"
+	if cfg.tlsCert != "" {
+		scheme = "https"
+		go func() { serveErr <- srv.ServeTLS(ln, cfg.tlsCert, cfg.tlsKey) }()
+	} else {
+		go func() { serveErr <- srv.Serve(ln) }()
+	}
+	log.Info("pollfree listening", "url", listenURL(scheme, ln.Addr()))
+
+	select {
+	case err := <-serveErr:
+		return err
+	case <-ctx.Done():
+	}
+
+	// Shutdown: refuse new work, tell every client, wait for them, bounded.
+	log.Info("shutting down")
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	app.beginShutdown() // /healthz says 503; chat clients get 1001; event streams end
+	err = srv.Shutdown(ctx)
+	err = errors.Join(err, app.wait(ctx))
+	if err != nil {
+		log.Error("shutdown incomplete", "err", err)
+		return err
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// listenURL turns a listener address into a URL a person can click:
+// an unspecified host (":3000", "[::]:3000") becomes localhost.
+func listenURL(scheme string, addr net.Addr) string {
+	host, port, err := net.SplitHostPort(addr.String())
+	if err != nil {
+		return scheme + "://" + addr.String() + "/"
+	}
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		host = "localhost"
+	}
+	return scheme + "://" + net.JoinHostPort(host, port) + "/"
+}
+
+// server is pollfree's http.Handler: the chat hub, the stats broadcaster and
+// the routes over them.
+type server struct {
+	log      *slog.Logger
+	chat     *hub
+	stats    *broadcaster
+	draining atomic.Bool // set once shutdown begins; /healthz then answers 503
+	mux      *http.ServeMux
+}
+
+func newServer(cfg config, log *slog.Logger) *server {
+	s := &server{log: log, mux: http.NewServeMux()}
+	s.chat = newHub(log, cfg.maxClients, cfg.allowOrigins)
+	s.stats = newBroadcaster(log, os.DirFS("/"), s.chat.online)
+	s.routes()
+	return s
+}
+
+// routes lists every endpoint in one place.
+func (s *server) routes() {
+	s.mux.Handle("GET /{$}", handleIndex())
+	s.mux.Handle("GET /ws", s.chat)
+	s.mux.Handle("GET /events", s.stats.handleEvents())
+	s.mux.Handle("GET /stats", s.stats.handleStats())
+	s.mux.Handle("GET /healthz", s.handleHealthz())
+}
+
+func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+
+// beginShutdown makes /healthz fail, closes every chat connection with 1001
+// and ends every event stream. It does not wait; see wait.
+func (s *server) beginShutdown() {
+	s.draining.Store(true)
+	s.chat.shutdown()
+	s.stats.shutdown()
+}
+
+// wait blocks until every chat connection has closed (http.Server.Shutdown
+// does not track hijacked connections) or ctx is done.
+func (s *server) wait(ctx context.Context) error {
+	return s.chat.wait(ctx)
+}
+
+// pageCSP allows the page's inline script and style and connections back to
+// this server only; the page loads nothing from anywhere else.
+const pageCSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; " +
+	"connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+
+// handleIndex serves GET /: the embedded page.
+func handleIndex() http.Handler {
+	size := strconv.Itoa(len(page))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		h.Set("Content-Type", "text/html; charset=utf-8")
+		h.Set("Content-Length", size)
+		h.Set("Content-Security-Policy", pageCSP)
+		h.Set("X-Content-Type-Options", "nosniff")
+		h.Set("Cache-Control", "no-cache")
+		if r.Method != http.MethodHead {
+			w.Write(page)
+		}
+	})
+}
+
+// handleHealthz serves GET /healthz for load balancers and orchestrators.
+func (s *server) handleHealthz() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Cache-Control", "no-store")
+		if s.draining.Load() {
+			http.Error(w, "shutting down", http.StatusServiceUnavailable)
+			return
+		}
+		io.WriteString(w, "ok\n")
+	})
+}

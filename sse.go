@@ -1,0 +1,424 @@
+// Server stats over Server-Sent Events.
+//
+// The wire protocol of GET /events (WHATWG HTML, "Server-sent events"):
+//
+//  1. The server answers 200 with Content-Type: text/event-stream,
+//     Cache-Control: no-cache and X-Accel-Buffering: no (so a proxy such as
+//     nginx passes each event on at once instead of buffering the stream).
+//
+//  2. It writes "retry: 2000", telling the browser to wait 2 s before
+//     reconnecting, then the latest snapshot, at once.
+//
+//  3. Then, once a second, one event:
+//
+//     id: 42
+//     event: stats
+//     data: {"time":"...","host":{...},"memory":{...},...}
+//     (blank line)
+//
+//  4. If no event has gone out for 15 s, it writes a comment line
+//     (": keep-alive") so that idle proxies keep the stream open.
+//
+//  5. The stream ends when the client goes or the server shuts down; the
+//     browser's EventSource then reconnects by itself.
+//
+// The fan-out: one sampler goroutine per server reads the system and encodes
+// the event once per tick, then offers the same bytes to every subscriber's
+// one-slot channel without blocking. A subscriber still busy with the last
+// event skips this one; nobody slows the sampler or the others. The sampler
+// runs only while someone subscribes, and stops at the first tick with no
+// subscriber.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io/fs"
+	"log/slog"
+	"net/http"
+	"os"
+	osuser "os/user"
+	"runtime"
+	"runtime/metrics"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// Stats stream timing.
+const (
+	// sampleEvery is the time between two snapshots.
+	sampleEvery = time.Second
+	// sseRetry is the reconnect delay the stream asks browsers for.
+	sseRetry = 2 * time.Second
+	// sseKeepAlive is the longest a stream stays silent before a comment line.
+	sseKeepAlive = 15 * time.Second
+	// sseWriteTimeout bounds one write to a subscriber; a write that blocks
+	// longer ends that stream.
+	sseWriteTimeout = 10 * time.Second
+)
+
+// snapshot is one stats event's data. Sizes are in bytes.
+type snapshot struct {
+	Time    string       `json:"time"`
+	Host    hostStats    `json:"host"`
+	Memory  memoryStats  `json:"memory"`
+	CPU     cpuStats     `json:"cpu"`
+	Process processStats `json:"process"`
+	Clients clientStats  `json:"clients"`
+}
+
+type hostStats struct {
+	Hostname      string    `json:"hostname"`
+	OS            string    `json:"os"`     // GOOS
+	Arch          string    `json:"arch"`   // GOARCH
+	Kernel        string    `json:"kernel"` // e.g. "Linux 6.1.0"
+	User          string    `json:"user"`   // user name, or the uid where there is no passwd file
+	UptimeSeconds float64   `json:"uptimeSeconds"`
+	Load          []float64 `json:"load,omitempty"` // 1, 5 and 15 minute load averages (Linux)
+}
+
+type memoryStats struct {
+	TotalBytes      uint64  `json:"totalBytes"`
+	AvailableBytes  uint64  `json:"availableBytes"`
+	FreeBytes       uint64  `json:"freeBytes"`
+	UsedBytes       uint64  `json:"usedBytes"` // TotalBytes - AvailableBytes
+	UsedPercent     float64 `json:"usedPercent"`
+	Source          string  `json:"source"`                    // "host", "cgroup" or "runtime"
+	LimitBytes      uint64  `json:"limitBytes,omitempty"`      // the cgroup's memory limit
+	CgroupUsedBytes uint64  `json:"cgroupUsedBytes,omitempty"` // the cgroup's usage, less inactive page cache
+}
+
+type cpuStats struct {
+	Cores       int     `json:"cores"`
+	Model       string  `json:"model"`
+	UsedPercent float64 `json:"usedPercent"` // busy share of all cores since the last sample
+}
+
+type processStats struct {
+	Goroutines    int     `json:"goroutines"`
+	HeapBytes     uint64  `json:"heapBytes"`
+	RSSBytes      uint64  `json:"rssBytes"`
+	UptimeSeconds float64 `json:"uptimeSeconds"`
+	GoVersion     string  `json:"goVersion"`
+}
+
+type clientStats struct {
+	Chat int `json:"chat"` // chat connections now
+	SSE  int `json:"sse"`  // event-stream subscribers now
+}
+
+// tick is one sample, encoded once and shared read-only by every subscriber.
+type tick struct {
+	json  []byte // the snapshot, for GET /stats
+	event []byte // the same, framed as an SSE event, for GET /events
+}
+
+// formatEvent frames data as one SSE event named "stats". data must be one
+// line, as encoding/json's output is.
+func formatEvent(id uint64, data []byte) []byte {
+	b := make([]byte, 0, len(data)+40)
+	b = append(b, "id: "...)
+	b = strconv.AppendUint(b, id, 10)
+	b = append(b, "\nevent: stats\ndata: "...)
+	b = append(b, data...)
+	return append(b, "\n\n"...)
+}
+
+// broadcaster runs the sampler and fans its ticks out to subscribers.
+type broadcaster struct {
+	log         *slog.Logger
+	fsys        fs.FS      // the root file system, where /proc and /sys are read
+	chatClients func() int // how many chat clients are online
+	started     time.Time  // process start, for process.uptimeSeconds
+
+	mu      sync.Mutex // guards the fields below, and every send on or close of a subscriber channel
+	subs    map[chan *tick]struct{}
+	latest  *tick // the last tick, while the sampler runs
+	running bool
+	closed  bool
+	lastID  uint64        // the last tick's id; ids go on increasing across sampler runs
+	wake    chan struct{} // closed on shutdown, to stop the sampler between ticks
+}
+
+func newBroadcaster(log *slog.Logger, fsys fs.FS, chatClients func() int) *broadcaster {
+	return &broadcaster{
+		log:         log,
+		fsys:        fsys,
+		chatClients: chatClients,
+		started:     time.Now(),
+		subs:        make(map[chan *tick]struct{}),
+		wake:        make(chan struct{}),
+	}
+}
+
+// subscribe returns a channel that receives the latest tick at once (if there
+// is one) and then every tick it is ready for. It starts the sampler if none
+// runs, and returns nil once shutdown has begun.
+func (b *broadcaster) subscribe() chan *tick {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil
+	}
+	sub := make(chan *tick, 1)
+	b.subs[sub] = struct{}{}
+	if b.latest != nil {
+		sub <- b.latest
+	}
+	if !b.running {
+		b.running = true
+		go b.sample()
+	}
+	return sub
+}
+
+// unsubscribe removes sub; the sampler stops at its next tick if sub was the last.
+func (b *broadcaster) unsubscribe(sub chan *tick) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := b.subs[sub]; ok {
+		delete(b.subs, sub)
+		close(sub)
+	}
+}
+
+// isRunning reports whether the sampler is running.
+func (b *broadcaster) isRunning() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.running
+}
+
+// shutdown ends every stream and stops the sampler.
+func (b *broadcaster) shutdown() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return
+	}
+	b.closed = true
+	close(b.wake)
+	for sub := range b.subs {
+		delete(b.subs, sub)
+		close(sub)
+	}
+}
+
+// sample is the sampler goroutine: it reads the system once per tick and
+// publishes the result, until a tick finds no subscriber or shutdown begins.
+func (b *broadcaster) sample() {
+	info := readHostInfo(b.fsys)
+	var cpu cpuTimes
+	t := time.NewTicker(sampleEvery)
+	defer t.Stop()
+	for {
+		s := b.snapshot(info, &cpu)
+		data, err := json.Marshal(s)
+		if err != nil {
+			panic("stats: encoding snapshot: " + err.Error()) // plain numbers and strings only
+		}
+		if !b.publish(data) {
+			return
+		}
+		select {
+		case <-t.C:
+		case <-b.wake:
+		}
+	}
+}
+
+// publish offers one tick to every subscriber that is ready for it. It
+// reports false, marking the sampler stopped, when there is nobody left.
+func (b *broadcaster) publish(data []byte) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.subs) == 0 || b.closed {
+		b.running, b.latest = false, nil
+		return false
+	}
+	b.lastID++
+	b.latest = &tick{json: data, event: formatEvent(b.lastID, data)}
+	for sub := range b.subs {
+		select {
+		case sub <- b.latest:
+		default: // still writing an earlier tick: skip this one
+		}
+	}
+	return true
+}
+
+// snapshot takes one sample: what the platform file can read from the
+// system, plus what the Go runtime knows everywhere.
+func (b *broadcaster) snapshot(info hostInfo, cpu *cpuTimes) snapshot {
+	now := time.Now()
+	s := snapshot{Time: stamp(now)}
+	s.Host = hostStats{Hostname: info.hostname, OS: runtime.GOOS, Arch: runtime.GOARCH, Kernel: info.kernel, User: info.user}
+	s.CPU = cpuStats{Cores: runtime.NumCPU(), Model: info.cpuModel}
+	readRuntime(&s)
+	s.Process.UptimeSeconds = now.Sub(b.started).Seconds()
+	readSystem(b.fsys, info, &s, cpu)
+
+	b.mu.Lock()
+	s.Clients.SSE = len(b.subs)
+	b.mu.Unlock()
+	s.Clients.Chat = b.chatClients()
+	return s
+}
+
+// runtimeSamples are the runtime/metrics read every tick; reading them does
+// not stop the world, unlike runtime.ReadMemStats.
+var runtimeSamples = []string{
+	"/sched/goroutines:goroutines",
+	"/memory/classes/heap/objects:bytes",
+	"/memory/classes/total:bytes",
+	"/memory/classes/heap/released:bytes",
+	"/memory/classes/heap/free:bytes",
+}
+
+// readRuntime fills the process figures from the Go runtime, and the memory
+// figures with the runtime's own view (source "runtime"), which readSystem
+// replaces where the platform knows better.
+func readRuntime(s *snapshot) {
+	m := make([]metrics.Sample, len(runtimeSamples))
+	for i, name := range runtimeSamples {
+		m[i].Name = name
+	}
+	metrics.Read(m)
+	value := func(i int) uint64 {
+		if m[i].Value.Kind() != metrics.KindUint64 {
+			return 0
+		}
+		return m[i].Value.Uint64()
+	}
+	total, released := value(2), value(3)
+	mapped := total - min(released, total) // memory the runtime holds from the OS
+	s.Process = processStats{
+		Goroutines: int(value(0)),
+		HeapBytes:  value(1),
+		RSSBytes:   mapped,
+		GoVersion:  runtime.Version(),
+	}
+	free := value(4)
+	s.Memory = memoryStats{TotalBytes: mapped, AvailableBytes: free, FreeBytes: free, Source: "runtime"}
+	s.Memory.UsedBytes = mapped - min(free, mapped)
+	s.Memory.UsedPercent = percent(s.Memory.UsedBytes, s.Memory.TotalBytes)
+}
+
+// hostInfo is what does not change while the server runs, read once per sampler start.
+type hostInfo struct {
+	hostname, kernel, user, cpuModel string
+	cgroup                           cgroupFiles // where the memory limit is, if any (Linux)
+}
+
+// currentUser names the user the server runs as, or gives the uid where
+// there is no passwd file (as in a scratch container).
+func currentUser() string {
+	if u, err := osuser.Current(); err == nil && u.Username != "" {
+		return u.Username
+	}
+	return strconv.Itoa(os.Getuid())
+}
+
+// percent returns part as a percentage of whole, rounded to 0.1.
+func percent(part, whole uint64) float64 {
+	if whole == 0 {
+		return 0
+	}
+	return float64(part*1000/whole) / 10
+}
+
+// handleEvents serves GET /events: the stats stream.
+func (b *broadcaster) handleEvents() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sub := b.subscribe()
+		if sub == nil {
+			http.Error(w, "shutting down", http.StatusServiceUnavailable)
+			return
+		}
+		defer b.unsubscribe(sub)
+		b.log.Debug("stream opened", "remote", r.RemoteAddr)
+		err := b.stream(w, r, sub)
+		b.log.Debug("stream closed", "remote", r.RemoteAddr, "err", err)
+	})
+}
+
+// stream writes events from sub to w until the client goes, a write blocks
+// past sseWriteTimeout, or sub is closed by shutdown.
+func (b *broadcaster) stream(w http.ResponseWriter, r *http.Request, sub chan *tick) error {
+	rc := http.NewResponseController(w)
+	send := func(p []byte) error {
+		if err := rc.SetWriteDeadline(time.Now().Add(sseWriteTimeout)); err != nil {
+			return err
+		}
+		if _, err := w.Write(p); err != nil {
+			return err
+		}
+		return rc.Flush()
+	}
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no")
+	w.WriteHeader(http.StatusOK)
+	if err := send([]byte("retry: " + strconv.FormatInt(sseRetry.Milliseconds(), 10) + "\n\n")); err != nil {
+		return err
+	}
+
+	quiet := time.NewTimer(sseKeepAlive)
+	defer quiet.Stop()
+	for {
+		var err error
+		select {
+		case t, ok := <-sub:
+			if !ok {
+				return nil // shutting down
+			}
+			err = send(t.event)
+		case <-quiet.C:
+			err = send([]byte(": keep-alive\n\n"))
+		case <-r.Context().Done():
+			return r.Context().Err()
+		}
+		if err != nil {
+			return err
+		}
+		quiet.Reset(sseKeepAlive)
+	}
+}
+
+// handleStats serves GET /stats: the latest snapshot as JSON. When no
+// sampler runs, it starts one and waits for its first tick.
+func (b *broadcaster) handleStats() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t, err := b.current(r.Context())
+		if err != nil {
+			http.Error(w, "no stats: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Cache-Control", "no-store")
+		w.Write(append(t.json, '\n'))
+	})
+}
+
+// current returns the latest tick, waiting for one if the sampler has just started.
+func (b *broadcaster) current(ctx context.Context) (*tick, error) {
+	sub := b.subscribe()
+	if sub == nil {
+		return nil, errShuttingDown
+	}
+	defer b.unsubscribe(sub)
+	select {
+	case t, ok := <-sub:
+		if !ok {
+			return nil, errShuttingDown
+		}
+		return t, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+var errShuttingDown = errors.New("server shutting down")
