@@ -1,0 +1,1293 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"regexp"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"testing/fstest"
+	"time"
+	"unicode/utf8"
+
+	"golang.org/x/net/websocket"
+)
+
+// wait bounds every wait for something to arrive in these tests.
+const wait = 5 * time.Second
+
+// ------------------------------------------------------------- helpers --
+
+// newTestServer runs pollfree's handler under httptest. edit may change the
+// config or the hub's timings before any client connects.
+func newTestServer(t *testing.T, edit ...func(*config, *server)) (*server, *httptest.Server) {
+	t.Helper()
+	cfg := config{maxClients: defaultMaxClients}
+	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	s := newServer(cfg, log)
+	for _, f := range edit {
+		f(&cfg, s)
+	}
+	if len(edit) > 0 { // the config may have changed: rebuild the hub with it
+		h := newHub(log, cfg.maxClients, cfg.allowOrigins)
+		h.pingEvery, h.readIdle = s.chat.pingEvery, s.chat.readIdle
+		s.chat = h
+		s.stats.chatClients = h.online
+		s.mux = http.NewServeMux()
+		s.routes()
+	}
+	ts := httptest.NewServer(s)
+	t.Cleanup(func() {
+		s.beginShutdown()
+		ts.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		defer cancel()
+		if err := s.wait(ctx); err != nil {
+			t.Errorf("chat connections outlived the test server: %v", err)
+		}
+	})
+	return s, ts
+}
+
+func wsURL(ts *httptest.Server) string { return "ws" + strings.TrimPrefix(ts.URL, "http") + "/ws" }
+
+// frame is any server-to-client frame, decoded loosely.
+type frame struct {
+	Type        string    `json:"type"`
+	You         user      `json:"you"`
+	Online      int       `json:"online"`
+	Users       []user    `json:"users"`
+	History     []message `json:"history"`
+	Run         string    `json:"run"`
+	Seq         int64     `json:"seq"`
+	From        user      `json:"from"`
+	Text        string    `json:"text"`
+	Time        string    `json:"time"`
+	Joined      []user    `json:"joined"`
+	Left        []user    `json:"left"`
+	JoinedCount int       `json:"joinedCount"`
+	LeftCount   int       `json:"leftCount"`
+	User        user      `json:"user"`
+	Old         string    `json:"old"`
+	Code        string    `json:"code"`
+	Error       string    `json:"error"`
+	raw         []byte
+}
+
+// chatClient is a test's WebSocket client, an x/net/websocket.Conn with a
+// reader goroutine that decodes every frame onto a channel (reading all the
+// time also answers the server's pings).
+type chatClient struct {
+	t      *testing.T
+	ws     *websocket.Conn
+	frames chan frame
+	me     user
+}
+
+// dial connects to the chat with the given query ("" or "?name=...") and
+// returns the client with its welcome read.
+func dial(t *testing.T, ts *httptest.Server, query string) (*chatClient, frame) {
+	t.Helper()
+	ws, err := websocket.Dial(wsURL(ts)+query, "", ts.URL)
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	c := &chatClient{t: t, ws: ws, frames: make(chan frame, 4096)}
+	go func() {
+		defer close(c.frames)
+		for {
+			var raw []byte
+			if err := websocket.Message.Receive(ws, &raw); err != nil {
+				return
+			}
+			var f frame
+			if err := json.Unmarshal(raw, &f); err != nil {
+				t.Errorf("server sent a frame that is not JSON: %q", raw)
+				return
+			}
+			f.raw = raw
+			c.frames <- f
+		}
+	}()
+	t.Cleanup(func() { ws.Close() })
+	w := c.next()
+	if w.Type != "welcome" {
+		t.Fatalf("first frame is %q, want welcome", w.Type)
+	}
+	c.me = w.You
+	return c, w
+}
+
+func (c *chatClient) send(v any) {
+	c.t.Helper()
+	if err := websocket.JSON.Send(c.ws, v); err != nil {
+		c.t.Fatalf("send: %v", err)
+	}
+}
+
+func (c *chatClient) say(text string) { c.send(map[string]string{"type": "message", "text": text}) }
+
+// next returns the next frame, failing the test if none comes in time.
+func (c *chatClient) next() frame {
+	c.t.Helper()
+	select {
+	case f, ok := <-c.frames:
+		if !ok {
+			c.t.Fatal("connection closed while waiting for a frame")
+		}
+		return f
+	case <-time.After(wait):
+		c.t.Fatal("no frame within", wait)
+	}
+	panic("unreachable")
+}
+
+// await skips frames until one of type typ.
+func (c *chatClient) await(typ string) frame {
+	c.t.Helper()
+	for {
+		if f := c.next(); f.Type == typ {
+			return f
+		}
+	}
+}
+
+// awaitPresence collects presence frames until want joins and leaves (in
+// total) have been seen, and returns the frames.
+func (c *chatClient) awaitPresence(joins, leaves int) []frame {
+	c.t.Helper()
+	var got []frame
+	j, l := 0, 0
+	for j < joins || l < leaves {
+		f := c.await("presence")
+		got = append(got, f)
+		j, l = j+f.JoinedCount, l+f.LeftCount
+	}
+	return got
+}
+
+// rawConn speaks RFC 6455 by hand, for what x/net hides (close codes) or
+// will not send (invalid UTF-8, oversized frames).
+type rawConn struct {
+	net.Conn
+	br *bufio.Reader
+}
+
+// dialRaw opens a TCP connection and sends a WebSocket handshake with the
+// given extra header lines; it returns the response's status code.
+func dialRaw(t *testing.T, ts *httptest.Server, query string, header ...string) (*rawConn, int) {
+	t.Helper()
+	return dialRawWith(t, &net.Dialer{}, ts, query, header...)
+}
+
+func dialRawWith(t *testing.T, d *net.Dialer, ts *httptest.Server, query string, header ...string) (*rawConn, int) {
+	t.Helper()
+	conn, err := d.Dial("tcp", ts.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	key := make([]byte, 16)
+	rand.Read(key)
+	req := "GET /ws" + query + " HTTP/1.1\r\nHost: " + ts.Listener.Addr().String() +
+		"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " +
+		base64.StdEncoding.EncodeToString(key) + "\r\n"
+	for _, h := range header {
+		req += h + "\r\n"
+	}
+	if _, err := io.WriteString(conn, req+"\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	rc := &rawConn{Conn: conn, br: bufio.NewReader(conn)}
+	conn.SetReadDeadline(time.Now().Add(wait))
+	resp, err := http.ReadResponse(rc.br, nil)
+	if err != nil {
+		t.Fatalf("reading handshake response: %v", err)
+	}
+	conn.SetReadDeadline(time.Time{})
+	return rc, resp.StatusCode
+}
+
+// writeFrame sends one masked frame, as a client must.
+func (c *rawConn) writeFrame(opcode byte, payload []byte) error {
+	hdr := []byte{0x80 | opcode}
+	switch n := len(payload); {
+	case n < 126:
+		hdr = append(hdr, 0x80|byte(n))
+	case n < 1<<16:
+		hdr = append(hdr, 0x80|126)
+		hdr = binary.BigEndian.AppendUint16(hdr, uint16(n))
+	default:
+		hdr = append(hdr, 0x80|127)
+		hdr = binary.BigEndian.AppendUint64(hdr, uint64(n))
+	}
+	mask := []byte{1, 2, 3, 4}
+	masked := make([]byte, len(payload))
+	for i, b := range payload {
+		masked[i] = b ^ mask[i%4]
+	}
+	_, err := c.Write(append(append(hdr, mask...), masked...))
+	return err
+}
+
+// readFrame reads one unmasked server frame.
+func (c *rawConn) readFrame() (opcode byte, payload []byte, err error) {
+	c.SetReadDeadline(time.Now().Add(wait))
+	var h [2]byte
+	if _, err := io.ReadFull(c.br, h[:]); err != nil {
+		return 0, nil, err
+	}
+	n := uint64(h[1] & 0x7f)
+	switch n {
+	case 126:
+		var b [2]byte
+		_, err = io.ReadFull(c.br, b[:])
+		n = uint64(binary.BigEndian.Uint16(b[:]))
+	case 127:
+		var b [8]byte
+		_, err = io.ReadFull(c.br, b[:])
+		n = binary.BigEndian.Uint64(b[:])
+	}
+	if err != nil {
+		return 0, nil, err
+	}
+	payload = make([]byte, n)
+	_, err = io.ReadFull(c.br, payload)
+	return h[0] & 0x0f, payload, err
+}
+
+// readClose reads frames until a close frame and returns its status code;
+// the text frames before it are returned too.
+func (c *rawConn) readClose(t *testing.T) (code int, before []frame) {
+	t.Helper()
+	for {
+		op, p, err := c.readFrame()
+		if err != nil {
+			t.Fatalf("no close frame: %v", err)
+		}
+		switch op {
+		case websocket.CloseFrame:
+			if len(p) < 2 {
+				t.Fatalf("close frame without a status code: %x", p)
+			}
+			return int(binary.BigEndian.Uint16(p)), before
+		case websocket.TextFrame:
+			var f frame
+			json.Unmarshal(p, &f)
+			f.raw = p
+			before = append(before, f)
+		}
+	}
+}
+
+// readText reads frames until a text frame and decodes it.
+func (c *rawConn) readText(t *testing.T) frame {
+	t.Helper()
+	for {
+		op, p, err := c.readFrame()
+		if err != nil {
+			t.Fatalf("reading frame: %v", err)
+		}
+		if op == websocket.TextFrame {
+			var f frame
+			if err := json.Unmarshal(p, &f); err != nil {
+				t.Fatalf("frame is not JSON: %q", p)
+			}
+			f.raw = p
+			return f
+		}
+		if op == websocket.CloseFrame {
+			t.Fatalf("connection closed (%x) while waiting for a text frame", p)
+		}
+	}
+}
+
+// eventually polls cond until it holds or wait passes.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(wait)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v", what, wait)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// -------------------------------------------------------- HTTP surface --
+
+func TestIndexServesEmbeddedPage(t *testing.T) {
+	_, ts := newTestServer(t)
+	resp, err := http.Get(ts.URL + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("GET / = %d, want 200", resp.StatusCode)
+	}
+	if got, want := resp.Header.Get("Content-Type"), "text/html; charset=utf-8"; got != want {
+		t.Errorf("Content-Type = %q, want %q", got, want)
+	}
+	if !bytes.Equal(body, page) {
+		t.Errorf("GET / body is not the embedded page (%d bytes, want %d)", len(body), len(page))
+	}
+	if resp.Header.Get("Content-Security-Policy") == "" {
+		t.Error("page served without a Content-Security-Policy")
+	}
+	for _, path := range []string{"/index.html", "/nope", "/ws/x"} {
+		resp, err := http.Get(ts.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 404 {
+			t.Errorf("GET %s = %d, want 404", path, resp.StatusCode)
+		}
+	}
+}
+
+func TestPageLoadsNothingFromElsewhere(t *testing.T) {
+	if m := regexp.MustCompile(`(?i)(src|href)\s*=\s*["']?(https?:)?//`).Find(page); m != nil {
+		t.Errorf("index.html refers to an external asset: %s", m)
+	}
+	if bytes.Contains(page, []byte("innerHTML")) {
+		t.Error("index.html uses innerHTML; all text must go in with textContent")
+	}
+}
+
+func TestHealthz(t *testing.T) {
+	s, ts := newTestServer(t)
+	get := func() (int, string) {
+		resp, err := http.Get(ts.URL + "/healthz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get(); code != 200 || body != "ok\n" {
+		t.Errorf("GET /healthz = %d %q, want 200 \"ok\\n\"", code, body)
+	}
+	s.beginShutdown()
+	if code, _ := get(); code != 503 {
+		t.Errorf("GET /healthz after shutdown began = %d, want 503", code)
+	}
+}
+
+// ------------------------------------------------------------ handshake --
+
+func TestPlainGETOnWebSocketEndpointIs400(t *testing.T) {
+	_, ts := newTestServer(t)
+	resp, err := http.Get(ts.URL + "/ws")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 400 {
+		t.Errorf("plain GET /ws = %d, want 400", resp.StatusCode)
+	}
+}
+
+func TestCrossOriginHandshakeIs403(t *testing.T) {
+	_, ts := newTestServer(t, func(cfg *config, _ *server) {
+		cfg.allowOrigins = []string{"https://friend.example"}
+	})
+	for _, tc := range []struct {
+		origin string
+		want   int
+	}{
+		{"", 101}, // no Origin: a non-browser client
+		{"Origin: " + ts.URL, 101},
+		{"Origin: https://friend.example", 101},
+		{"Origin: http://evil.example", 403},
+		{"Origin: null", 403},
+		{"Origin: http://" + ts.Listener.Addr().String() + ".evil.example", 403},
+	} {
+		var hdr []string
+		if tc.origin != "" {
+			hdr = append(hdr, tc.origin)
+		}
+		if _, got := dialRaw(t, ts, "", hdr...); got != tc.want {
+			t.Errorf("handshake with %q = %d, want %d", tc.origin, got, tc.want)
+		}
+	}
+}
+
+func TestMaxClientsAnswers503BeforeUpgrade(t *testing.T) {
+	_, ts := newTestServer(t, func(cfg *config, _ *server) { cfg.maxClients = 2 })
+	dial(t, ts, "")
+	dial(t, ts, "")
+	if _, code := dialRaw(t, ts, ""); code != 503 {
+		t.Fatalf("third connection with -max-clients 2 = %d, want 503", code)
+	}
+}
+
+// ------------------------------------------------------------- protocol --
+
+func TestWelcome(t *testing.T) {
+	_, ts := newTestServer(t)
+	a, _ := dial(t, ts, "?name=Ann")
+	a.say("before b")
+	a.await("message")
+	_, w := dial(t, ts, "?name=Bea")
+	if w.You.Name != "Bea" || w.You.ID == "" || w.You.ID == a.me.ID {
+		t.Errorf("welcome.you = %+v, want name Bea and an id of its own", w.You)
+	}
+	if w.Online != 2 {
+		t.Errorf("welcome.online = %d, want 2", w.Online)
+	}
+	if len(w.Users) != 2 || w.Users[0] != w.You {
+		t.Errorf("welcome.users = %+v, want 2 users, Bea first", w.Users)
+	}
+	if len(w.History) != 1 || w.History[0].Text != "before b" || w.History[0].From != a.me {
+		t.Errorf("welcome.history = %+v, want Ann's one message", w.History)
+	}
+	if w.Run == "" {
+		t.Error("welcome.run is empty")
+	}
+	if _, err := time.Parse(time.RFC3339, w.Time); err != nil {
+		t.Errorf("welcome.time %q is not RFC 3339: %v", w.Time, err)
+	}
+}
+
+func TestEveryClientGetsEveryMessageInSeqOrder(t *testing.T) {
+	_, ts := newTestServer(t)
+	const clients, each = 8, 5
+	cs := make([]*chatClient, clients)
+	for i := range cs {
+		cs[i], _ = dial(t, ts, "")
+	}
+	var wg sync.WaitGroup
+	for i, c := range cs {
+		wg.Go(func() {
+			for j := range each {
+				websocket.JSON.Send(c.ws, map[string]string{"type": "message", "text": fmt.Sprintf("m-%d-%d", i, j)})
+			}
+		})
+	}
+	wg.Wait()
+	for i, c := range cs {
+		seen := make(map[string]bool)
+		var last int64
+		for len(seen) < clients*each {
+			f := c.await("message")
+			if f.Seq <= last {
+				t.Fatalf("client %d: seq %d after %d, want strictly increasing", i, f.Seq, last)
+			}
+			if seen[f.Text] {
+				t.Fatalf("client %d: %q delivered twice", i, f.Text)
+			}
+			last = f.Seq
+			seen[f.Text] = true
+		}
+	}
+}
+
+func TestSenderSeesOwnMessageWithServerTime(t *testing.T) {
+	_, ts := newTestServer(t)
+	a, _ := dial(t, ts, "")
+	a.say("  hello  ")
+	m := a.await("message")
+	if m.Text != "hello" || m.From != a.me || m.Seq < 1 {
+		t.Errorf("got %+v, want trimmed text from %v with a seq", m, a.me)
+	}
+	if tm, err := time.Parse(time.RFC3339, m.Time); err != nil || tm.Location() != time.UTC {
+		t.Errorf("message time %q is not RFC 3339 UTC", m.Time)
+	}
+}
+
+func TestCannotSpeakAsSomeoneElse(t *testing.T) {
+	_, ts := newTestServer(t)
+	victim, _ := dial(t, ts, "?name=admin")
+	mallory, _ := dial(t, ts, "?name=mallory")
+	mallory.send(map[string]any{"type": "message", "text": "hi", "from": victim.me, "name": "admin", "id": victim.me.ID})
+	m := victim.await("message")
+	if m.From != mallory.me {
+		t.Errorf("message from = %+v, want mallory's own identity %+v", m.From, mallory.me)
+	}
+}
+
+func TestRefusedFramesGetAnErrorAndTheConnectionStays(t *testing.T) {
+	_, ts := newTestServer(t)
+	for _, tc := range []struct {
+		frame string
+		code  string
+	}{
+		{`not json`, errBadJSON},
+		{`[1,2]`, errBadJSON},
+		{`{"type":"message","text":42}`, errBadJSON},
+		{`{"type":"shout","text":"hi"}`, errUnknownType},
+		{`{}`, errUnknownType},
+		{`{"type":"message","text":"   "}`, errEmpty},
+		{`{"type":"message","text":"` + strings.Repeat("é", maxTextChars+1) + `"}`, errTooLong},
+		{`{"type":"rename","name":"a\u0007b"}`, errBadName},
+		{`{"type":"rename","name":"` + strings.Repeat("n", maxNameChars+1) + `"}`, errBadName},
+		{`{"type":"rename","name":"   "}`, errBadName},
+	} {
+		a, _ := dial(t, ts, "")
+		if err := websocket.Message.Send(a.ws, tc.frame); err != nil {
+			t.Fatal(err)
+		}
+		if f := a.await("error"); f.Code != tc.code || f.Error == "" {
+			t.Errorf("frame %.40q: got error %q (%q), want code %q with a message", tc.frame, f.Code, f.Error, tc.code)
+		}
+		a.say(strings.Repeat("é", maxTextChars)) // still connected; exactly at the limit
+		if m := a.await("message"); utf8.RuneCountInString(m.Text) != maxTextChars {
+			t.Errorf("after %.40q: message of %d characters came back with %d", tc.frame, maxTextChars, utf8.RuneCountInString(m.Text))
+		}
+	}
+}
+
+func TestPingGetsPong(t *testing.T) {
+	_, ts := newTestServer(t)
+	a, _ := dial(t, ts, "")
+	a.send(map[string]string{"type": "ping"})
+	if f := a.next(); f.Type != "pong" {
+		t.Errorf("answer to ping = %q, want pong", f.Type)
+	}
+}
+
+func TestNamesAreTrimmedUniqueAndServerChosenOtherwise(t *testing.T) {
+	_, ts := newTestServer(t)
+	a, _ := dial(t, ts, "?name=%20%20Ann%20%20Lee%20")
+	if a.me.Name != "Ann Lee" {
+		t.Errorf("asked for \"  Ann  Lee \", got %q, want %q", a.me.Name, "Ann Lee")
+	}
+	b, _ := dial(t, ts, "?name=ann%20lee")
+	if b.me.Name != "ann lee-2" {
+		t.Errorf("second Ann Lee (other case) got %q, want %q", b.me.Name, "ann lee-2")
+	}
+	c, _ := dial(t, ts, "")
+	if !regexp.MustCompile(`^[a-z]+-[a-z]+(-\d+)?$`).MatchString(c.me.Name) {
+		t.Errorf("random name %q is not adjective-animal", c.me.Name)
+	}
+	d, _ := dial(t, ts, "?name=evil%E2%80%AEname") // U+202E right-to-left override
+	if f := d.next(); f.Type != "error" || f.Code != errBadName {
+		t.Errorf("after a bad ?name, got %q %q, want a bad_name error", f.Type, f.Code)
+	}
+	if strings.Contains(d.me.Name, "evil") {
+		t.Errorf("bad ?name was used: %q", d.me.Name)
+	}
+}
+
+func TestRenameIsBroadcastAndKeptUnique(t *testing.T) {
+	_, ts := newTestServer(t)
+	a, _ := dial(t, ts, "?name=Ann")
+	b, _ := dial(t, ts, "?name=Bob")
+	b.send(map[string]string{"type": "rename", "name": "ANN"})
+	f := a.await("rename")
+	if f.User.ID != b.me.ID || f.User.Name != "ANN-2" || f.Old != "Bob" {
+		t.Errorf("rename = user %+v old %q, want %s renamed from Bob to ANN-2", f.User, f.Old, b.me.ID)
+	}
+	b.say("as ANN-2")
+	if m := a.await("message"); m.From.Name != "ANN-2" {
+		t.Errorf("message after rename from %q, want ANN-2", m.From.Name)
+	}
+}
+
+func TestHistoryKeepsTheLast50InOrder(t *testing.T) {
+	_, ts := newTestServer(t)
+	const total = historySize + 10
+	// Several senders, each within its burst allowance.
+	var last int64
+	for sent := 0; sent < total; {
+		c, _ := dial(t, ts, "")
+		for range rateBurst {
+			if sent == total {
+				break
+			}
+			c.say("m" + strconv.Itoa(sent))
+			last = c.await("message").Seq
+			sent++
+		}
+	}
+	_, w := dial(t, ts, "")
+	if len(w.History) != historySize {
+		t.Fatalf("history has %d messages, want %d", len(w.History), historySize)
+	}
+	for i, m := range w.History {
+		if want := "m" + strconv.Itoa(total-historySize+i); m.Text != want {
+			t.Fatalf("history[%d] = %q, want %q", i, m.Text, want)
+		}
+	}
+	if w.History[historySize-1].Seq != last {
+		t.Errorf("newest history seq = %d, want %d", w.History[historySize-1].Seq, last)
+	}
+}
+
+func TestPresenceIsCoalesced(t *testing.T) {
+	_, ts := newTestServer(t)
+	watcher, _ := dial(t, ts, "")
+	watcher.awaitPresence(1, 0) // its own join
+	const n = 60
+	var wg sync.WaitGroup
+	conns := make([]*websocket.Conn, n)
+	for i := range n {
+		wg.Go(func() {
+			ws, err := websocket.Dial(wsURL(ts), "", ts.URL)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			conns[i] = ws
+		})
+	}
+	wg.Wait()
+	joins := watcher.awaitPresence(n, 0)
+	// 60 joins arrive within a few 250 ms windows: a few frames, not 60.
+	if len(joins) > 8 {
+		t.Errorf("%d joins took %d presence frames, want a few", n, len(joins))
+	}
+	for _, f := range joins {
+		if len(f.Joined) > presenceNames || len(f.Joined) > f.JoinedCount {
+			t.Errorf("presence lists %d joined for a count of %d (at most %d names)", len(f.Joined), f.JoinedCount, presenceNames)
+		}
+	}
+	if last := joins[len(joins)-1]; last.Online != n+1 {
+		t.Errorf("presence online = %d, want %d", last.Online, n+1)
+	}
+	for _, ws := range conns {
+		if ws != nil {
+			ws.Close()
+		}
+	}
+	leaves := watcher.awaitPresence(0, n)
+	if len(leaves) > 8 {
+		t.Errorf("%d leaves took %d presence frames, want a few", n, len(leaves))
+	}
+	if last := leaves[len(leaves)-1]; last.Online != 1 {
+		t.Errorf("presence online after all left = %d, want 1", last.Online)
+	}
+}
+
+// A join and a leave inside one presence window cancel out. Driven through
+// the hub directly, flushing by hand, so the window is exactly the test's.
+func TestJoinAndLeaveInOneWindowAppearInNeither(t *testing.T) {
+	h := newHub(slog.New(slog.DiscardHandler), 10, nil)
+	newClient := func(id string) *client {
+		return &client{id: id, send: make(chan []byte, sendQueueFrames)}
+	}
+	watcher := newClient("w")
+	h.join(watcher, "watcher")
+	h.flushPresence()
+	<-watcher.send // welcome
+	<-watcher.send // its own join
+
+	brief, stays := newClient("b"), newClient("s")
+	h.join(brief, "brief")
+	h.join(stays, "stays")
+	h.drop(brief, closeNormal, "")
+	h.flushPresence()
+	var f frame
+	f.raw = <-watcher.send
+	json.Unmarshal(f.raw, &f)
+	if f.Type != "presence" || f.JoinedCount != 1 || f.LeftCount != 0 || len(f.Joined) != 1 || f.Joined[0].ID != "s" {
+		t.Errorf("presence = %s, want only s joined", f.raw)
+	}
+}
+
+func TestRateLimitRefusesBurstsAndClosesFlooders(t *testing.T) {
+	_, ts := newTestServer(t)
+	watcher, _ := dial(t, ts, "")
+	a, _ := dial(t, ts, "")
+	const burst = 3 * rateBurst
+	for i := range burst {
+		a.say("flood " + strconv.Itoa(i))
+	}
+	delivered, limited := 0, 0
+	for delivered+limited < burst {
+		switch f := a.next(); {
+		case f.Type == "message":
+			delivered++
+		case f.Type == "error" && f.Code == errRateLimited:
+			limited++
+		}
+	}
+	// The bucket refills at ratePerSecond while the burst is read, so allow a few more.
+	if delivered < rateBurst || delivered > rateBurst+ratePerSecond || limited == 0 {
+		t.Errorf("a burst of %d: %d delivered, %d refused; want about %d delivered", burst, delivered, limited, rateBurst)
+	}
+
+	raw, _ := dialRaw(t, ts, "")
+	for range rateBurst + floodStrikes + 5 {
+		raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"flood"}`))
+	}
+	if code, _ := raw.readClose(t); code != closePolicyViolation {
+		t.Errorf("flooder closed with %d, want %d", code, closePolicyViolation)
+	}
+	// The watcher kept receiving throughout.
+	watcher.say("still here")
+	for watcher.await("message").Text != "still here" {
+	}
+}
+
+func TestOversizedFrameClosesWith1009(t *testing.T) {
+	_, ts := newTestServer(t)
+	watcher, _ := dial(t, ts, "")
+	raw, _ := dialRaw(t, ts, "")
+	raw.readText(t) // welcome
+	big := `{"type":"message","text":"` + strings.Repeat("x", maxFrameBytes) + `"}`
+	raw.writeFrame(websocket.TextFrame, []byte(big))
+	if code, _ := raw.readClose(t); code != closeTooBig {
+		t.Errorf("oversized frame: close %d, want %d", code, closeTooBig)
+	}
+	watcher.say("unaffected")
+	if m := watcher.await("message"); m.Text != "unaffected" {
+		t.Errorf("watcher got %q, want its own message", m.Text)
+	}
+}
+
+func TestInvalidUTF8IsNeverRelayed(t *testing.T) {
+	_, ts := newTestServer(t)
+	watcher, _ := dial(t, ts, "")
+	raw, _ := dialRaw(t, ts, "")
+	raw.readText(t) // welcome
+	raw.writeFrame(websocket.TextFrame, []byte("{\"type\":\"message\",\"text\":\"bad \xff\xfe bytes\"}"))
+	if f := raw.readText(t); f.Type != "error" || f.Code != errBadJSON {
+		t.Errorf("invalid UTF-8 got %s, want a bad_json error", f.raw)
+	}
+	// A lone surrogate escape is valid JSON; it must arrive as valid UTF-8.
+	raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"half \ud800 pair"}`))
+	m := watcher.await("message")
+	if !utf8.Valid(m.raw) || !utf8.ValidString(m.Text) || !strings.HasPrefix(m.Text, "half ") {
+		t.Errorf("relayed %q, want valid UTF-8 of the second message only", m.raw)
+	}
+}
+
+// A client that stops reading fills its queue and is dropped; a client that
+// reads gets every message meanwhile, in order.
+func TestClientThatStopsReadingIsDropped(t *testing.T) {
+	_, ts := newTestServer(t)
+	watcher, _ := dial(t, ts, "")
+	// A tiny receive buffer, so the server's writes back up quickly.
+	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
+	}}
+	dialRawWith(t, small, ts, "?name=stuck")
+
+	// Send long messages one at a time, each once the watcher has
+	// it, rotating senders to stay within the rate limit, until the stuck
+	// client is dropped.
+	text := strings.Repeat("🙂", maxTextChars-10) // 4 bytes each: the frame stays under maxFrameBytes
+	var sender *chatClient
+	var last int64
+	for sent := 0; ; sent++ {
+		if sent == 2000 {
+			t.Fatal("2000 messages sent and the client that never reads is still in the room")
+		}
+		if sent%rateBurst == 0 {
+			sender, _ = dial(t, ts, "")
+		}
+		sender.say(text + strconv.Itoa(sent))
+		for {
+			f := watcher.next()
+			if f.Type == "presence" && len(f.Left) == 1 && f.Left[0].Name == "stuck" {
+				return // dropped, and the watcher missed nothing before it
+			}
+			if f.Type != "message" {
+				continue
+			}
+			if f.Seq != last+1 || f.Text != text+strconv.Itoa(sent) {
+				t.Fatalf("watcher got seq %d %.10q..., want seq %d, message %d", f.Seq, f.Text, last+1, sent)
+			}
+			last = f.Seq
+			break
+		}
+	}
+}
+
+// A peer that vanishes without closing is found by keep-alive; a peer that
+// answers pings stays, however long it is silent itself.
+func TestVanishedPeerIsRemovedLiveOneStays(t *testing.T) {
+	_, ts := newTestServer(t, func(_ *config, s *server) {
+		s.chat.pingEvery, s.chat.readIdle = 50*time.Millisecond, 300*time.Millisecond
+	})
+	watcher, _ := dial(t, ts, "")
+	dialRaw(t, ts, "?name=ghost") // handshakes, then never reads or writes
+	for {
+		f := watcher.await("presence")
+		if len(f.Left) == 1 && f.Left[0].Name == "ghost" {
+			break
+		}
+	}
+	// The watcher was as silent as the ghost, but answered pings.
+	watcher.say("alive")
+	if m := watcher.await("message"); m.Text != "alive" {
+		t.Errorf("watcher got %q after the ghost left, want its message", m.Text)
+	}
+}
+
+func TestNoGoroutineOutlivesItsConnection(t *testing.T) {
+	_, ts := newTestServer(t)
+	before := runtime.NumGoroutine()
+	for range 10 {
+		c, _ := dial(t, ts, "")
+		c.say("hi")
+		c.await("message")
+		c.ws.Close()
+	}
+	resp, err := http.Get(ts.URL + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bufio.NewReader(resp.Body).ReadString('\n')
+	resp.Body.Close()
+	http.DefaultClient.CloseIdleConnections()
+	eventually(t, "goroutines back to where they were", func() bool {
+		return runtime.NumGoroutine() <= before
+	})
+}
+
+// ---------------------------------------------------------------- stats --
+
+func Example_formatEvent() {
+	fmt.Printf("%s", formatEvent(42, []byte(`{"time":"2026-01-02T03:04:05.000Z"}`)))
+	// Output:
+	// id: 42
+	// event: stats
+	// data: {"time":"2026-01-02T03:04:05.000Z"}
+}
+
+// readEvent reads one SSE event's id and data, skipping comments and other fields.
+func readEvent(t *testing.T, br *bufio.Reader) (id string, data []byte) {
+	t.Helper()
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading event: %v", err)
+		}
+		line = strings.TrimSuffix(line, "\n")
+		switch {
+		case line == "" && data != nil:
+			return id, data
+		case strings.HasPrefix(line, "id: "):
+			id = line[4:]
+		case strings.HasPrefix(line, "data: "):
+			data = []byte(line[6:])
+		}
+	}
+}
+
+func openEvents(t *testing.T, ts *httptest.Server) (*http.Response, *bufio.Reader) {
+	t.Helper()
+	req, _ := http.NewRequestWithContext(t.Context(), "GET", ts.URL+"/events", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { resp.Body.Close() })
+	return resp, bufio.NewReader(resp.Body)
+}
+
+func TestEventsStreamHeadersAndFirstEventAtOnce(t *testing.T) {
+	_, ts := newTestServer(t)
+	start := time.Now()
+	resp, br := openEvents(t, ts)
+	for h, want := range map[string]string{
+		"Content-Type":      "text/event-stream",
+		"Cache-Control":     "no-cache",
+		"X-Accel-Buffering": "no",
+	} {
+		if got := resp.Header.Get(h); got != want {
+			t.Errorf("%s = %q, want %q", h, got, want)
+		}
+	}
+	if line, _ := br.ReadString('\n'); line != "retry: 2000\n" {
+		t.Errorf("first line = %q, want retry: 2000", line)
+	}
+	_, data := readEvent(t, br)
+	if d := time.Since(start); d >= sampleEvery {
+		t.Errorf("first event after %v, want it at once (before the first tick)", d)
+	}
+	var s snapshot
+	if err := json.Unmarshal(data, &s); err != nil {
+		t.Fatalf("event data is not a snapshot: %v", err)
+	}
+	if s.Host.OS != runtime.GOOS || s.Host.User == "" || s.CPU.Cores < 1 || s.Memory.TotalBytes == 0 ||
+		s.Process.GoVersion != runtime.Version() || s.Process.Goroutines < 1 || s.Clients.SSE != 1 {
+		t.Errorf("snapshot lacks figures: %s", data)
+	}
+	if s.Memory.UsedBytes != s.Memory.TotalBytes-s.Memory.AvailableBytes {
+		t.Errorf("usedBytes %d != totalBytes %d - availableBytes %d", s.Memory.UsedBytes, s.Memory.TotalBytes, s.Memory.AvailableBytes)
+	}
+}
+
+func TestOneSamplerServesEverySubscriber(t *testing.T) {
+	s, ts := newTestServer(t)
+	const subs, events = 10, 3
+	type seen struct {
+		id   string
+		data []byte
+	}
+	got := make([][]seen, subs)
+	var wg sync.WaitGroup
+	for i := range subs {
+		_, br := openEvents(t, ts)
+		wg.Go(func() {
+			for range events {
+				id, data := readEvent(t, br)
+				got[i] = append(got[i], seen{id, data})
+			}
+		})
+	}
+	wg.Wait()
+	byID := make(map[string][]byte)
+	for i := range got {
+		for _, e := range got[i] {
+			if prev, ok := byID[e.id]; ok && !bytes.Equal(prev, e.data) {
+				t.Fatalf("two subscribers got different data for event %s: one sampler encodes each tick once", e.id)
+			}
+			byID[e.id] = e.data
+		}
+	}
+	// Ten samplers would make ten events a second; one makes one.
+	if len(byID) > events+1 {
+		t.Errorf("%d subscribers reading %d events saw %d distinct events, want at most %d", subs, events, len(byID), events+1)
+	}
+	if !s.stats.isRunning() {
+		t.Error("sampler not running while subscribers are connected")
+	}
+}
+
+func TestSamplerStopsWhenNobodyListens(t *testing.T) {
+	s, ts := newTestServer(t)
+	if s.stats.isRunning() {
+		t.Fatal("sampler running before anyone subscribed")
+	}
+	resp, br := openEvents(t, ts)
+	readEvent(t, br)
+	resp.Body.Close()
+	eventually(t, "sampler stopped", func() bool { return !s.stats.isRunning() })
+}
+
+func TestStatsEndpointReturnsOneSnapshot(t *testing.T) {
+	s, ts := newTestServer(t)
+	resp, err := http.Get(ts.URL + "/stats")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var snap snapshot
+	if err := json.NewDecoder(resp.Body).Decode(&snap); err != nil {
+		t.Fatalf("GET /stats: %v", err)
+	}
+	if resp.Header.Get("Content-Type") != "application/json" || snap.Host.OS != runtime.GOOS || snap.Time == "" {
+		t.Errorf("GET /stats = %s %+v, want a JSON snapshot", resp.Header.Get("Content-Type"), snap)
+	}
+	eventually(t, "sampler stopped after /stats", func() bool { return !s.stats.isRunning() })
+}
+
+func TestSlowSubscriberSkipsTicksWithoutSlowingOthers(t *testing.T) {
+	b := newBroadcaster(slog.New(slog.DiscardHandler), fstest.MapFS{}, func() int { return 0 })
+	slow, fast := b.subscribe(), b.subscribe()
+	defer b.shutdown()
+	<-fast // the first tick
+	// slow never reads: its one-slot channel is full, so later ticks skip it.
+	for range 3 {
+		b.publish([]byte(`{}`))
+		select {
+		case <-fast:
+		case <-time.After(wait):
+			t.Fatal("fast subscriber starved by a slow one")
+		}
+	}
+	if n := len(slow); n != 1 {
+		t.Errorf("slow subscriber holds %d ticks, want 1 (the rest skipped)", n)
+	}
+}
+
+// --------------------------------------------------------- /proc parsing --
+
+func readFixture(t *testing.T, dir string) snapshot {
+	t.Helper()
+	if runtime.GOOS != "linux" {
+		t.Skip("/proc parsing is Linux only")
+	}
+	fsys := os.DirFS(dir)
+	var s snapshot
+	var cpu cpuTimes
+	info := readHostInfo(fsys)
+	s.Host.Kernel, s.Host.Hostname, s.CPU.Model = info.kernel, info.hostname, info.cpuModel
+	readSystem(fsys, info, &s, &cpu)
+	return s
+}
+
+func TestProcHostWithoutMemoryLimit(t *testing.T) {
+	s := readFixture(t, "testdata/host")
+	if s.Memory.Source != "host" || s.Memory.LimitBytes != 0 {
+		t.Errorf("memory source %q limit %d, want host with no limit (v1 limit is the no-limit value)", s.Memory.Source, s.Memory.LimitBytes)
+	}
+	if s.Memory.TotalBytes != 24683656*1024 || s.Memory.AvailableBytes != 24372920*1024 {
+		t.Errorf("memory = %+v, want MemTotal and MemAvailable from the fixture, in bytes", s.Memory)
+	}
+	if s.Memory.UsedBytes != s.Memory.TotalBytes-s.Memory.AvailableBytes {
+		t.Errorf("used %d, want total - available", s.Memory.UsedBytes)
+	}
+	if !strings.HasPrefix(s.Host.Kernel, "Linux ") || s.Host.Hostname == "" || s.CPU.Model == "" {
+		t.Errorf("host = %+v / cpu model %q, want kernel, hostname and model", s.Host, s.CPU.Model)
+	}
+	if len(s.Host.Load) != 3 || s.Host.UptimeSeconds <= 0 || s.Process.RSSBytes == 0 {
+		t.Errorf("load %v uptime %v rss %d, want all three", s.Host.Load, s.Host.UptimeSeconds, s.Process.RSSBytes)
+	}
+}
+
+func TestProcCgroupV2ContainerShowsItsLimit(t *testing.T) {
+	s := readFixture(t, "testdata/cgroup2")
+	want := memoryStats{
+		TotalBytes: 512 << 20, AvailableBytes: 312 << 20, FreeBytes: 312 << 20, UsedBytes: 200 << 20,
+		UsedPercent: 39, Source: "cgroup", LimitBytes: 512 << 20, CgroupUsedBytes: 200 << 20,
+	}
+	if s.Memory != want {
+		t.Errorf("memory =\n %+v\nwant\n %+v", s.Memory, want)
+	}
+	if s.Host.Hostname != "app-7d9f" {
+		t.Errorf("hostname = %q, want the fixture's", s.Host.Hostname)
+	}
+}
+
+func TestProcCgroupV1ContainerShowsItsLimit(t *testing.T) {
+	s := readFixture(t, "testdata/cgroup1")
+	if s.Memory.Source != "cgroup" || s.Memory.LimitBytes != 256<<20 || s.Memory.CgroupUsedBytes != 96<<20 || s.Memory.UsedPercent != 37.5 {
+		t.Errorf("memory = %+v, want cgroup 96 MiB used of 256 MiB", s.Memory)
+	}
+}
+
+func TestNoProcFallsBackToRuntime(t *testing.T) {
+	b := newBroadcaster(slog.New(slog.DiscardHandler), fstest.MapFS{}, func() int { return 3 })
+	var cpu cpuTimes
+	s := b.snapshot(readHostInfo(b.fsys), &cpu)
+	if s.Memory.Source != "runtime" || s.Memory.TotalBytes == 0 || s.Process.HeapBytes == 0 || s.Clients.Chat != 3 {
+		t.Errorf("snapshot without /proc = %+v, want runtime memory figures", s)
+	}
+	if s.Host.User == "" {
+		t.Error("host.user is empty; want a name or the uid")
+	}
+}
+
+func TestCPUPercentFromTwoSamples(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("/proc parsing is Linux only")
+	}
+	fsys := fstest.MapFS{"proc/stat": {Data: []byte("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3 4\n")}}
+	var s snapshot
+	var cpu cpuTimes
+	readSystem(fsys, hostInfo{}, &s, &cpu)
+	// 300 busy ticks later, with 100 more idle and 100 more iowait: 60 % busy.
+	fsys["proc/stat"] = &fstest.MapFile{Data: []byte("cpu  250 0 250 800 200 0 0 0 0 0\n")}
+	readSystem(fsys, hostInfo{}, &s, &cpu)
+	if s.CPU.UsedPercent != 60 {
+		t.Errorf("cpu usedPercent = %v, want 60", s.CPU.UsedPercent)
+	}
+}
+
+// ------------------------------------------------------------- fuzzing --
+
+func FuzzDecodeFrame(f *testing.F) {
+	for _, seed := range []string{
+		`{"type":"message","text":"hello"}`, `{"type":"rename","name":"Ann"}`, `{"type":"ping"}`,
+		`{"type":"message","text":"  "}`, `{"type":"message","text":"\ud800"}`, "{\"type\":\"message\",\"text\":\"\xff\"}",
+		`[]`, `null`, `{"type":1}`, ``,
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		in, ref := decodeFrame(data)
+		if ref != nil {
+			if ref.Code == "" || ref.Text == "" {
+				t.Fatalf("refusal without code or text: %+v", ref)
+			}
+			return
+		}
+		if in.Type == "message" {
+			if in.Text == "" || in.Text != strings.TrimSpace(in.Text) || utf8.RuneCountInString(in.Text) > maxTextChars || !utf8.ValidString(in.Text) {
+				t.Fatalf("accepted message text %q", in.Text)
+			}
+		}
+	})
+}
+
+func FuzzCleanName(f *testing.F) {
+	for _, seed := range []string{"Ann", "  Ann  Lee ", "a\u202eb", "zero\u200bwidth", "\x00", "\xff", "👩‍💻", strings.Repeat("n", 40)} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		name, ref := cleanName(s)
+		if ref != nil {
+			return
+		}
+		if name == "" || utf8.RuneCountInString(name) > maxNameChars || !utf8.ValidString(name) || name != strings.TrimSpace(name) {
+			t.Fatalf("cleanName(%q) = %q", s, name)
+		}
+		if again, _ := cleanName(name); again != name {
+			t.Fatalf("cleanName is not idempotent: %q then %q", name, again)
+		}
+	})
+}
+
+func FuzzProcFiles(f *testing.F) {
+	read := func(name string) []byte {
+		b, _ := os.ReadFile("testdata/host/proc/" + name)
+		return b
+	}
+	f.Add(read("meminfo"), read("stat"), read("loadavg"), read("self/cgroup"), []byte("536870912\n"))
+	f.Add([]byte("MemTotal: 10 kB\nMemFree: 20 kB\n"), []byte("cpu 1 2 3\n"), []byte("1 2"), []byte("0::/\n"), []byte("max\n"))
+	f.Fuzz(func(t *testing.T, meminfo, stat, loadavg, cgroup, limit []byte) {
+		if runtime.GOOS != "linux" {
+			t.Skip("/proc parsing is Linux only")
+		}
+		fsys := fstest.MapFS{
+			"proc/meminfo": {Data: meminfo}, "proc/stat": {Data: stat}, "proc/loadavg": {Data: loadavg},
+			"proc/self/cgroup": {Data: cgroup}, "sys/fs/cgroup/memory.max": {Data: limit},
+			"sys/fs/cgroup/memory.current": {Data: []byte("1000\n")},
+		}
+		var s snapshot
+		var cpu cpuTimes
+		readSystem(fsys, readHostInfo(fsys), &s, &cpu)
+		m := s.Memory
+		if m.UsedBytes > m.TotalBytes || m.UsedPercent < 0 || m.UsedPercent > 100 || s.CPU.UsedPercent < 0 || s.CPU.UsedPercent > 100 {
+			t.Fatalf("impossible figures: memory %+v cpu %v", m, s.CPU.UsedPercent)
+		}
+		if _, err := json.Marshal(s); err != nil {
+			t.Fatalf("snapshot does not encode: %v", err)
+		}
+	})
+}
+
+// ---------------------------------------------------------- the program --
+
+func TestHelpListsEveryFlag(t *testing.T) {
+	var out bytes.Buffer
+	err := run(t.Context(), []string{"-h"}, func(string) string { return "" }, &out, io.Discard)
+	if !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("run -h = %v, want flag.ErrHelp", err)
+	}
+	for _, name := range []string{"-addr", "-allow-origin", "-max-clients", "-tls-cert", "-tls-key", "-log-level"} {
+		if !strings.Contains(out.String(), name) {
+			t.Errorf("-h output lacks %s:\n%s", name, out.String())
+		}
+	}
+}
+
+func TestAddressFromFlagOrPORT(t *testing.T) {
+	env := func(port string) func(string) string {
+		return func(k string) string {
+			if k == "PORT" {
+				return port
+			}
+			return ""
+		}
+	}
+	for _, tc := range []struct {
+		args []string
+		port string
+		want string
+	}{
+		{nil, "", ":3000"},
+		{nil, "8080", ":8080"},
+		{[]string{"-addr", "127.0.0.1:9"}, "8080", "127.0.0.1:9"},
+	} {
+		cfg, err := parseConfig(tc.args, env(tc.port), io.Discard, io.Discard)
+		if err != nil || cfg.addr != tc.want {
+			t.Errorf("args %v PORT=%q: addr %q (%v), want %q", tc.args, tc.port, cfg.addr, err, tc.want)
+		}
+	}
+	if _, err := parseConfig([]string{"-tls-cert", "c.pem"}, env(""), io.Discard, io.Discard); err == nil {
+		t.Error("-tls-cert without -tls-key accepted")
+	}
+}
+
+// startRun runs the real program on a free port and returns its URL; the
+// returned channel yields run's result after cancel.
+func startRun(t *testing.T, args ...string) (url string, cancel context.CancelFunc, done <-chan error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(t.Context())
+	logs, logw := io.Pipe()
+	result := make(chan error, 1)
+	go func() {
+		err := run(ctx, append([]string{"-addr", "127.0.0.1:0"}, args...), func(string) string { return "" }, io.Discard, logw)
+		logw.Close()
+		result <- err
+	}()
+	urls := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(logs)
+		for sc.Scan() {
+			if m := regexp.MustCompile(`url=(\S+)`).FindStringSubmatch(sc.Text()); m != nil {
+				urls <- strings.TrimSuffix(m[1], "/")
+			}
+		}
+	}()
+	select {
+	case url = <-urls:
+	case err := <-result:
+		t.Fatalf("run ended before listening: %v", err)
+	case <-time.After(wait):
+		t.Fatal("run logged no URL")
+	}
+	return url, cancel, result
+}
+
+func TestShutdownClosesChatWith1001EndsStreamsAndReturns(t *testing.T) {
+	url, cancel, done := startRun(t)
+	ts := &httptest.Server{URL: url, Listener: dummyListener(strings.TrimPrefix(url, "http://"))}
+	raw, code := dialRaw(t, ts, "")
+	if code != 101 {
+		t.Fatalf("handshake = %d", code)
+	}
+	raw.readText(t) // welcome
+	resp, br := openEvents(t, ts)
+	readEvent(t, br)
+
+	start := time.Now()
+	cancel()
+	if code, _ := raw.readClose(t); code != closeGoingAway {
+		t.Errorf("chat closed with %d on shutdown, want %d", code, closeGoingAway)
+	}
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		t.Errorf("event stream did not end cleanly: %v", err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("run returned %v, want nil", err)
+		}
+	case <-time.After(shutdownTimeout + time.Second):
+		t.Fatal("run did not return after shutdown")
+	}
+	if d := time.Since(start); d > shutdownTimeout {
+		t.Errorf("shutdown took %v, want under %v", d, shutdownTimeout)
+	}
+}
+
+// dummyListener carries an address for helpers that take an httptest.Server.
+type dummyListener string
+
+func (dummyListener) Accept() (net.Conn, error) { return nil, errors.New("not a listener") }
+func (dummyListener) Close() error              { return nil }
+func (l dummyListener) Addr() net.Addr          { return addrString(l) }
+
+type addrString string
+
+func (addrString) Network() string  { return "tcp" }
+func (a addrString) String() string { return string(a) }
