@@ -17,11 +17,14 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"testing/fstest"
@@ -1291,3 +1294,425 @@ type addrString string
 
 func (addrString) Network() string  { return "tcp" }
 func (a addrString) String() string { return string(a) }
+
+// -------------------------------------------------------- real browser --
+
+// The browser test drives headless Chromium through the Chrome DevTools
+// Protocol, which is JSON messages over a WebSocket: x/net/websocket is the
+// client, and cdp below is all the driver there is. POLLFREE_BROWSER=required
+// (set by .ci/run) turns "no Chromium here" from a skip into a failure;
+// POLLFREE_SCREENSHOTS=DIR saves every page's screenshot there at the end.
+
+// cdp is one DevTools connection to a browser. Each page is a target attached
+// in "flat" mode: its commands and events carry the page's session id.
+type cdp struct {
+	ws     *websocket.Conn
+	nextID atomic.Int64
+
+	mu       sync.Mutex // guards the fields below
+	replies  map[int64]chan cdpIn
+	problems map[string][]string // by session: uncaught exceptions and console errors
+}
+
+type cdpOut struct {
+	ID        int64  `json:"id"`
+	SessionID string `json:"sessionId,omitempty"`
+	Method    string `json:"method"`
+	Params    any    `json:"params,omitempty"`
+}
+
+type cdpIn struct {
+	ID        int64           `json:"id"`
+	SessionID string          `json:"sessionId"`
+	Method    string          `json:"method"`
+	Params    json.RawMessage `json:"params"`
+	Result    json.RawMessage `json:"result"`
+	Error     *struct {
+		Message string `json:"message"`
+	} `json:"error"`
+}
+
+// startBrowser launches Chromium with a fresh profile and connects to it.
+func startBrowser(t *testing.T) *cdp {
+	t.Helper()
+	exe := ""
+	for _, name := range []string{"chromium", "chromium-browser", "google-chrome"} {
+		if p, err := exec.LookPath(name); err == nil {
+			exe = p
+			break
+		}
+	}
+	if exe == "" {
+		if os.Getenv("POLLFREE_BROWSER") == "required" {
+			t.Fatal("POLLFREE_BROWSER=required but no chromium on PATH")
+		}
+		t.Skip("no chromium on PATH (apt-get install chromium); set POLLFREE_BROWSER=required to fail instead")
+	}
+	profile, err := os.MkdirTemp("", "pollfree-chromium-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+		"--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+		"--remote-debugging-port=0", "--remote-allow-origins=http://127.0.0.1", "--user-data-dir="+profile,
+		"--window-size=1200,800", "about:blank")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // its helpers too, for the kill below
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		cmd.Wait()
+		os.RemoveAll(profile)
+	})
+
+	// Chromium writes its port and browser endpoint to DevToolsActivePort.
+	var lines []string
+	eventually(t, "DevToolsActivePort written", func() bool {
+		b, err := os.ReadFile(profile + "/DevToolsActivePort")
+		lines = strings.Fields(string(b))
+		return err == nil && len(lines) == 2
+	})
+	ws, err := websocket.Dial("ws://127.0.0.1:"+lines[0]+lines[1], "", "http://127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws.MaxPayloadBytes = 64 << 20 // screenshots
+	b := &cdp{ws: ws, replies: make(map[int64]chan cdpIn), problems: make(map[string][]string)}
+	go b.read()
+	t.Cleanup(func() { ws.Close() })
+	return b
+}
+
+// read dispatches replies to their callers and records page problems.
+func (b *cdp) read() {
+	for {
+		var m cdpIn
+		if err := websocket.JSON.Receive(b.ws, &m); err != nil {
+			return
+		}
+		b.mu.Lock()
+		if m.ID != 0 {
+			if ch, ok := b.replies[m.ID]; ok {
+				ch <- m
+				delete(b.replies, m.ID)
+			}
+		} else if problem := pageProblem(m); problem != "" {
+			b.problems[m.SessionID] = append(b.problems[m.SessionID], problem)
+		}
+		b.mu.Unlock()
+	}
+}
+
+// pageProblem describes an event that means the page misbehaved: an uncaught
+// exception, a console.error, or a browser error other than a network one
+// (the test kills the server on purpose, so connections fail then).
+func pageProblem(m cdpIn) string {
+	var p struct {
+		ExceptionDetails struct {
+			Text      string `json:"text"`
+			Exception struct {
+				Description string `json:"description"`
+			} `json:"exception"`
+		} `json:"exceptionDetails"`
+		Type  string            `json:"type"`
+		Args  []json.RawMessage `json:"args"`
+		Entry struct {
+			Level, Source, Text string
+		} `json:"entry"`
+	}
+	json.Unmarshal(m.Params, &p)
+	switch {
+	case m.Method == "Runtime.exceptionThrown":
+		return "uncaught: " + p.ExceptionDetails.Text + " " + p.ExceptionDetails.Exception.Description
+	case m.Method == "Runtime.consoleAPICalled" && p.Type == "error":
+		return fmt.Sprintf("console.error: %s", p.Args)
+	case m.Method == "Log.entryAdded" && p.Entry.Level == "error" && p.Entry.Source != "network":
+		return "browser error (" + p.Entry.Source + "): " + p.Entry.Text
+	}
+	return ""
+}
+
+// call sends one command and decodes its result into result (if not nil).
+func (b *cdp) call(t *testing.T, session, method string, params, result any) {
+	t.Helper()
+	id := b.nextID.Add(1)
+	ch := make(chan cdpIn, 1)
+	b.mu.Lock()
+	b.replies[id] = ch
+	b.mu.Unlock()
+	if err := websocket.JSON.Send(b.ws, cdpOut{id, session, method, params}); err != nil {
+		t.Fatalf("%s: %v", method, err)
+	}
+	select {
+	case m := <-ch:
+		if m.Error != nil {
+			t.Fatalf("%s: %s", method, m.Error.Message)
+		}
+		if result != nil {
+			if err := json.Unmarshal(m.Result, result); err != nil {
+				t.Fatalf("%s: decoding result: %v", method, err)
+			}
+		}
+	case <-time.After(wait):
+		t.Fatalf("%s: no reply within %v", method, wait)
+	}
+}
+
+// browserPage is one tab in a browser context of its own: its own cookies
+// and storage, like a second person.
+type browserPage struct {
+	t       *testing.T
+	b       *cdp
+	name    string
+	target  string
+	session string
+}
+
+func (b *cdp) newPage(t *testing.T, name, url string) *browserPage {
+	t.Helper()
+	var ctx struct{ BrowserContextID string }
+	b.call(t, "", "Target.createBrowserContext", map[string]any{}, &ctx)
+	var target struct{ TargetID string }
+	b.call(t, "", "Target.createTarget", map[string]any{"url": "about:blank", "browserContextId": ctx.BrowserContextID}, &target)
+	var attached struct{ SessionID string }
+	b.call(t, "", "Target.attachToTarget", map[string]any{"targetId": target.TargetID, "flatten": true}, &attached)
+	p := &browserPage{t, b, name, target.TargetID, attached.SessionID}
+	for _, domain := range []string{"Runtime.enable", "Page.enable", "Log.enable"} {
+		p.call(domain, nil, nil)
+	}
+	p.call("Page.navigate", map[string]any{"url": url}, nil)
+	return p
+}
+
+func (p *browserPage) call(method string, params, result any) {
+	p.t.Helper()
+	p.b.call(p.t, p.session, method, params, result)
+}
+
+// eval runs a JavaScript expression in the page and decodes its value into v.
+func (p *browserPage) eval(expr string, v any) {
+	p.t.Helper()
+	if thrown := p.try(expr, v); thrown != "" {
+		p.t.Fatalf("%s: %s threw: %s", p.name, expr, thrown)
+	}
+}
+
+// try is eval that returns what the expression threw, if it did.
+func (p *browserPage) try(expr string, v any) (thrown string) {
+	p.t.Helper()
+	var r struct {
+		Result struct {
+			Value json.RawMessage `json:"value"`
+		} `json:"result"`
+		ExceptionDetails *struct{ Text string } `json:"exceptionDetails"`
+	}
+	p.call("Runtime.evaluate", map[string]any{"expression": expr, "returnByValue": true}, &r)
+	if r.ExceptionDetails != nil {
+		return r.ExceptionDetails.Text
+	}
+	if v != nil && len(r.Result.Value) > 0 {
+		json.Unmarshal(r.Result.Value, v)
+	}
+	return ""
+}
+
+func (p *browserPage) text(expr string) string {
+	p.t.Helper()
+	var s string
+	p.eval(expr, &s)
+	return s
+}
+
+// waitFor polls a JavaScript condition until it is true, for up to 10 s. A
+// condition that throws (the page is still loading) is not true yet.
+func (p *browserPage) waitFor(what, cond string) {
+	p.t.Helper()
+	deadline := time.Now().Add(2 * wait)
+	for {
+		var ok bool
+		if p.try("!!("+cond+")", &ok) == "" && ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			p.t.Fatalf("%s: %s: not within %v", p.name, what, 2*wait)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// typeAndEnter types text into the message box and presses Enter, as a person would.
+func (p *browserPage) typeAndEnter(text string) {
+	p.t.Helper()
+	p.eval(`document.getElementById("text").focus()`, nil)
+	p.call("Input.insertText", map[string]any{"text": text}, nil)
+	key := map[string]any{"type": "keyDown", "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "text": "\r"}
+	p.call("Input.dispatchKeyEvent", key, nil)
+	key["type"] = "keyUp"
+	delete(key, "text")
+	p.call("Input.dispatchKeyEvent", key, nil)
+}
+
+func (p *browserPage) screenshot(dir string) {
+	var shot struct{ Data []byte }
+	p.b.call(p.t, p.session, "Page.captureScreenshot", map[string]any{"format": "png"}, &shot)
+	os.WriteFile(dir+"/"+p.name+".png", shot.Data, 0o644)
+}
+
+// jsString quotes s as a JavaScript string literal.
+func jsString(s string) string {
+	b, _ := json.Marshal(s)
+	return string(b)
+}
+
+// JavaScript conditions on the page, by what a person sees.
+const (
+	jsConnected = `document.getElementById("chat-state").classList.contains("ok")`
+	jsMessages  = `[...document.querySelectorAll("#messages .msg")]`
+)
+
+func jsShowsMessage(text string) string {
+	return jsMessages + `.some(li => li.querySelector(".text").textContent === ` + jsString(text) + `)`
+}
+
+func jsNotice(text string) string {
+	return `[...document.querySelectorAll("#messages .notice")].some(li => li.textContent === ` + jsString(text) + `)`
+}
+
+func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
+	b := startBrowser(t)
+	url, stop, done := startRun(t)
+	addr := strings.TrimPrefix(url, "http://")
+
+	var pages []*browserPage
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		dir, _ := os.MkdirTemp("", "pollfree-screenshots-")
+		for _, p := range pages {
+			p.screenshot(dir)
+		}
+		t.Logf("screenshots of every page in %s", dir)
+	})
+	open := func(name string) *browserPage {
+		p := b.newPage(t, name, url+"/")
+		pages = append(pages, p)
+		p.waitFor("chat connected", jsConnected)
+		return p
+	}
+
+	// B connecting shows a join notice on A.
+	a := open("a")
+	bob := open("b")
+	aName, bName := a.text(`chat.me.name`), bob.text(`chat.me.name`)
+	a.waitFor("join notice for B", jsNotice(bName+" joined"))
+	a.waitFor("two online", `document.getElementById("online").textContent.includes("2 online")`)
+
+	// A types and presses Enter: both show it, A on its own side, B under A's name.
+	a.typeAndEnter("hello from a")
+	a.waitFor("own message shown", jsShowsMessage("hello from a"))
+	bob.waitFor("A's message shown on B", jsShowsMessage("hello from a"))
+	if !a.eval2bool(jsMessages + `.find(li => li.textContent.includes("hello from a")).classList.contains("mine")`) {
+		t.Error("A's own message is not styled as its own on A")
+	}
+	if got := bob.text(jsMessages + `.find(li => li.textContent.includes("hello from a")).querySelector(".name").textContent`); got != aName {
+		t.Errorf("B shows A's message under %q, want %q", got, aName)
+	}
+	if bob.eval2bool(jsMessages + `.find(li => li.textContent.includes("hello from a")).classList.contains("mine")`) {
+		t.Error("A's message is styled as B's own on B")
+	}
+	aSide := a.text(`getComputedStyle(` + jsMessages + `.find(li => li.classList.contains("mine")).querySelector(".text")).backgroundColor`)
+	bSide := bob.text(`getComputedStyle(` + jsMessages + `[0].querySelector(".text")).backgroundColor`)
+	if aSide == bSide {
+		t.Errorf("own and others' messages have the same colour %s", aSide)
+	}
+
+	// Markup in a message is shown as text and runs nothing.
+	const markup = `<img src=x onerror="window.pwned=1"><b>x</b>`
+	a.typeAndEnter(markup)
+	for _, p := range []*browserPage{a, bob} {
+		p.waitFor("markup shown as text", jsShowsMessage(markup))
+		if p.eval2bool(`window.pwned === 1 || document.querySelector("#messages img, #messages b") !== null`) {
+			t.Errorf("%s: message markup was rendered", p.name)
+		}
+	}
+
+	// The stats numbers and the chart change within 3 s.
+	a.waitFor("first stats", `points.length > 0`)
+	before, chart := a.text(`document.getElementById("s-time").textContent`), a.text(`document.getElementById("chart").toDataURL()`)
+	a.waitFor("stats update", `document.getElementById("s-time").textContent !== `+jsString(before))
+	a.waitFor("chart redrawn", `document.getElementById("chart").toDataURL() !== `+jsString(chart))
+
+	// B closing shows a leave notice and a lower count on A.
+	b.call(t, "", "Target.closeTarget", map[string]any{"targetId": bob.target}, nil)
+	pages = slices.DeleteFunc(pages, func(p *browserPage) bool { return p == bob })
+	a.waitFor("leave notice for B", jsNotice(bName+" left"))
+	a.waitFor("one online", `document.getElementById("online").textContent.includes("1 online")`)
+
+	// A connection drop: A reconnects and does not show its history twice.
+	a.eval(`chat.ws.close()`, nil)
+	a.waitFor("reconnecting shown", `!(`+jsConnected+`)`)
+	a.waitFor("reconnected", jsConnected)
+	if n := a.count(jsMessages + `.filter(li => li.textContent.includes("hello from a")).length`); n != 1 {
+		t.Errorf("after reconnecting A shows its message %d times, want once", n)
+	}
+
+	// Reloading A: it reconnects, and a new message reaches a fresh page C.
+	a.call("Page.reload", map[string]any{}, nil)
+	a.waitFor("reconnected after reload", jsConnected)
+	c := open("c")
+	a.typeAndEnter("after reload")
+	c.waitFor("A's message reaches C", jsShowsMessage("after reload"))
+	if n := a.count(jsMessages + `.filter(li => li.textContent.includes("hello from a")).length`); n != 1 {
+		t.Errorf("after reload A shows its history message %d times, want once", n)
+	}
+	if !a.eval2bool(jsMessages + `.find(li => li.textContent.includes("hello from a")).classList.contains("mine")`) {
+		t.Error("after reload A shows its own earlier message as someone else's")
+	}
+
+	// The server stops and comes back on the same port: the page says so,
+	// then reconnects by itself and chat works again.
+	stop()
+	if err := <-done; err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	a.waitFor("reconnecting shown", `document.getElementById("chat-state").textContent.includes("reconnecting")`)
+	url2, _, _ := startRun(t, "-addr", addr)
+	if url2 != url {
+		t.Fatalf("restarted on %s, want %s", url2, url)
+	}
+	a.waitFor("reconnected to the new server", jsConnected)
+	c.waitFor("C reconnected to the new server", jsConnected)
+	a.typeAndEnter("after restart")
+	c.waitFor("chat works after restart", jsShowsMessage("after restart"))
+	a.waitFor("stats live again", `document.getElementById("stats-state").classList.contains("ok") && points.at(-1).t > Date.now() - 1500`)
+	if dir := os.Getenv("POLLFREE_SCREENSHOTS"); dir != "" {
+		for _, p := range pages {
+			p.screenshot(dir)
+		}
+		t.Logf("screenshots of every page in %s", dir)
+	}
+
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, p := range append(pages, bob) {
+		for _, problem := range b.problems[p.session] {
+			t.Errorf("page %s: %s", p.name, problem)
+		}
+	}
+}
+
+func (p *browserPage) eval2bool(expr string) bool {
+	p.t.Helper()
+	var v bool
+	p.eval(expr, &v)
+	return v
+}
+
+func (p *browserPage) count(expr string) int {
+	p.t.Helper()
+	var n int
+	p.eval(expr, &n)
+	return n
+}
