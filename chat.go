@@ -704,7 +704,7 @@ func (h *hub) write(ws *websocket.Conn, c *client) {
 		select {
 		case frame, ok := <-c.send:
 			if !ok {
-				ws.SetWriteDeadline(time.Now().Add(writeWait))
+				ws.SetWriteDeadline(time.Now().Add(closeGrace))
 				writeClose(ws, c.closeCode, c.closeText)
 				c.live.closeAfter(closeGrace)
 				return
