@@ -4,18 +4,26 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httptrace"
 	"os"
 	"os/exec"
 	"regexp"
@@ -1232,17 +1240,8 @@ func startRun(t *testing.T, args ...string) (url string, cancel context.CancelFu
 		logw.Close()
 		result <- err
 	}()
-	urls := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(logs)
-		for sc.Scan() {
-			if m := regexp.MustCompile(`url=(\S+)`).FindStringSubmatch(sc.Text()); m != nil {
-				urls <- strings.TrimSuffix(m[1], "/")
-			}
-		}
-	}()
 	select {
-	case url = <-urls:
+	case url = <-scanURL(logs):
 	case err := <-result:
 		t.Fatalf("run ended before listening: %v", err)
 	case <-time.After(wait):
@@ -1281,6 +1280,21 @@ func TestShutdownClosesChatWith1001EndsStreamsAndReturns(t *testing.T) {
 	if d := time.Since(start); d > shutdownTimeout {
 		t.Errorf("shutdown took %v, want under %v", d, shutdownTimeout)
 	}
+}
+
+// scanURL reads pollfree's log from r and sends the URL it listens on,
+// without its trailing slash; it keeps draining r after that.
+func scanURL(r io.Reader) <-chan string {
+	urls := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(r)
+		for sc.Scan() {
+			if m := regexp.MustCompile(`url=(\S+)`).FindStringSubmatch(sc.Text()); m != nil {
+				urls <- strings.TrimSuffix(m[1], "/")
+			}
+		}
+	}()
+	return urls
 }
 
 // dummyListener carries an address for helpers that take an httptest.Server.
@@ -1715,4 +1729,319 @@ func (p *browserPage) count(expr string) int {
 	var n int
 	p.eval(expr, &n)
 	return n
+}
+
+// ------------------------------------------------------------ container --
+
+// buildStatic builds pollfree as the Dockerfile does (static, stripped) into
+// a temporary directory of its own and returns the binary's path.
+func buildStatic(tb testing.TB) string {
+	tb.Helper()
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		tb.Skip("no go tool on PATH to build the static binary")
+	}
+	dir := tb.TempDir()
+	bin := dir + "/pollfree"
+	cmd := exec.Command(goTool, "build", "-trimpath", "-ldflags=-s -w", "-o", bin, ".")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		tb.Fatalf("static build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// startProcess starts cmd (a pollfree binary with -addr 127.0.0.1:0), waits
+// for it to log its URL and stops it with SIGTERM at the end of the test,
+// expecting a clean exit.
+func startProcess(t *testing.T, cmd *exec.Cmd) string {
+	t.Helper()
+	logs, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		if err := cmd.Wait(); err != nil {
+			t.Errorf("pollfree exited with %v after SIGTERM, want status 0", err)
+		}
+	})
+	select {
+	case url := <-scanURL(logs):
+		return url
+	case <-time.After(wait):
+		t.Fatal("pollfree logged no URL")
+	}
+	return ""
+}
+
+// getStats fetches /stats from url.
+func getStats(t *testing.T, url string) snapshot {
+	t.Helper()
+	resp, err := http.Get(url + "/stats")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var s snapshot
+	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
+		t.Fatalf("GET /stats: %v", err)
+	}
+	return s
+}
+
+// checkServes exercises every endpoint of a pollfree at url.
+func checkServes(t *testing.T, url string) {
+	t.Helper()
+	ts := &httptest.Server{URL: url, Listener: dummyListener(strings.TrimPrefix(url, "http://"))}
+	resp, err := http.Get(url + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !bytes.Equal(body, page) {
+		t.Errorf("GET / = %d with %d bytes, want 200 and the page", resp.StatusCode, len(body))
+	}
+	a, _ := dial(t, ts, "")
+	a.say("hello from a scratch container")
+	if m := a.await("message"); m.Text != "hello from a scratch container" {
+		t.Errorf("chat echoed %q", m.Text)
+	}
+	_, br := openEvents(t, ts)
+	if _, data := readEvent(t, br); !json.Valid(data) {
+		t.Errorf("event data is not JSON: %s", data)
+	}
+}
+
+// The static binary alone in an empty directory, as in a scratch container:
+// no /etc, no passwd file, no shell, running as an unprivileged uid; first
+// with /proc mounted, as a container runtime does, then without it.
+func TestStaticBinaryRunsAloneLikeScratch(t *testing.T) {
+	if runtime.GOOS != "linux" || os.Geteuid() != 0 {
+		t.Skip("needs Linux and root, for chroot and mounting /proc")
+	}
+	bin := buildStatic(t)
+	root := t.TempDir()
+	if err := os.Chmod(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(root+"/pollfree", b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const nobody = 65534
+	start := func(t *testing.T) string {
+		cmd := exec.Command("/pollfree", "-addr", "127.0.0.1:0")
+		cmd.Env = []string{} // no $USER: the uid must stand in for the name
+		cmd.Dir = "/"
+		cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: root, Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
+		return startProcess(t, cmd)
+	}
+
+	t.Run("with /proc", func(t *testing.T) {
+		os.Mkdir(root+"/proc", 0o555)
+		if out, err := exec.Command("mount", "-t", "proc", "proc", root+"/proc").CombinedOutput(); err != nil {
+			t.Skipf("cannot mount /proc in the chroot: %v %s", err, out)
+		}
+		t.Cleanup(func() {
+			exec.Command("umount", "-l", root+"/proc").Run()
+			os.Remove(root + "/proc")
+		})
+		url := start(t)
+		checkServes(t, url)
+		s := getStats(t, url)
+		if s.Host.User != strconv.Itoa(nobody) {
+			t.Errorf("host.user = %q, want the uid %d (no passwd file)", s.Host.User, nobody)
+		}
+		if s.Memory.Source == "runtime" || len(s.Host.Load) != 3 {
+			t.Errorf("with /proc: memory source %q, load %v; want figures from /proc", s.Memory.Source, s.Host.Load)
+		}
+	})
+	t.Run("without /proc", func(t *testing.T) {
+		url := start(t)
+		checkServes(t, url)
+		s := getStats(t, url)
+		if s.Memory.Source != "runtime" || s.Memory.TotalBytes == 0 || s.Host.User != strconv.Itoa(nobody) {
+			t.Errorf("without /proc: memory %+v, user %q; want runtime figures and the uid", s.Memory, s.Host.User)
+		}
+	})
+}
+
+// Inside a real memory cgroup with a limit, /stats reports the container's
+// memory, not the host's. Needs root and a writable memory cgroup (v1 or v2).
+func TestRealCgroupLimitIsShown(t *testing.T) {
+	if runtime.GOOS != "linux" || os.Geteuid() != 0 {
+		t.Skip("needs Linux and root, to create a cgroup")
+	}
+	self, _ := os.ReadFile("/proc/self/cgroup")
+	var dir, limitFile string
+	for line := range strings.Lines(string(self)) {
+		parts := strings.SplitN(strings.TrimSpace(line), ":", 3)
+		if len(parts) == 3 && slices.Contains(strings.Split(parts[1], ","), "memory") {
+			dir, limitFile = "/sys/fs/cgroup/memory"+parts[2], "memory.limit_in_bytes"
+		}
+		if len(parts) == 3 && parts[0] == "0" && dir == "" {
+			if c, err := os.ReadFile("/sys/fs/cgroup" + parts[2] + "/cgroup.subtree_control"); err == nil && strings.Contains(string(c), "memory") {
+				dir, limitFile = "/sys/fs/cgroup"+parts[2], "memory.max"
+			}
+		}
+	}
+	if dir == "" {
+		t.Skip("no memory cgroup to create a child in")
+	}
+	cg := strings.TrimSuffix(dir, "/") + "/pollfree-test-" + strconv.Itoa(os.Getpid())
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Skipf("cannot create a cgroup here: %v", err)
+	}
+	t.Cleanup(func() { eventually(t, "test cgroup removed", func() bool { return os.Remove(cg) == nil }) })
+	const limit = 300 << 20
+	if err := os.WriteFile(cg+"/"+limitFile, []byte(strconv.Itoa(limit)), 0o644); err != nil {
+		t.Skipf("cannot set a memory limit: %v", err)
+	}
+
+	cmd := exec.Command(buildStatic(t), "-addr", "127.0.0.1:0")
+	url := startProcess(t, cmd)
+	if err := os.WriteFile(cg+"/cgroup.procs", []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
+		t.Fatalf("moving pollfree into the cgroup: %v", err)
+	}
+	s := getStats(t, url) // the sampler starts now, inside the cgroup
+	if s.Memory.Source != "cgroup" || s.Memory.LimitBytes != limit || s.Memory.TotalBytes != limit ||
+		s.Memory.CgroupUsedBytes == 0 || s.Memory.CgroupUsedBytes > limit {
+		t.Errorf("memory in a %d-byte cgroup = %+v, want the cgroup's view", limit, s.Memory)
+	}
+}
+
+// selfSignedCert writes a certificate and key for 127.0.0.1 and returns
+// their paths and a pool that trusts the certificate.
+func selfSignedCert(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "pollfree test"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = dir+"/cert.pem", dir+"/key.pem"
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600)
+	cert, _ := x509.ParseCertificate(der)
+	pool = x509.NewCertPool()
+	pool.AddCert(cert)
+	return certFile, keyFile, pool
+}
+
+// Over HTTPS, event streams use HTTP/2 and share one connection; the
+// WebSocket still works (on HTTP/1.1).
+func TestTLSServesHTTP2StreamsAndWebSocket(t *testing.T) {
+	certFile, keyFile, pool := selfSignedCert(t)
+	url, _, _ := startRun(t, "-tls-cert", certFile, "-tls-key", keyFile)
+	if !strings.HasPrefix(url, "https://") {
+		t.Fatalf("logged URL %s, want https", url)
+	}
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true}}
+	t.Cleanup(client.CloseIdleConnections)
+
+	var conns sync.Map
+	for i := range 3 {
+		trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { conns.Store(info.Conn.LocalAddr().String(), true) }}
+		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(t.Context(), trace), "GET", url+"/events", nil)
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		if resp.ProtoMajor != 2 {
+			t.Fatalf("stream %d over %s, want HTTP/2", i, resp.Proto)
+		}
+		if _, data := readEvent(t, bufio.NewReader(resp.Body)); !json.Valid(data) {
+			t.Fatalf("stream %d: event data is not JSON", i)
+		}
+	}
+	n := 0
+	conns.Range(func(any, any) bool { n++; return true })
+	if n != 1 {
+		t.Errorf("3 open event streams used %d connections, want 1", n)
+	}
+
+	cfg, err := websocket.NewConfig("wss"+strings.TrimPrefix(url, "https")+"/ws", url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.TlsConfig = &tls.Config{RootCAs: pool}
+	ws, err := websocket.DialConfig(cfg)
+	if err != nil {
+		t.Fatalf("WebSocket over HTTPS: %v", err)
+	}
+	defer ws.Close()
+	var welcome frame
+	if err := websocket.JSON.Receive(ws, &welcome); err != nil || welcome.Type != "welcome" {
+		t.Fatalf("first frame over wss: %+v, %v", welcome, err)
+	}
+}
+
+// BenchmarkStaticBinary reports the stripped static binary's size and the
+// time from exec to the first 200 from /healthz.
+func BenchmarkStaticBinary(b *testing.B) {
+	bin := buildStatic(b)
+	fi, err := os.Stat(bin)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	var total time.Duration
+	for b.Loop() {
+		start := time.Now()
+		cmd := exec.Command(bin, "-addr", addr)
+		if err := cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		for {
+			resp, err := client.Get("http://" + addr + "/healthz")
+			if err == nil {
+				resp.Body.Close()
+				if resp.StatusCode == 200 {
+					break
+				}
+			}
+			if time.Since(start) > wait {
+				b.Fatal("no /healthz 200 within", wait)
+			}
+			time.Sleep(200 * time.Microsecond)
+		}
+		total += time.Since(start)
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+	}
+	b.ReportMetric(float64(fi.Size())/1e6, "MB-binary")
+	b.ReportMetric(total.Seconds()*1000/float64(b.N), "ms-to-ready")
+	b.ReportMetric(0, "ns/op")
 }
