@@ -6,20 +6,27 @@
 //     mutex (hub.mu).
 //   - Each client has two goroutines. The reader (the handler goroutine that
 //     x/net/websocket gives us) decodes frames and calls into the hub. The
-//     writer is the only goroutine that writes to the socket; it drains the
-//     client's bounded queue (client.send).
-//   - A broadcast encodes its frame once and, under hub.mu, offers the same
-//     bytes to every queue without blocking. A client whose queue is full is
-//     dropped, never waited for, and nothing touches a socket while hub.mu is
-//     held. Offering under the lock is what keeps every client's view in seq
-//     order.
+//     writer is the only goroutine that writes to the socket; it empties the
+//     client's bounded queue (its outbox), taking the whole backlog at once.
+//   - A broadcast encodes its frame once and, under hub.mu, puts the same
+//     bytes in every outbox without blocking. A client whose outbox is full
+//     is dropped, never waited for, and nothing touches a socket while hub.mu
+//     is held. Putting under the lock is what keeps every client's view in
+//     seq order. Lock order: hub.mu, then an outbox's own mutex.
 //
-// x/net/websocket leaves three things to us, handled here: its Conn.Close
-// always sends status 1000 (writeClose sends the code we choose); it returns
-// ErrFrameTooLarge but keeps the connection (we close it with 1009); and it
-// answers pings and swallows pongs inside Read, so we cannot see a pong
-// arrive. Instead liveReader pushes the read deadline forward on any bytes
-// from the peer, pongs included, and a peer that goes silent times out.
+// x/net/websocket does the handshake and the reading; the writer writes its
+// own frames, for three reasons. x/net writes (and flushes) one frame per
+// system call, and a writer that finds many frames queued should send them in
+// one. Its Conn.Close always sends status 1000, and we need 1001, 1008, 1009.
+// And server frames are simple: unmasked, a two- to ten-byte header. Each
+// batch goes out in a single conn.Write, which the connection's write lock
+// keeps whole even beside the pongs x/net writes on its own.
+//
+// x/net also answers pings and swallows pongs inside Read, so we cannot see a
+// pong arrive. Instead liveReader pushes the read deadline forward on any
+// bytes from the peer, pongs included, and a peer that goes silent times out.
+// And it returns ErrFrameTooLarge but keeps the connection; we close it with
+// 1009.
 package main
 
 import (
@@ -67,9 +74,11 @@ const (
 	// presenceNames bounds each of a presence frame's joined and left lists;
 	// joinedCount and leftCount carry the totals.
 	presenceNames = 20
-	// sendQueueFrames is each client's outbound queue, in frames. A client
-	// whose queue is full when a frame is offered is dropped.
-	sendQueueFrames = 64
+	// sendQueueFrames bounds each client's outbound queue, in frames. A
+	// client whose queue is full when a frame arrives is dropped. Frames are
+	// shared by every client, so a queued frame costs one slice header; the
+	// queue grows only as needed.
+	sendQueueFrames = 256
 	// writeWait bounds one frame write to a client.
 	writeWait = 10 * time.Second
 	// pingEvery is how often the server pings each client. Must be well
@@ -95,6 +104,8 @@ const (
 const (
 	closeNormal          = 1000
 	closeGoingAway       = 1001 // server shutting down
+	closeProtocolError   = 1002 // a frame with a reserved opcode
+	closeUnsupported     = 1003 // a binary frame: the protocol is JSON text
 	closePolicyViolation = 1008 // flooding, or too slow to read
 	closeTooBig          = 1009 // frame over maxFrameBytes
 )
@@ -151,11 +162,12 @@ type hub struct {
 	handlers sync.WaitGroup // one per upgraded connection, for shutdown
 	nextID   atomic.Int64
 
-	mu       sync.Mutex // guards the fields below, and every send on or close of a client.send
+	mu       sync.Mutex // guards the fields below, and every client's name
 	clients  map[*client]struct{}
 	byName   map[string]*client // by foldName(name), to keep names unique
 	seq      int64
 	history  [][]byte // encoded message frames, oldest first, at most historySize
+	histJSON []byte   // history as one JSON array, built on the first join after a change
 	joined   map[*client]bool
 	left     []user
 	leftN    int
@@ -188,14 +200,8 @@ type client struct {
 	conn net.Conn    // the hijacked connection, for deadlines
 	live *liveReader // set at upgrade
 
-	// name, send and closeCode are guarded by hub.mu. send is only sent on
-	// and closed while holding it; closeCode is set just before send is
-	// closed, so the writer may read it once it sees send closed.
-	name      string
-	send      chan []byte
-	closeCode int
-	closeText string
-
+	name       string        // guarded by hub.mu
+	out        outbox        // frames for the writer; put only while holding hub.mu
 	writerDone chan struct{} // closed when the writer goroutine exits
 }
 
@@ -227,11 +233,7 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	defer h.admitted.Add(-1)
 
-	c := &client{
-		id:         "u" + strconv.FormatInt(h.nextID.Add(1), 10),
-		send:       make(chan []byte, sendQueueFrames),
-		writerDone: make(chan struct{}),
-	}
+	c := newClient("u" + strconv.FormatInt(h.nextID.Add(1), 10))
 	h.handlers.Add(1)
 	defer h.handlers.Done()
 	ws := websocket.Server{Handler: func(ws *websocket.Conn) { h.serve(ws, c, r.URL.Query().Get("name")) }}
@@ -254,6 +256,83 @@ func (h *hub) checkOrigin(r *http.Request) error {
 		return nil
 	}
 	return fmt.Errorf("origin %s may not open a WebSocket on %s (see -allow-origin)", origin, r.Host)
+}
+
+func newClient(id string) *client {
+	return &client{id: id, out: outbox{wake: make(chan struct{}, 1)}, writerDone: make(chan struct{})}
+}
+
+// outbox is a client's queue of frames waiting for its writer: the hub puts
+// frames in one at a time, the writer takes all of them at once. Closing it
+// tells the writer to send a close frame and stop.
+type outbox struct {
+	mu     sync.Mutex // guards the fields below
+	frames [][]byte   // at most sendQueueFrames
+	spare  [][]byte   // the writer's last batch, emptied, for reuse
+	closed bool
+	code   int    // close code, once closed
+	reason string // close reason, once closed
+
+	wake chan struct{} // one slot: a signal that frames arrived or the box closed
+}
+
+// put queues frame. It reports false when the box is full (or closed).
+func (o *outbox) put(frame []byte) bool {
+	o.mu.Lock()
+	ok := !o.closed && len(o.frames) < sendQueueFrames
+	if ok {
+		o.frames = append(o.frames, frame)
+	}
+	o.mu.Unlock()
+	o.signal()
+	return ok
+}
+
+// putFirst queues frames ahead of everything already queued, whatever the
+// bound (a new client's welcome).
+func (o *outbox) putFirst(frames ...[]byte) {
+	o.mu.Lock()
+	o.frames = append(frames, o.frames...)
+	o.mu.Unlock()
+	o.signal()
+}
+
+// close closes the box with a close code; discard drops the frames still
+// queued (for a client too slow or hostile to deserve them).
+func (o *outbox) close(code int, reason string, discard bool) {
+	o.mu.Lock()
+	o.closed, o.code, o.reason = true, code, reason
+	if discard {
+		clear(o.frames)
+		o.frames = o.frames[:0]
+	}
+	o.mu.Unlock()
+	o.signal()
+}
+
+func (o *outbox) signal() {
+	select {
+	case o.wake <- struct{}{}:
+	default: // a wake-up is already pending
+	}
+}
+
+// take returns every queued frame, and the close code if the box is closed.
+// The writer gives the frames back with done once written.
+func (o *outbox) take() (frames [][]byte, closed bool, code int, reason string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	frames, o.frames, o.spare = o.frames, o.spare, nil
+	return frames, o.closed, o.code, o.reason
+}
+
+// done returns a written batch for reuse, so a busy client's queue does not
+// allocate.
+func (o *outbox) done(frames [][]byte) {
+	clear(frames) // let the frames be collected
+	o.mu.Lock()
+	o.spare = frames[:0]
+	o.mu.Unlock()
 }
 
 // hijacker hands x/net/websocket the hijacked connection with its reader
@@ -327,17 +406,18 @@ func (h *hub) serve(ws *websocket.Conn, c *client, wantName string) {
 	ws.MaxPayloadBytes = maxFrameBytes
 	log := h.log.With("client", c.id)
 	if !h.join(c, wantName) {
-		writeClose(ws, closeGoingAway, "server shutting down")
+		c.conn.SetWriteDeadline(time.Now().Add(closeGrace))
+		c.conn.Write(appendClose(nil, closeGoingAway, "server shutting down"))
 		return
 	}
 	log.Debug("joined", "remote", c.conn.RemoteAddr())
-	go h.write(ws, c)
+	go h.write(c)
 
 	limit := bucket{tokens: rateBurst, last: time.Now()}
 	strikes := 0
 	for {
-		var data []byte
-		err := frameCodec.Receive(ws, &data)
+		var in rawFrame
+		err := frameCodec.Receive(ws, &in)
 		if c.live.isClosing() {
 			if err == nil || errors.Is(err, websocket.ErrFrameTooLarge) {
 				continue // drain until the peer's close frame or closeGrace
@@ -352,6 +432,15 @@ func (h *hub) serve(ws *websocket.Conn, c *client, wantName string) {
 			log.Debug("read ended", "err", err)
 			break
 		}
+		switch in.opcode {
+		case websocket.TextFrame:
+		case websocket.BinaryFrame:
+			h.drop(c, closeUnsupported, "text frames only")
+			continue
+		default: // x/net passes reserved opcodes on as data
+			h.drop(c, closeProtocolError, "reserved opcode "+strconv.Itoa(int(in.opcode)))
+			continue
+		}
 		if !limit.allow(time.Now()) {
 			if strikes++; strikes >= floodStrikes {
 				h.drop(c, closePolicyViolation, "flooding")
@@ -362,7 +451,7 @@ func (h *hub) serve(ws *websocket.Conn, c *client, wantName string) {
 			continue
 		}
 		strikes = 0
-		if ref := h.handle(c, data); ref != nil {
+		if ref := h.handle(c, in.data); ref != nil {
 			h.refuse(c, ref)
 		}
 	}
@@ -482,6 +571,11 @@ func randomName() string {
 // join adds c to the room under a unique name and queues its welcome. A name
 // that cannot be used is replaced by a random one, with an error frame after
 // the welcome saying why. It reports false once shutdown has begun.
+//
+// join must run before c's writer starts: the welcome is encoded after the
+// lock is released (in a storm of joins, encoding it under the lock was most
+// of what everyone else waited for) and then put in front of whatever
+// broadcasts reached c's outbox meanwhile.
 func (h *hub) join(c *client, want string) bool {
 	var bad *refusal
 	name := randomName()
@@ -495,8 +589,8 @@ func (h *hub) join(c *client, want string) bool {
 	now := time.Now()
 
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	if h.closed {
+		h.mu.Unlock()
 		return false
 	}
 	c.name = h.uniqueNameLocked(name, c)
@@ -504,7 +598,6 @@ func (h *hub) join(c *client, want string) bool {
 	h.byName[foldName(c.name)] = c
 	h.joined[c] = true
 	h.schedulePresenceLocked()
-
 	users := []user{{c.id, c.name}}
 	for other := range h.clients {
 		if len(users) == welcomeUsers {
@@ -514,23 +607,30 @@ func (h *hub) join(c *client, want string) bool {
 			users = append(users, user{other.id, other.name})
 		}
 	}
-	history := make([]json.RawMessage, len(h.history))
-	for i, m := range h.history {
-		history[i] = m
+	if h.histJSON == nil {
+		h.histJSON = append(append([]byte("["), bytes.Join(h.history, []byte(","))...), ']')
 	}
-	welcome := encode(struct {
-		Type    string            `json:"type"` // "welcome"
-		You     user              `json:"you"`
-		Online  int               `json:"online"`
-		Users   []user            `json:"users"`
-		History []json.RawMessage `json:"history"`
-		Run     string            `json:"run"`
-		Time    string            `json:"time"`
-	}{"welcome", users[0], len(h.clients), users, history, h.run, stamp(now)})
-	c.send <- welcome // the queue is new and empty: this cannot block
+	history, online := h.histJSON, len(h.clients) // histJSON is replaced, never changed
+	h.mu.Unlock()
+
+	head := encode(struct {
+		Type   string `json:"type"` // "welcome"
+		You    user   `json:"you"`
+		Online int    `json:"online"`
+		Users  []user `json:"users"`
+		Run    string `json:"run"`
+		Time   string `json:"time"`
+	}{"welcome", users[0], online, users, h.run, stamp(now)})
+	// The history goes in already encoded: marshalling it as json.RawMessage
+	// would re-validate every message in it on every join.
+	welcome := make([]byte, 0, len(head)+len(history)+len(`,"history":`))
+	welcome = append(welcome, head[:len(head)-1]...) // all but the closing brace
+	welcome = append(append(append(welcome, `,"history":`...), history...), '}')
+	first := [][]byte{welcome}
 	if bad != nil {
-		h.offerLocked(c, encodeRefusal(bad))
+		first = append(first, encodeRefusal(bad))
 	}
+	c.out.putFirst(first...)
 	return true
 }
 
@@ -549,6 +649,7 @@ func (h *hub) say(c *client, text string) {
 		h.history = h.history[:historySize-1]
 	}
 	h.history = append(h.history, frame)
+	h.histJSON = nil
 	h.broadcastLocked(frame)
 }
 
@@ -610,12 +711,10 @@ func (h *hub) broadcastLocked(frame []byte) {
 	}
 }
 
-// offerLocked queues frame for c without blocking; if c's queue is full, c is
-// too slow to keep up and is dropped. The caller holds h.mu.
+// offerLocked queues frame for c without blocking; if c's outbox is full, c
+// is too slow to keep up and is dropped. The caller holds h.mu.
 func (h *hub) offerLocked(c *client, frame []byte) {
-	select {
-	case c.send <- frame:
-	default:
+	if !c.out.put(frame) {
 		h.dropLocked(c, closePolicyViolation, "too slow: outbound queue full")
 	}
 }
@@ -648,8 +747,7 @@ func (h *hub) dropLocked(c *client, code int, text string) {
 	if code != closeNormal {
 		h.log.Debug("dropping client", "client", c.id, "code", code, "reason", text)
 	}
-	c.closeCode, c.closeText = code, text
-	close(c.send)
+	c.out.close(code, text, code == closePolicyViolation)
 }
 
 // schedulePresenceLocked makes sure a presence flush is on its way. The
@@ -692,59 +790,104 @@ func (h *hub) flushPresence() {
 	h.broadcastLocked(frame)
 }
 
-// write is c's writer goroutine, the only writer of ws. It sends queued
-// frames and pings until the queue is closed, then sends a close frame with
-// the code the hub chose and gives the peer closeGrace to answer.
-func (h *hub) write(ws *websocket.Conn, c *client) {
+// write is c's writer goroutine, the only goroutine that writes frames to
+// c's connection. Each time it wakes it takes everything in the outbox and
+// sends it in one write; every pingEvery it sends a ping. Once the outbox is
+// closed it adds a close frame with the hub's code, then gives the peer
+// closeGrace to answer. If a write fails, the peer is gone or stuck: it ends
+// the reader too.
+func (h *hub) write(c *client) {
 	defer close(c.writerDone)
 	ping := time.NewTicker(h.pingEvery)
 	defer ping.Stop()
 	for {
 		var err error
+		closed := false
 		select {
-		case frame, ok := <-c.send:
-			if !ok {
-				ws.SetWriteDeadline(time.Now().Add(closeGrace))
-				writeClose(ws, c.closeCode, c.closeText)
-				c.live.closeAfter(closeGrace)
-				return
-			}
-			ws.SetWriteDeadline(time.Now().Add(writeWait))
-			_, err = ws.Write(frame)
 		case <-ping.C:
-			ws.SetWriteDeadline(time.Now().Add(writeWait))
-			err = rawCodec(websocket.PingFrame).Send(ws, []byte(nil))
+			c.conn.SetWriteDeadline(time.Now().Add(writeWait))
+			_, err = c.conn.Write(appendFrame(nil, websocket.PingFrame, nil))
+		case <-c.out.wake:
+			closed, err = c.writeBatch()
 		}
-		if err != nil {
-			// The peer is gone or stuck: end the reader too, then wait for
-			// the hub to close the queue so it is not closed twice.
+		switch {
+		case err != nil:
 			c.live.closeAfter(0)
-			for range c.send {
-			}
+			return
+		case closed:
+			c.live.closeAfter(closeGrace)
 			return
 		}
 	}
 }
 
-// frameCodec receives one frame's payload as bytes, text or binary alike.
-var frameCodec = websocket.Codec{Unmarshal: func(data []byte, _ byte, v any) error {
-	*v.(*[]byte) = data
+// writeBatch writes every frame in c's outbox in one write, followed by a
+// close frame if the outbox is closed.
+func (c *client) writeBatch() (closed bool, err error) {
+	frames, closed, code, reason := c.out.take()
+	bp := batchPool.Get().(*[]byte)
+	buf := (*bp)[:0]
+	for _, f := range frames {
+		buf = appendFrame(buf, websocket.TextFrame, f)
+	}
+	c.out.done(frames)
+	wait := writeWait
+	if closed {
+		buf, wait = appendClose(buf, code, reason), closeGrace
+	}
+	if len(buf) > 0 {
+		c.conn.SetWriteDeadline(time.Now().Add(wait))
+		_, err = c.conn.Write(buf)
+	}
+	if cap(buf) <= maxPooledBatch {
+		*bp = buf
+		batchPool.Put(bp)
+	}
+	return closed, err
+}
+
+// maxPooledBatch is the largest batch buffer, in bytes, kept for reuse; a
+// larger one (a long backlog of long messages) is left to the collector.
+const maxPooledBatch = 64 << 10
+
+// batchPool holds the writers' batch buffers, so that an idle client holds none.
+var batchPool = sync.Pool{New: func() any { return new([]byte) }}
+
+// appendFrame appends one server frame (RFC 6455, section 5.2): final, not
+// masked, with the shortest length encoding.
+func appendFrame(b []byte, opcode byte, payload []byte) []byte {
+	b = append(b, 0x80|opcode)
+	switch n := len(payload); {
+	case n < 126:
+		b = append(b, byte(n))
+	case n < 1<<16:
+		b = binary.BigEndian.AppendUint16(append(b, 126), uint16(n))
+	default:
+		b = binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
+	}
+	return append(b, payload...)
+}
+
+// appendClose appends a close frame with a status code and reason (RFC 6455,
+// section 5.5.1). The reason must fit the 123 bytes a control frame allows.
+func appendClose(b []byte, code int, reason string) []byte {
+	payload := binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(reason)), uint16(code))
+	return appendFrame(b, websocket.CloseFrame, append(payload, reason...))
+}
+
+// rawFrame is one received frame: its opcode and payload. A fragmented
+// message arrives as one rawFrame per fragment, continuations carrying the
+// first fragment's opcode (x/net does not reassemble them).
+type rawFrame struct {
+	opcode byte
+	data   []byte
+}
+
+// frameCodec receives one frame as a rawFrame.
+var frameCodec = websocket.Codec{Unmarshal: func(data []byte, opcode byte, v any) error {
+	*v.(*rawFrame) = rawFrame{opcode, data}
 	return nil
 }}
-
-// rawCodec writes its []byte argument as one frame of the given opcode,
-// holding the connection's write lock like every other write.
-func rawCodec(opcode byte) websocket.Codec {
-	return websocket.Codec{Marshal: func(v any) ([]byte, byte, error) {
-		return v.([]byte), opcode, nil
-	}}
-}
-
-// writeClose sends a close frame with code and reason (RFC 6455, 5.5.1).
-func writeClose(ws *websocket.Conn, code int, reason string) error {
-	payload := binary.BigEndian.AppendUint16(nil, uint16(code))
-	return rawCodec(websocket.CloseFrame).Send(ws, append(payload, reason...))
-}
 
 // shutdown closes every client with 1001 and refuses new ones.
 func (h *hub) shutdown() {

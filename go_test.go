@@ -26,6 +26,7 @@ import (
 	"net/http/httptrace"
 	"os"
 	"os/exec"
+	"os/signal"
 	"regexp"
 	"runtime"
 	"slices"
@@ -45,11 +46,27 @@ import (
 // wait bounds every wait for something to arrive in these tests.
 const wait = 5 * time.Second
 
+// TestMain lets a test run pollfree in a process of its own: started with
+// POLLFREE_SERVE set to its arguments, the test binary is the server, until
+// SIGTERM. Load tests use it so that the server's CPU and memory are its own.
+func TestMain(m *testing.M) {
+	if args := os.Getenv("POLLFREE_SERVE"); args != "" {
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+		defer stop()
+		if err := run(ctx, strings.Fields(args), os.Getenv, os.Stdout, os.Stderr); err != nil {
+			fmt.Fprintln(os.Stderr, "pollfree:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	os.Exit(m.Run())
+}
+
 // ------------------------------------------------------------- helpers --
 
 // newTestServer runs pollfree's handler under httptest. edit may change the
 // config or the hub's timings before any client connects.
-func newTestServer(t *testing.T, edit ...func(*config, *server)) (*server, *httptest.Server) {
+func newTestServer(t testing.TB, edit ...func(*config, *server)) (*server, *httptest.Server) {
 	t.Helper()
 	cfg := config{maxClients: defaultMaxClients}
 	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -101,13 +118,14 @@ type frame struct {
 	Code        string    `json:"code"`
 	Error       string    `json:"error"`
 	raw         []byte
+	at          time.Time // when the test client received it
 }
 
 // chatClient is a test's WebSocket client, an x/net/websocket.Conn with a
 // reader goroutine that decodes every frame onto a channel (reading all the
 // time also answers the server's pings).
 type chatClient struct {
-	t      *testing.T
+	t      testing.TB
 	ws     *websocket.Conn
 	frames chan frame
 	me     user
@@ -115,7 +133,7 @@ type chatClient struct {
 
 // dial connects to the chat with the given query ("" or "?name=...") and
 // returns the client with its welcome read.
-func dial(t *testing.T, ts *httptest.Server, query string) (*chatClient, frame) {
+func dial(t testing.TB, ts *httptest.Server, query string) (*chatClient, frame) {
 	t.Helper()
 	ws, err := websocket.Dial(wsURL(ts)+query, "", ts.URL)
 	if err != nil {
@@ -134,7 +152,7 @@ func dial(t *testing.T, ts *httptest.Server, query string) (*chatClient, frame) 
 				t.Errorf("server sent a frame that is not JSON: %q", raw)
 				return
 			}
-			f.raw = raw
+			f.raw, f.at = raw, time.Now()
 			c.frames <- f
 		}
 	}()
@@ -696,22 +714,24 @@ func TestPresenceIsCoalesced(t *testing.T) {
 // the hub directly, flushing by hand, so the window is exactly the test's.
 func TestJoinAndLeaveInOneWindowAppearInNeither(t *testing.T) {
 	h := newHub(slog.New(slog.DiscardHandler), 10, nil)
-	newClient := func(id string) *client {
-		return &client{id: id, send: make(chan []byte, sendQueueFrames)}
-	}
 	watcher := newClient("w")
 	h.join(watcher, "watcher")
 	h.flushPresence()
-	<-watcher.send // welcome
-	<-watcher.send // its own join
+	if frames, _, _, _ := watcher.out.take(); len(frames) != 2 {
+		t.Fatalf("watcher has %d frames, want its welcome and its own join", len(frames))
+	}
 
 	brief, stays := newClient("b"), newClient("s")
 	h.join(brief, "brief")
 	h.join(stays, "stays")
 	h.drop(brief, closeNormal, "")
 	h.flushPresence()
+	frames, _, _, _ := watcher.out.take()
+	if len(frames) != 1 {
+		t.Fatalf("watcher has %d frames after the window, want 1", len(frames))
+	}
 	var f frame
-	f.raw = <-watcher.send
+	f.raw = frames[0]
 	json.Unmarshal(f.raw, &f)
 	if f.Type != "presence" || f.JoinedCount != 1 || f.LeftCount != 0 || len(f.Joined) != 1 || f.Joined[0].ID != "s" {
 		t.Errorf("presence = %s, want only s joined", f.raw)
@@ -2044,4 +2064,346 @@ func BenchmarkStaticBinary(b *testing.B) {
 	b.ReportMetric(float64(fi.Size())/1e6, "MB-binary")
 	b.ReportMetric(total.Seconds()*1000/float64(b.N), "ms-to-ready")
 	b.ReportMetric(0, "ns/op")
+}
+
+// ------------------------------------------------------ hostile clients --
+
+// frameBytes builds one client frame by hand: fin, rsv bits, opcode, masked
+// or not, with a length field that may claim more than the payload.
+func frameBytes(fin bool, rsv, opcode byte, masked bool, claim uint64, payload []byte) []byte {
+	b0 := rsv<<4 | opcode
+	if fin {
+		b0 |= 0x80
+	}
+	out := []byte{b0}
+	var maskBit byte
+	if masked {
+		maskBit = 0x80
+	}
+	switch {
+	case claim < 126:
+		out = append(out, maskBit|byte(claim))
+	case claim < 1<<16:
+		out = binary.BigEndian.AppendUint16(append(out, maskBit|126), uint16(claim))
+	default:
+		out = binary.BigEndian.AppendUint64(append(out, maskBit|127), claim)
+	}
+	if !masked {
+		return append(out, payload...)
+	}
+	key := []byte{9, 8, 7, 6}
+	out = append(out, key...)
+	for i, c := range payload {
+		out = append(out, c^key[i%4])
+	}
+	return out
+}
+
+func text(fin bool, s string) []byte {
+	return frameBytes(fin, 0, websocket.TextFrame, true, uint64(len(s)), []byte(s))
+}
+
+// Frame-level abuse over a raw connection: each gets a close or an error
+// frame, never a crash, a hang, or a message relayed to others.
+func TestFrameAbuse(t *testing.T) {
+	_, ts := newTestServer(t)
+	watcher, _ := dial(t, ts, "")
+	msg := `{"type":"message","text":"sneaky"}`
+	for _, tc := range []struct {
+		name  string
+		send  []byte
+		close int    // the close code wanted, or 0 for an error frame
+		code  string // the error code wanted, when close is 0
+	}{
+		{"fragmented text (not reassembled)", append(text(false, msg[:10]), frameBytes(true, 0, websocket.ContinuationFrame, true, uint64(len(msg)-10), []byte(msg[10:]))...), 0, errBadJSON},
+		{"length claims 2^63-1 bytes", frameBytes(true, 0, websocket.TextFrame, true, 1<<63-1, []byte(msg)), closeTooBig, ""},
+		// The top bit of a 64-bit length must be 0; x/net drops it, so this frame
+		// claims 0 bytes and what follows is read as an (unmasked) frame.
+		{"length with the top bit set", frameBytes(true, 0, websocket.TextFrame, true, 1<<63, []byte(msg)), closeProtocolError, ""},
+		{"reserved data opcode 3", frameBytes(true, 0, 3, true, uint64(len(msg)), []byte(msg)), closeProtocolError, ""},
+		{"reserved control opcode 11", frameBytes(true, 0, 11, true, uint64(len(msg)), []byte(msg)), closeProtocolError, ""},
+		{"binary frame", frameBytes(true, 0, websocket.BinaryFrame, true, uint64(len(msg)), []byte(msg)), closeUnsupported, ""},
+		{"unmasked client frame", frameBytes(true, 0, websocket.TextFrame, false, uint64(len(msg)), []byte(msg)), closeProtocolError, ""},
+		{"close frame mid-message", append(text(false, msg[:10]), frameBytes(true, 0, websocket.CloseFrame, true, 2, []byte{3, 232})...), closeNormal, ""},
+		{"second handshake on the connection", []byte("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n"), closeProtocolError, ""},
+		{"bytes after the close", append(frameBytes(true, 0, websocket.CloseFrame, true, 2, []byte{3, 232}), text(true, msg)...), closeNormal, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			raw, _ := dialRaw(t, ts, "")
+			raw.readText(t) // welcome
+			if _, err := raw.Write(tc.send); err != nil {
+				t.Fatal(err)
+			}
+			if tc.close == 0 {
+				if f := raw.readText(t); f.Type != "error" || f.Code != tc.code {
+					t.Errorf("got %s, want a %s error frame", f.raw, tc.code)
+				}
+				return
+			}
+			if code, _ := raw.readClose(t); code != tc.close {
+				t.Errorf("closed with %d, want %d", code, tc.close)
+			}
+		})
+	}
+	// Two violations x/net lets through and does not report: RSV bits, and
+	// a ping over 125 bytes (answered with a pong of the first 125). The frame
+	// is handled like any other; what goes out is the server's own encoding.
+	for _, tc := range []struct {
+		name string
+		send []byte
+	}{
+		{"RSV1 set on a text frame", frameBytes(true, 4, websocket.TextFrame, true, 2, []byte("{}"))},
+		{"ping with a 126-byte payload", frameBytes(true, 0, websocket.PingFrame, true, 126, bytes.Repeat([]byte("p"), 126))},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			raw, _ := dialRaw(t, ts, "")
+			raw.readText(t) // welcome
+			raw.Write(tc.send)
+			raw.writeFrame(websocket.TextFrame, []byte(`{"type":"ping"}`))
+			for raw.readText(t).Type != "pong" {
+			}
+		})
+	}
+
+	// Nothing reached the watcher but presence, and it still chats.
+	watcher.say("after the abuse")
+	for {
+		f := watcher.next()
+		if f.Type == "message" {
+			if f.Text != "after the abuse" {
+				t.Fatalf("watcher got %q relayed from an abusive frame", f.Text)
+			}
+			break
+		}
+	}
+}
+
+// attack runs a mix of hostile clients against ts for d: a flooder, a client
+// renaming in a loop, connections opened and closed in a loop, and a storm of
+// clients that connect at once, stay a second and leave. Meanwhile ten
+// ordinary speakers each say something every 250 ms, within the rate limit.
+// It fails tb if any speaker misses a speaker's message or sees one out of
+// seq order, and returns how long each speaker's own messages took to come
+// back to it, and the most presence frames one storm client received.
+func attack(tb testing.TB, ts *httptest.Server, d time.Duration, storm int) (latencies []time.Duration, presence int) {
+	const speakers, every = 10, 250 * time.Millisecond
+	cs := make([]*chatClient, speakers)
+	for i := range cs {
+		cs[i], _ = dial(tb, ts, "")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	cfg := func() *websocket.Config {
+		cfg, _ := websocket.NewConfig(wsURL(ts), ts.URL)
+		return cfg
+	}
+	var attackers sync.WaitGroup
+	attackers.Go(func() { // flooder: sends as fast as it can; reconnects when closed
+		for ctx.Err() == nil {
+			if ws, err := websocket.DialConfig(cfg()); err == nil {
+				go io.Copy(io.Discard, ws)
+				for ctx.Err() == nil && websocket.Message.Send(ws, `{"type":"message","text":"flood"}`) == nil {
+				}
+				ws.Close()
+			}
+		}
+	})
+	attackers.Go(func() { // renamer
+		for ctx.Err() == nil {
+			if ws, err := websocket.DialConfig(cfg()); err == nil {
+				go io.Copy(io.Discard, ws)
+				for i := 0; ctx.Err() == nil && websocket.Message.Send(ws, `{"type":"rename","name":"r`+strconv.Itoa(i)+`"}`) == nil; i++ {
+				}
+				ws.Close()
+			}
+		}
+	})
+	attackers.Go(func() { // churn: a thousand connections opened and closed
+		for i := 0; i < 1000 && ctx.Err() == nil; i++ {
+			if ws, err := websocket.DialConfig(cfg()); err == nil {
+				ws.Close()
+			}
+		}
+	})
+	var mostPresence atomic.Int64
+	for range storm { // the storm: all at once; each stays a second, counting presence frames
+		attackers.Go(func() {
+			ws, err := websocket.DialConfig(cfg())
+			if err != nil {
+				tb.Errorf("storm: %v", err)
+				return
+			}
+			defer ws.Close()
+			ws.SetReadDeadline(time.Now().Add(time.Second))
+			n := int64(0)
+			for {
+				var f frame
+				if websocket.JSON.Receive(ws, &f) != nil {
+					break
+				}
+				if f.Type == "presence" {
+					n++
+				}
+			}
+			for old := mostPresence.Load(); n > old && !mostPresence.CompareAndSwap(old, n); old = mostPresence.Load() {
+			}
+		})
+	}
+
+	var sentAt sync.Map // text -> time.Time
+	var sent atomic.Int64
+	var talking sync.WaitGroup
+	for i, c := range cs {
+		talking.Go(func() {
+			tick := time.NewTicker(every)
+			defer tick.Stop()
+			for n := 0; ctx.Err() == nil; n++ {
+				text := fmt.Sprintf("speaker %d #%d", i, n)
+				sentAt.Store(text, time.Now())
+				if err := websocket.JSON.Send(c.ws, map[string]string{"type": "message", "text": text}); err != nil {
+					tb.Errorf("speaker %d: %v", i, err)
+					return
+				}
+				sent.Add(1)
+				select {
+				case <-tick.C:
+				case <-ctx.Done():
+				}
+			}
+		})
+	}
+	talking.Wait()
+	attackers.Wait()
+
+	for i, c := range cs {
+		own := fmt.Sprintf("speaker %d #", i)
+		var last int64
+		for seen := int64(0); seen < sent.Load(); {
+			f := c.next()
+			if f.Type == "error" {
+				tb.Fatalf("speaker %d: a message was refused: %s", i, f.raw)
+			}
+			if f.Type != "message" || !strings.HasPrefix(f.Text, "speaker ") {
+				continue // an attacker's message that got through the rate limit
+			}
+			if f.Seq <= last {
+				tb.Fatalf("speaker %d: seq %d after %d", i, f.Seq, last)
+			}
+			last = f.Seq
+			seen++
+			if strings.HasPrefix(f.Text, own) {
+				t0, _ := sentAt.Load(f.Text)
+				latencies = append(latencies, f.at.Sub(t0.(time.Time)))
+			}
+		}
+	}
+	return latencies, int(mostPresence.Load())
+}
+
+func TestHostileClientsDoNotHurtOthers(t *testing.T) {
+	_, ts := newTestServer(t)
+	storm := 1000 // the race detector allows 8128 goroutines; the benchmark storms with 5000
+	lat, presence := attack(t, ts, 3*time.Second, storm)
+	if len(lat) < 100 {
+		t.Errorf("only %d deliveries measured", len(lat))
+	}
+	// A second in the room during a storm of 1000 joins is 4 presence windows.
+	if presence > 6 {
+		t.Errorf("a storm client got %d presence frames in its second, want a few", presence)
+	}
+}
+
+// BenchmarkDeliveryUnderAttack reports ordinary clients' delivery times
+// while hostile clients flood, rename, churn and storm (5000 at once) for 10 s.
+//
+//	go test -run '^$' -bench DeliveryUnderAttack -benchtime 1x
+func BenchmarkDeliveryUnderAttack(b *testing.B) {
+	raiseFileLimit(b)
+	for b.Loop() {
+		ts, proc := serverProcess(b)
+		cpu0 := procCPU(b, proc.Pid)
+		lat, presence := attack(b, ts, 10*time.Second, 5000)
+		b.ReportMetric((procCPU(b, proc.Pid) - cpu0).Seconds(), "server-cpu-s")
+		slices.Sort(lat)
+		b.ReportMetric(float64(presence), "presence-frames-max")
+		b.ReportMetric(ms(lat[len(lat)/2]), "ms-p50")
+		b.ReportMetric(ms(lat[len(lat)*99/100]), "ms-p99")
+		b.ReportMetric(float64(len(lat)), "deliveries")
+	}
+	b.ReportMetric(0, "ns/op")
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// procCPU returns the CPU time (user and system) process pid has used, from
+// /proc/PID/stat.
+func procCPU(tb testing.TB, pid int) time.Duration {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		tb.Skipf("no /proc here: %v", err)
+	}
+	// Fields after the command name (which may hold spaces, inside parentheses):
+	// state is field 3, utime 14, stime 15, in clock ticks of 1/100 s.
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(utime+stime) * 10 * time.Millisecond
+}
+
+// procRSS returns the resident memory of process pid, from /proc/PID/status.
+func procRSS(tb testing.TB, pid int) uint64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		tb.Skipf("no /proc here: %v", err)
+	}
+	for line := range strings.Lines(string(b)) {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, _ := strconv.ParseUint(strings.Fields(rest)[0], 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+// serverProcess starts pollfree in a process of its own (see TestMain) and
+// returns an httptest.Server value that points at it, for the helpers, and
+// the process, for /proc/PID figures. It is stopped at the end of the test.
+func serverProcess(tb testing.TB, args ...string) (*httptest.Server, *os.Process) {
+	tb.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cmd := exec.Command(exe)
+	cmd.Env = append(os.Environ(), "POLLFREE_SERVE="+strings.Join(append([]string{"-addr", "127.0.0.1:0"}, args...), " "))
+	logs, err := cmd.StderrPipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		if err := cmd.Wait(); err != nil {
+			tb.Errorf("server process: %v", err)
+		}
+	})
+	select {
+	case url := <-scanURL(logs):
+		return &httptest.Server{URL: url, Listener: dummyListener(strings.TrimPrefix(url, "http://"))}, cmd.Process
+	case <-time.After(wait):
+		tb.Fatal("server process logged no URL")
+	}
+	return nil, nil
+}
+
+// raiseFileLimit lifts the open-file limit to its hard maximum, for tests
+// and benchmarks holding thousands of connections.
+func raiseFileLimit(tb testing.TB) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err == nil && lim.Cur < lim.Max {
+		lim.Cur = lim.Max
+		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+	}
 }
