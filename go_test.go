@@ -277,9 +277,13 @@ func (c *rawConn) writeFrame(opcode byte, payload []byte) error {
 	return err
 }
 
-// readFrame reads one unmasked server frame.
+// readFrame reads one unmasked server frame, within wait.
 func (c *rawConn) readFrame() (opcode byte, payload []byte, err error) {
 	c.SetReadDeadline(time.Now().Add(wait))
+	return c.readFrameNoDeadline()
+}
+
+func (c *rawConn) readFrameNoDeadline() (opcode byte, payload []byte, err error) {
 	var h [2]byte
 	if _, err := io.ReadFull(c.br, h[:]); err != nil {
 		return 0, nil, err
@@ -301,6 +305,13 @@ func (c *rawConn) readFrame() (opcode byte, payload []byte, err error) {
 	payload = make([]byte, n)
 	_, err = io.ReadFull(c.br, payload)
 	return h[0] & 0x0f, payload, err
+}
+
+// readFrameWithin is readFrame with a longer deadline than wait.
+func (c *rawConn) readFrameWithin(d time.Duration) (byte, []byte, error) {
+	c.SetReadDeadline(time.Now().Add(d))
+	defer c.SetReadDeadline(time.Time{})
+	return c.readFrameNoDeadline()
 }
 
 // readClose reads frames until a close frame and returns its status code;
@@ -2321,7 +2332,7 @@ func TestHostileClientsDoNotHurtOthers(t *testing.T) {
 func BenchmarkDeliveryUnderAttack(b *testing.B) {
 	raiseFileLimit(b)
 	for b.Loop() {
-		ts, proc := serverProcess(b)
+		ts, proc, _ := serverProcess(b)
 		cpu0 := procCPU(b, proc.Pid)
 		lat, presence := attack(b, ts, 10*time.Second, 5000)
 		b.ReportMetric((procCPU(b, proc.Pid) - cpu0).Seconds(), "server-cpu-s")
@@ -2368,8 +2379,9 @@ func procRSS(tb testing.TB, pid int) uint64 {
 
 // serverProcess starts pollfree in a process of its own (see TestMain) and
 // returns an httptest.Server value that points at it, for the helpers, and
-// the process, for /proc/PID figures. It is stopped at the end of the test.
-func serverProcess(tb testing.TB, args ...string) (*httptest.Server, *os.Process) {
+// the process, for /proc/PID figures. stop sends SIGTERM and waits for the
+// exit; the test's cleanup calls it too, and fails the test on a bad exit.
+func serverProcess(tb testing.TB, args ...string) (ts *httptest.Server, proc *os.Process, stop func() error) {
 	tb.Helper()
 	exe, err := os.Executable()
 	if err != nil {
@@ -2384,19 +2396,27 @@ func serverProcess(tb testing.TB, args ...string) (*httptest.Server, *os.Process
 	if err := cmd.Start(); err != nil {
 		tb.Fatal(err)
 	}
+	var once sync.Once
+	var exit error
+	stop = func() error {
+		once.Do(func() {
+			cmd.Process.Signal(syscall.SIGTERM)
+			exit = cmd.Wait()
+		})
+		return exit
+	}
 	tb.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		if err := cmd.Wait(); err != nil {
+		if err := stop(); err != nil {
 			tb.Errorf("server process: %v", err)
 		}
 	})
 	select {
 	case url := <-scanURL(logs):
-		return &httptest.Server{URL: url, Listener: dummyListener(strings.TrimPrefix(url, "http://"))}, cmd.Process
+		return &httptest.Server{URL: url, Listener: dummyListener(strings.TrimPrefix(url, "http://"))}, cmd.Process, stop
 	case <-time.After(wait):
 		tb.Fatal("server process logged no URL")
 	}
-	return nil, nil
+	return nil, nil, nil
 }
 
 // raiseFileLimit lifts the open-file limit to its hard maximum, for tests
@@ -2407,4 +2427,210 @@ func raiseFileLimit(tb testing.TB) {
 		lim.Cur = lim.Max
 		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
 	}
+}
+
+// Request headers that trickle in, a line at a time, are cut off by
+// ReadHeaderTimeout however long the trickle lasts.
+func TestSlowHeadersAreCut(t *testing.T) {
+	t.Parallel()
+	url, _, _ := startRun(t)
+	conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	start := time.Now()
+	go func() { // one more header line every half second, until the server hangs up
+		io.WriteString(conn, "GET / HTTP/1.1\r\nHost: x\r\n")
+		for conn.SetWriteDeadline(time.Now().Add(wait)) == nil {
+			if _, err := io.WriteString(conn, "X-Slow: 1\r\n"); err != nil {
+				return
+			}
+			time.Sleep(500 * time.Millisecond) // the attack's pace, not a synchronisation
+		}
+	}()
+	conn.SetReadDeadline(time.Now().Add(readHeaderTimeout + wait))
+	io.Copy(io.Discard, conn) // returns when the server closes the connection
+	if d := time.Since(start); d < readHeaderTimeout-time.Second || d > readHeaderTimeout+2*time.Second {
+		t.Errorf("slow headers cut after %v, want about %v", d.Round(time.Millisecond), readHeaderTimeout)
+	}
+}
+
+// SIGTERM with 1000 chat clients, 1000 event streams and messages in flight:
+// every chat client gets close 1001, every stream ends, and the process
+// exits with status 0 within shutdownTimeout.
+func TestSIGTERMUnderLoad(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("no SIGTERM")
+	}
+	raiseFileLimit(t)
+	ts, _, stop := serverProcess(t)
+	const chats, streams = 1000, 1000
+
+	codes := make(chan int, chats)
+	for range chats {
+		raw, status := dialRaw(t, ts, "")
+		if status != 101 {
+			t.Fatalf("handshake = %d", status)
+		}
+		go func() { // read until the close frame, answer it as a browser would
+			for {
+				op, p, err := raw.readFrameWithin(2 * shutdownTimeout)
+				if err != nil {
+					codes <- 0
+					return
+				}
+				if op == websocket.CloseFrame && len(p) >= 2 {
+					raw.writeFrame(websocket.CloseFrame, p[:2])
+					codes <- int(binary.BigEndian.Uint16(p))
+					return
+				}
+			}
+		}()
+	}
+	ended := make(chan error, streams)
+	for range streams {
+		conn, err := net.Dial("tcp", ts.Listener.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+		go func() {
+			conn.SetReadDeadline(time.Now().Add(4 * shutdownTimeout))
+			_, err := io.Copy(io.Discard, conn)
+			ended <- err
+		}()
+	}
+	talkers := make([]*chatClient, 5)
+	for i := range talkers {
+		talkers[i], _ = dial(t, ts, "")
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	for _, c := range talkers { // messages in flight while the server stops
+		go func() {
+			for i := 0; ctx.Err() == nil && websocket.JSON.Send(c.ws, map[string]string{"type": "message", "text": strconv.Itoa(i)}) == nil; i++ {
+				time.Sleep(200 * time.Millisecond) // within the rate limit
+			}
+		}()
+	}
+	talkers[0].await("message") // traffic is flowing
+
+	start := time.Now()
+	if err := stop(); err != nil {
+		t.Errorf("exit after SIGTERM: %v, want status 0", err)
+	}
+	if d := time.Since(start); d > shutdownTimeout {
+		t.Errorf("exit took %v, want under %v", d, shutdownTimeout)
+	}
+	for range chats {
+		if code := <-codes; code != closeGoingAway {
+			t.Fatalf("a chat client got close %d, want %d", code, closeGoingAway)
+		}
+	}
+	for range streams {
+		if err := <-ended; err != nil {
+			t.Fatalf("an event stream did not end cleanly: %v", err)
+		}
+	}
+}
+
+var soak = flag.Duration("soak", 0, "run TestSoak for this long (e.g. -soak 10m)")
+
+// TestSoak churns a few hundred clients for -soak: joining, chatting,
+// leaving, and watching the stats. Afterwards the server's goroutines return
+// to what they were after a short warm-up of the same churn; its memory
+// figures are logged.
+//
+//	go test -run Soak -soak 10m -v
+func TestSoak(t *testing.T) {
+	if *soak == 0 {
+		t.Skip("runs only with -soak DURATION")
+	}
+	raiseFileLimit(t)
+	ts, proc, _ := serverProcess(t)
+
+	churn(t, ts, 2*time.Second) // warm-up: the baseline includes what the churn leaves behind by design
+	base, baseRSS := settled(t, ts, 0), procRSS(t, proc.Pid)
+	sent, received := churn(t, ts, *soak)
+	peakRSS := procRSS(t, proc.Pid)
+	after := settled(t, ts, base.Process.Goroutines)
+	t.Logf("soak %v: %d messages sent, %d came back; goroutines %d -> %d; heap %d KB -> %d KB; RSS %d KB, %d KB at the end, %d KB after",
+		*soak, sent, received, base.Process.Goroutines, after.Process.Goroutines,
+		base.Process.HeapBytes>>10, after.Process.HeapBytes>>10, baseRSS>>10, peakRSS>>10, procRSS(t, proc.Pid)>>10)
+	if sent != received {
+		t.Errorf("%d messages sent, %d came back", sent, received)
+	}
+}
+
+// settled polls /stats until no client is connected (but the poller) and, if
+// goroutines > 0, the server runs at most that many goroutines.
+func settled(t *testing.T, ts *httptest.Server, goroutines int) snapshot {
+	t.Helper()
+	// Closing connections take up to closeGrace, and a snapshot is up to a tick old.
+	deadline := time.Now().Add(6 * wait)
+	for {
+		s := getStats(t, ts.URL)
+		if s.Clients.Chat == 0 && s.Clients.SSE <= 1 && (goroutines == 0 || s.Process.Goroutines <= goroutines) {
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server not back to idle: %d chat, %d sse, %d goroutines (want at most %d)",
+				s.Clients.Chat, s.Clients.SSE, s.Process.Goroutines, goroutines)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// churn runs 300 clients for d: nine in ten join, say something, wait for it
+// to come back and leave, again and again; one in ten opens the event stream,
+// reads an event and closes it. It returns the messages sent and received.
+func churn(t *testing.T, ts *httptest.Server, d time.Duration) (sent, received int64) {
+	ctx, cancel := context.WithTimeout(t.Context(), d)
+	defer cancel()
+	const workers = 300
+	var nSent, nReceived atomic.Int64
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for n := 0; ctx.Err() == nil; n++ {
+				if w%10 == 0 {
+					req, _ := http.NewRequestWithContext(ctx, "GET", ts.URL+"/events", nil)
+					if resp, err := http.DefaultClient.Do(req); err == nil {
+						br := bufio.NewReader(resp.Body)
+						for range 3 {
+							br.ReadString('\n')
+						}
+						resp.Body.Close()
+					}
+					continue
+				}
+				ws, err := websocket.Dial(wsURL(ts), "", ts.URL)
+				if err != nil {
+					continue
+				}
+				text := fmt.Sprintf("w%d-%d", w, n)
+				if websocket.JSON.Send(ws, map[string]string{"type": "message", "text": text}) == nil {
+					nSent.Add(1)
+					ws.SetReadDeadline(time.Now().Add(wait))
+					for {
+						var f frame
+						if websocket.JSON.Receive(ws, &f) != nil {
+							t.Errorf("worker %d: its own message did not come back", w)
+							break
+						}
+						if f.Type == "message" && f.Text == text {
+							nReceived.Add(1)
+							break
+						}
+					}
+				}
+				ws.Close()
+			}
+		})
+	}
+	wg.Wait()
+	http.DefaultClient.CloseIdleConnections()
+	return nSent.Load(), nReceived.Load()
 }
