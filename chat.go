@@ -91,6 +91,15 @@ const (
 	// closeGrace is how long, after sending a close frame, the server reads
 	// (and discards) while waiting for the peer's close frame.
 	closeGrace = 2 * time.Second
+	// connReadBufferBytes and connWriteBufferBytes size the buffers x/net
+	// reads frames through and writes its handshake and pongs through. Small
+	// on purpose: a payload longer than the read buffer bypasses it, and the
+	// writer sends its batches past the write buffer. net/http's 4 KiB pair
+	// would be most of an idle connection's memory. The write buffer must
+	// hold a whole control frame (127 bytes), so that each pong x/net writes
+	// goes out in one conn.Write and cannot interleave with a batch.
+	connReadBufferBytes  = 512
+	connWriteBufferBytes = 256
 	// rateBurst and ratePerSecond limit frames from one client: a burst of
 	// rateBurst, refilled at ratePerSecond. Frames over it are refused.
 	rateBurst     = 10
@@ -335,8 +344,8 @@ func (o *outbox) done(frames [][]byte) {
 	o.mu.Unlock()
 }
 
-// hijacker hands x/net/websocket the hijacked connection with its reader
-// replaced by a liveReader, and records the connection in the client.
+// hijacker hands x/net/websocket the hijacked connection with small buffers,
+// reading through a liveReader, and records the connection in the client.
 type hijacker struct {
 	http.ResponseWriter
 	c    *client
@@ -355,9 +364,8 @@ func (hj hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		early, _ := brw.Reader.Peek(n)
 		r = io.MultiReader(bytes.NewReader(bytes.Clone(early)), r)
 	}
-	brw.Reader.Reset(r)
 	conn.SetReadDeadline(time.Now().Add(hj.idle))
-	return conn, brw, nil
+	return conn, bufio.NewReadWriter(bufio.NewReaderSize(r, connReadBufferBytes), bufio.NewWriterSize(conn, connWriteBufferBytes)), nil
 }
 
 // liveReader reads from the connection and pushes its read deadline forward

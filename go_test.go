@@ -50,6 +50,13 @@ const wait = 5 * time.Second
 // POLLFREE_SERVE set to its arguments, the test binary is the server, until
 // SIGTERM. Load tests use it so that the server's CPU and memory are its own.
 func TestMain(m *testing.M) {
+	if n, _ := strconv.Atoi(os.Getenv("POLLFREE_FLOOR")); n > 0 { // see BenchmarkFloorWrite
+		if err := serveFloor(n); err != nil {
+			fmt.Fprintln(os.Stderr, "floor:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if args := os.Getenv("POLLFREE_SERVE"); args != "" {
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 		defer stop()
@@ -222,12 +229,12 @@ type rawConn struct {
 
 // dialRaw opens a TCP connection and sends a WebSocket handshake with the
 // given extra header lines; it returns the response's status code.
-func dialRaw(t *testing.T, ts *httptest.Server, query string, header ...string) (*rawConn, int) {
+func dialRaw(t testing.TB, ts *httptest.Server, query string, header ...string) (*rawConn, int) {
 	t.Helper()
 	return dialRawWith(t, &net.Dialer{}, ts, query, header...)
 }
 
-func dialRawWith(t *testing.T, d *net.Dialer, ts *httptest.Server, query string, header ...string) (*rawConn, int) {
+func dialRawWith(t testing.TB, d *net.Dialer, ts *httptest.Server, query string, header ...string) (*rawConn, int) {
 	t.Helper()
 	conn, err := d.Dial("tcp", ts.Listener.Addr().String())
 	if err != nil {
@@ -1810,7 +1817,7 @@ func startProcess(t *testing.T, cmd *exec.Cmd) string {
 }
 
 // getStats fetches /stats from url.
-func getStats(t *testing.T, url string) snapshot {
+func getStats(t testing.TB, url string) snapshot {
 	t.Helper()
 	resp, err := http.Get(url + "/stats")
 	if err != nil {
@@ -2423,7 +2430,11 @@ func serverProcess(tb testing.TB, args ...string) (ts *httptest.Server, proc *os
 // and benchmarks holding thousands of connections.
 func raiseFileLimit(tb testing.TB) {
 	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err == nil && lim.Cur < lim.Max {
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return
+	}
+	want := syscall.Rlimit{Cur: 1 << 16, Max: max(lim.Max, 1<<16)}
+	if syscall.Setrlimit(syscall.RLIMIT_NOFILE, &want) != nil { // not root: as far as the hard limit goes
 		lim.Cur = lim.Max
 		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
 	}
@@ -2633,4 +2644,389 @@ func churn(t *testing.T, ts *httptest.Server, d time.Duration) (sent, received i
 	wg.Wait()
 	http.DefaultClient.CloseIdleConnections()
 	return nSent.Load(), nReceived.Load()
+}
+
+// ------------------------------------------------------------- capacity --
+
+// The capacity benchmarks run the server in a process of its own and hold
+// thousands of lean clients in this one: raw RFC 6455 over TCP, reading
+// frames without decoding JSON on the hot path. Run them with -benchtime 1x:
+//
+//	go test -run '^$' -bench 'Capacity|Floor' -benchtime 1x -timeout 30m
+
+// loadClient is one lean chat client.
+type loadClient struct {
+	conn net.Conn
+	br   *bufio.Reader
+}
+
+// dialLoad opens a chat connection and reads up to its welcome.
+func dialLoad(addr string) (*loadClient, error) {
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	key := make([]byte, 16)
+	rand.Read(key)
+	io.WriteString(conn, "GET /ws HTTP/1.1\r\nHost: "+addr+"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "+base64.StdEncoding.EncodeToString(key)+"\r\n\r\n")
+	c := &loadClient{conn, bufio.NewReaderSize(conn, 4096)}
+	conn.SetReadDeadline(time.Now().Add(4 * wait))
+	defer conn.SetReadDeadline(time.Time{})
+	resp, err := http.ReadResponse(c.br, nil)
+	if err == nil && resp.StatusCode != 101 {
+		err = fmt.Errorf("handshake: %s", resp.Status)
+	}
+	if err == nil {
+		_, _, err = (&rawConn{conn, c.br}).readFrameNoDeadline() // the welcome
+	}
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// connectAll connects n load clients, 256 at a time, and returns them and
+// how long it took.
+func connectAll(tb testing.TB, addr string, n int) ([]*loadClient, time.Duration) {
+	tb.Helper()
+	cs := make([]*loadClient, n)
+	start := time.Now()
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 256)
+	for i := range cs {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			c, err := dialLoad(addr)
+			if err != nil {
+				tb.Errorf("client %d: %v", i, err)
+				return
+			}
+			cs[i] = c
+		})
+	}
+	wg.Wait()
+	if tb.Failed() {
+		tb.FailNow()
+	}
+	tb.Cleanup(func() {
+		for _, c := range cs {
+			c.conn.Close()
+		}
+	})
+	return cs, time.Since(start)
+}
+
+// percentile returns the p-th percentile (0 to 100) of sorted durations.
+func percentile(sorted []time.Duration, p int) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	return sorted[min(len(sorted)-1, len(sorted)*p/100)]
+}
+
+// BenchmarkCapacityChat: N clients connected, one sender says 25 messages at
+// 5 a second, every client receives every message. Reports delivery
+// latency, server CPU per delivery, server RSS per connection and the time
+// N clients take to connect.
+func BenchmarkCapacityChat(b *testing.B) {
+	for _, n := range []int{1000, 5000, 10000} {
+		b.Run("clients="+strconv.Itoa(n), func(b *testing.B) {
+			raiseFileLimit(b)
+			for b.Loop() {
+				benchChat(b, n)
+			}
+			b.ReportMetric(0, "ns/op")
+		})
+	}
+}
+
+func benchChat(b *testing.B, n int) {
+	ts, proc, _ := serverProcess(b, "-max-clients", strconv.Itoa(2*n))
+	idleRSS := procRSS(b, proc.Pid)
+	cs, took := connectAll(b, ts.Listener.Addr().String(), n)
+	sender, _ := dialRaw(b, ts, "")
+	settle(b, ts, n+1)
+	heldRSS := procRSS(b, proc.Pid)
+
+	const msgs = 25
+	var sentAt [msgs]time.Time
+	got := make([][msgs]time.Time, n)
+	var wg sync.WaitGroup
+	for i, c := range cs {
+		wg.Go(func() {
+			rc := &rawConn{c.conn, c.br}
+			for seen := 0; seen < msgs; {
+				op, p, err := rc.readFrameWithin(4 * wait)
+				if err != nil {
+					b.Errorf("client %d: %v after %d messages", i, err, seen)
+					return
+				}
+				if k := benchIndex(p); op == websocket.TextFrame && k >= 0 && got[i][k].IsZero() {
+					got[i][k] = time.Now()
+					seen++
+				}
+			}
+		})
+	}
+	go io.Copy(io.Discard, sender) // the sender's own copies
+	cpu0 := procCPU(b, proc.Pid)
+	for k := range msgs {
+		sentAt[k] = time.Now()
+		sender.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"bench-`+strconv.Itoa(k)+`"}`))
+		time.Sleep(time.Second / ratePerSecond) // the pace the rate limit allows
+	}
+	wg.Wait()
+	cpu := procCPU(b, proc.Pid) - cpu0
+
+	lat := make([]time.Duration, 0, n*msgs)
+	for i := range got {
+		for k, at := range got[i] {
+			if !at.IsZero() {
+				lat = append(lat, at.Sub(sentAt[k]))
+			}
+		}
+	}
+	slices.Sort(lat)
+	b.ReportMetric(ms(percentile(lat, 50)), "ms-p50")
+	b.ReportMetric(ms(percentile(lat, 99)), "ms-p99")
+	b.ReportMetric(float64(cpu.Microseconds())/float64(len(lat)), "cpu-µs/delivery")
+	b.ReportMetric(float64(heldRSS-idleRSS)/float64(n)/1024, "KB-rss/client")
+	b.ReportMetric(took.Seconds(), "s-to-connect")
+}
+
+// benchIndex returns K from a message frame whose text is "bench-K", or -1.
+func benchIndex(p []byte) int {
+	_, rest, ok := bytes.Cut(p, []byte(`"text":"bench-`))
+	if !ok {
+		return -1
+	}
+	end := bytes.IndexByte(rest, '"')
+	k, err := strconv.Atoi(string(rest[:max(end, 0)]))
+	if err != nil {
+		return -1
+	}
+	return k
+}
+
+// settle waits until the server counts chat clients online and the last
+// presence window has closed, so that measurements start from a quiet room.
+func settle(tb testing.TB, ts *httptest.Server, chat int) {
+	tb.Helper()
+	deadline := time.Now().Add(6 * wait)
+	for getStats(tb, ts.URL).Clients.Chat < chat {
+		if time.Now().After(deadline) {
+			tb.Fatalf("fewer than %d chat clients online after %v", chat, 6*wait)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(2 * presenceEvery) // the joins' last presence frame goes out
+}
+
+// BenchmarkFloorWrite is what no server can beat: the CPU, in a process of
+// its own, of writing one frame-sized buffer to each of N loopback TCP
+// connections in a plain loop. Compare cpu-µs/write with the chat's
+// cpu-µs/delivery.
+func BenchmarkFloorWrite(b *testing.B) {
+	for _, n := range []int{1000, 5000, 10000} {
+		b.Run("conns="+strconv.Itoa(n), func(b *testing.B) {
+			raiseFileLimit(b)
+			for b.Loop() {
+				benchFloor(b, n)
+			}
+			b.ReportMetric(0, "ns/op")
+		})
+	}
+}
+
+// floorFrameBytes is about the size of a short chat message frame.
+const floorFrameBytes = 120
+
+// serveFloor is the floor process (see TestMain): it accepts n connections,
+// then for each line "M" on stdin writes a floorFrameBytes buffer to every
+// connection M times over, and answers "done".
+func serveFloor(n int) error {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "url=http://%s/\n", ln.Addr())
+	conns := make([]net.Conn, n)
+	for i := range conns {
+		if conns[i], err = ln.Accept(); err != nil {
+			return err
+		}
+	}
+	buf := bytes.Repeat([]byte("x"), floorFrameBytes)
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		m, _ := strconv.Atoi(in.Text())
+		for range m {
+			for _, c := range conns {
+				if _, err := c.Write(buf); err != nil {
+					return err
+				}
+			}
+		}
+		fmt.Println("done")
+	}
+	return nil
+}
+
+func benchFloor(b *testing.B, n int) {
+	exe, _ := os.Executable()
+	cmd := exec.Command(exe)
+	cmd.Env = append(os.Environ(), "POLLFREE_FLOOR="+strconv.Itoa(n))
+	logs, _ := cmd.StderrPipe()
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() }()
+	url := <-scanURL(logs)
+	addr := strings.TrimSuffix(strings.TrimPrefix(url, "http://"), "/")
+	for range n {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer conn.Close()
+		go io.Copy(io.Discard, conn)
+	}
+	const rounds = 25
+	out := bufio.NewReader(stdout)
+	io.WriteString(stdin, "1\n") // warm up
+	out.ReadString('\n')
+	cpu0 := procCPU(b, cmd.Process.Pid)
+	io.WriteString(stdin, strconv.Itoa(rounds)+"\n")
+	out.ReadString('\n')
+	cpu := procCPU(b, cmd.Process.Pid) - cpu0
+	b.ReportMetric(float64(cpu.Microseconds())/float64(rounds*n), "cpu-µs/write")
+}
+
+// BenchmarkCapacitySSE: N subscribers to /events for 10 s. Reports how far
+// apart the first and last subscriber receive the same tick (p99 over
+// ticks), server CPU per second, RSS per subscriber, and the time from
+// request to first event (p99 over subscribers).
+func BenchmarkCapacitySSE(b *testing.B) {
+	for _, n := range []int{1000, 5000, 10000} {
+		b.Run("subscribers="+strconv.Itoa(n), func(b *testing.B) {
+			raiseFileLimit(b)
+			for b.Loop() {
+				benchSSE(b, n)
+			}
+			b.ReportMetric(0, "ns/op")
+		})
+	}
+}
+
+func benchSSE(b *testing.B, n int) {
+	ts, proc, _ := serverProcess(b)
+	addr := ts.Listener.Addr().String()
+	idleRSS := procRSS(b, proc.Pid)
+	const seconds = 10
+	type receipt struct {
+		id string
+		at time.Time
+	}
+	got := make([][]receipt, n)
+	first := make([]time.Duration, n)
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 256)
+	start := make(chan struct{})
+	for i := range n {
+		sem <- struct{}{}
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer conn.Close()
+		wg.Go(func() {
+			t0 := time.Now()
+			io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			<-sem
+			if err != nil {
+				b.Errorf("subscriber %d: %v", i, err)
+				return
+			}
+			br := bufio.NewReader(resp.Body)
+			id, _ := readEventID(br)
+			first[i] = time.Since(t0)
+			<-start
+			for range seconds {
+				if id, err = readEventID(br); err != nil {
+					b.Errorf("subscriber %d: %v", i, err)
+					return
+				}
+				got[i] = append(got[i], receipt{id, time.Now()})
+			}
+		})
+	}
+	for range cap(sem) { // every subscriber has its first event
+		sem <- struct{}{}
+	}
+	heldRSS := procRSS(b, proc.Pid)
+	cpu0 := procCPU(b, proc.Pid)
+	t0 := time.Now()
+	close(start)
+	wg.Wait()
+	cpuPerSecond := (procCPU(b, proc.Pid) - cpu0).Seconds() / time.Since(t0).Seconds()
+
+	byID := make(map[string][2]time.Time) // earliest and latest receipt of each tick
+	for _, rs := range got {
+		for _, r := range rs {
+			span, ok := byID[r.id]
+			if !ok || r.at.Before(span[0]) {
+				span[0] = r.at
+			}
+			if !ok || r.at.After(span[1]) {
+				span[1] = r.at
+			}
+			byID[r.id] = span
+		}
+	}
+	var spreads []time.Duration
+	for _, span := range byID {
+		spreads = append(spreads, span[1].Sub(span[0]))
+	}
+	slices.Sort(spreads)
+	slices.Sort(first)
+	b.ReportMetric(ms(percentile(spreads, 99)), "ms-spread-p99")
+	b.ReportMetric(cpuPerSecond*1000, "cpu-ms/s")
+	b.ReportMetric(float64(heldRSS-idleRSS)/float64(n)/1024, "KB-rss/subscriber")
+	b.ReportMetric(ms(percentile(first, 99)), "ms-first-event-p99")
+}
+
+// readEventID reads one SSE event and returns its id.
+func readEventID(br *bufio.Reader) (string, error) {
+	id := ""
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			return "", err
+		}
+		switch {
+		case strings.HasPrefix(line, "id: "):
+			id = strings.TrimSpace(line[4:])
+		case line == "\n" && id != "":
+			return id, nil
+		}
+	}
+}
+
+// BenchmarkIdle reports the server's RSS with nobody connected and the CPU it
+// uses over 10 s with nobody connected (none: no sampler runs).
+func BenchmarkIdle(b *testing.B) {
+	for b.Loop() {
+		_, proc, _ := serverProcess(b)
+		cpu0 := procCPU(b, proc.Pid)
+		time.Sleep(10 * time.Second) // the measurement window
+		b.ReportMetric(float64((procCPU(b, proc.Pid) - cpu0).Milliseconds()), "cpu-ms/10s")
+		b.ReportMetric(float64(procRSS(b, proc.Pid))/(1<<20), "MB-rss")
+	}
+	b.ReportMetric(0, "ns/op")
 }
