@@ -79,10 +79,12 @@ const (
 	// shared by every client, so a queued frame costs one slice header; the
 	// queue grows only as needed.
 	sendQueueFrames = 256
-	// writeWait bounds one frame write to a client.
+	// writeWait bounds a write to a client: a write that has not finished
+	// writeWait/2 to writeWait after the last deadline update fails.
 	writeWait = 10 * time.Second
-	// pingEvery is how often the server pings each client. Must be well
-	// under readIdle, so that a live peer's pong arrives in time.
+	// pingEvery is how often the server pings every client (one timer for
+	// the room). Must be well under readIdle, so that a live peer's pong
+	// arrives in time.
 	pingEvery = 30 * time.Second
 	// readIdle is how long a client may send nothing at all (no frame, no
 	// pong) before it is taken for gone. With pingEvery, a vanished peer is
@@ -181,6 +183,7 @@ type hub struct {
 	left     []user
 	leftN    int
 	flushing bool // a presence flush is scheduled
+	pinging  bool // a round of pings is scheduled
 	closed   bool // shutdown has begun: no joins, no frames
 }
 
@@ -211,6 +214,7 @@ type client struct {
 
 	name       string        // guarded by hub.mu
 	out        outbox        // frames for the writer; put only while holding hub.mu
+	writeBy    time.Time     // the write deadline set last; the writer's alone
 	writerDone chan struct{} // closed when the writer goroutine exits
 }
 
@@ -278,11 +282,12 @@ type outbox struct {
 	mu     sync.Mutex // guards the fields below
 	frames [][]byte   // at most sendQueueFrames
 	spare  [][]byte   // the writer's last batch, emptied, for reuse
+	ping   bool       // a ping is due
 	closed bool
 	code   int    // close code, once closed
 	reason string // close reason, once closed
 
-	wake chan struct{} // one slot: a signal that frames arrived or the box closed
+	wake chan struct{} // one slot: a signal that frames arrived, a ping is due or the box closed
 }
 
 // put queues frame. It reports false when the box is full (or closed).
@@ -302,6 +307,14 @@ func (o *outbox) put(frame []byte) bool {
 func (o *outbox) putFirst(frames ...[]byte) {
 	o.mu.Lock()
 	o.frames = append(frames, o.frames...)
+	o.mu.Unlock()
+	o.signal()
+}
+
+// pingDue asks the writer to send a ping.
+func (o *outbox) pingDue() {
+	o.mu.Lock()
+	o.ping = true
 	o.mu.Unlock()
 	o.signal()
 }
@@ -326,13 +339,15 @@ func (o *outbox) signal() {
 	}
 }
 
-// take returns every queued frame, and the close code if the box is closed.
-// The writer gives the frames back with done once written.
-func (o *outbox) take() (frames [][]byte, closed bool, code int, reason string) {
+// take returns every queued frame, whether a ping is due, and the close code
+// if the box is closed. The writer gives the frames back with done once
+// written.
+func (o *outbox) take() (frames [][]byte, ping, closed bool, code int, reason string) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	frames, o.frames, o.spare = o.frames, o.spare, nil
-	return frames, o.closed, o.code, o.reason
+	ping, o.ping = o.ping, false
+	return frames, ping, o.closed, o.code, o.reason
 }
 
 // done returns a written batch for reuse, so a busy client's queue does not
@@ -606,6 +621,10 @@ func (h *hub) join(c *client, want string) bool {
 	h.byName[foldName(c.name)] = c
 	h.joined[c] = true
 	h.schedulePresenceLocked()
+	if !h.pinging {
+		h.pinging = true
+		time.AfterFunc(h.pingEvery, h.pingAll)
+	}
 	users := []user{{c.id, c.name}}
 	for other := range h.clients {
 		if len(users) == welcomeUsers {
@@ -758,6 +777,22 @@ func (h *hub) dropLocked(c *client, code int, text string) {
 	c.out.close(code, text, code == closePolicyViolation)
 }
 
+// pingAll asks every client's writer for a ping, and schedules the next
+// round while anyone is in the room. One timer for the whole hub, rather
+// than a ticker per client, keeps an idle connection cheap.
+func (h *hub) pingAll() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed || len(h.clients) == 0 {
+		h.pinging = false
+		return
+	}
+	for c := range h.clients {
+		c.out.pingDue()
+	}
+	time.AfterFunc(h.pingEvery, h.pingAll)
+}
+
 // schedulePresenceLocked makes sure a presence flush is on its way. The
 // caller holds h.mu.
 func (h *hub) schedulePresenceLocked() {
@@ -799,25 +834,15 @@ func (h *hub) flushPresence() {
 }
 
 // write is c's writer goroutine, the only goroutine that writes frames to
-// c's connection. Each time it wakes it takes everything in the outbox and
-// sends it in one write; every pingEvery it sends a ping. Once the outbox is
+// c's connection. Each time it wakes it takes everything in the outbox (and
+// a ping, if one is due) and sends it in one write. Once the outbox is
 // closed it adds a close frame with the hub's code, then gives the peer
 // closeGrace to answer. If a write fails, the peer is gone or stuck: it ends
 // the reader too.
 func (h *hub) write(c *client) {
 	defer close(c.writerDone)
-	ping := time.NewTicker(h.pingEvery)
-	defer ping.Stop()
-	for {
-		var err error
-		closed := false
-		select {
-		case <-ping.C:
-			c.conn.SetWriteDeadline(time.Now().Add(writeWait))
-			_, err = c.conn.Write(appendFrame(nil, websocket.PingFrame, nil))
-		case <-c.out.wake:
-			closed, err = c.writeBatch()
-		}
+	for range c.out.wake {
+		closed, err := c.writeBatch()
 		switch {
 		case err != nil:
 			c.live.closeAfter(0)
@@ -829,22 +854,29 @@ func (h *hub) write(c *client) {
 	}
 }
 
-// writeBatch writes every frame in c's outbox in one write, followed by a
-// close frame if the outbox is closed.
+// writeBatch writes every frame in c's outbox in one write, with a ping if
+// one is due and a close frame if the outbox is closed.
 func (c *client) writeBatch() (closed bool, err error) {
-	frames, closed, code, reason := c.out.take()
+	frames, ping, closed, code, reason := c.out.take()
 	bp := batchPool.Get().(*[]byte)
 	buf := (*bp)[:0]
 	for _, f := range frames {
 		buf = appendFrame(buf, websocket.TextFrame, f)
 	}
 	c.out.done(frames)
-	wait := writeWait
+	if ping {
+		buf = appendFrame(buf, websocket.PingFrame, nil)
+	}
 	if closed {
-		buf, wait = appendClose(buf, code, reason), closeGrace
+		buf = appendClose(buf, code, reason)
+		c.conn.SetWriteDeadline(time.Now().Add(closeGrace))
+	} else if now := time.Now(); c.writeBy.Sub(now) < writeWait/2 {
+		// Refreshed when half used up, not before every write: a deadline
+		// costs a timer update, and most writes finish in microseconds.
+		c.writeBy = now.Add(writeWait)
+		c.conn.SetWriteDeadline(c.writeBy)
 	}
 	if len(buf) > 0 {
-		c.conn.SetWriteDeadline(time.Now().Add(wait))
 		_, err = c.conn.Write(buf)
 	}
 	if cap(buf) <= maxPooledBatch {

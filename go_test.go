@@ -29,6 +29,7 @@ import (
 	"os/signal"
 	"regexp"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -49,6 +50,11 @@ const wait = 5 * time.Second
 // TestMain lets a test run pollfree in a process of its own: started with
 // POLLFREE_SERVE set to its arguments, the test binary is the server, until
 // SIGTERM. Load tests use it so that the server's CPU and memory are its own.
+// POLLFREE_SERVER_CPUPROFILE=FILE profiles that server process (-cpuprofile
+// would profile the clients):
+//
+//	POLLFREE_SERVER_CPUPROFILE=/tmp/server.prof go test -run '^$' -bench 'CapacityChat/clients=5000' -benchtime 1x
+//	go tool pprof -top /tmp/server.prof
 func TestMain(m *testing.M) {
 	if n, _ := strconv.Atoi(os.Getenv("POLLFREE_FLOOR")); n > 0 { // see BenchmarkFloorWrite
 		if err := serveFloor(n); err != nil {
@@ -60,6 +66,17 @@ func TestMain(m *testing.M) {
 	if args := os.Getenv("POLLFREE_SERVE"); args != "" {
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 		defer stop()
+		if name := os.Getenv("POLLFREE_SERVER_CPUPROFILE"); name != "" {
+			f, err := os.Create(name)
+			if err == nil {
+				err = pprof.StartCPUProfile(f)
+			}
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "pollfree: cpu profile:", err)
+				os.Exit(1)
+			}
+			defer pprof.StopCPUProfile()
+		}
 		if err := run(ctx, strings.Fields(args), os.Getenv, os.Stdout, os.Stderr); err != nil {
 			fmt.Fprintln(os.Stderr, "pollfree:", err)
 			os.Exit(1)
@@ -735,7 +752,7 @@ func TestJoinAndLeaveInOneWindowAppearInNeither(t *testing.T) {
 	watcher := newClient("w")
 	h.join(watcher, "watcher")
 	h.flushPresence()
-	if frames, _, _, _ := watcher.out.take(); len(frames) != 2 {
+	if frames, _, _, _, _ := watcher.out.take(); len(frames) != 2 {
 		t.Fatalf("watcher has %d frames, want its welcome and its own join", len(frames))
 	}
 
@@ -744,7 +761,7 @@ func TestJoinAndLeaveInOneWindowAppearInNeither(t *testing.T) {
 	h.join(stays, "stays")
 	h.drop(brief, closeNormal, "")
 	h.flushPresence()
-	frames, _, _, _ := watcher.out.take()
+	frames, _, _, _, _ := watcher.out.take()
 	if len(frames) != 1 {
 		t.Fatalf("watcher has %d frames after the window, want 1", len(frames))
 	}
