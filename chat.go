@@ -244,13 +244,31 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "chat is full, try again later", http.StatusServiceUnavailable)
 		return
 	}
-	defer h.admitted.Add(-1)
-
 	c := newClient("u" + strconv.FormatInt(h.nextID.Add(1), 10))
-	h.handlers.Add(1)
-	defer h.handlers.Done()
-	ws := websocket.Server{Handler: func(ws *websocket.Conn) { h.serve(ws, c, r.URL.Query().Get("name")) }}
+	name := r.URL.Query().Get("name")
+	h.handlers.Add(1) // before the hijack, while Shutdown still waits for this request
+	started := false
+	ws := websocket.Server{Handler: func(ws *websocket.Conn) {
+		// Serve in a goroutine of the connection's own and return: net/http's
+		// goroutine for this request then ends, and with it the request's
+		// buffers and the stack that parsing it grew, most of the memory an
+		// idle connection would otherwise hold.
+		started = true
+		go func() {
+			defer h.handlers.Done()
+			defer h.admitted.Add(-1)
+			defer c.conn.Close()
+			h.serve(ws, c, name)
+		}()
+	}}
 	ws.ServeHTTP(hijacker{w, c, h.readIdle}, r)
+	if !started { // the handshake failed
+		if c.conn != nil {
+			c.conn.Close()
+		}
+		h.admitted.Add(-1)
+		h.handlers.Done()
+	}
 }
 
 // checkOrigin refuses cross-site WebSocket hijacking: a browser always sends
@@ -360,7 +378,8 @@ func (o *outbox) done(frames [][]byte) {
 }
 
 // hijacker hands x/net/websocket the hijacked connection with small buffers,
-// reading through a liveReader, and records the connection in the client.
+// reading through a liveReader and not closed by x/net, and records the
+// connection in the client.
 type hijacker struct {
 	http.ResponseWriter
 	c    *client
@@ -380,8 +399,17 @@ func (hj hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		r = io.MultiReader(bytes.NewReader(bytes.Clone(early)), r)
 	}
 	conn.SetReadDeadline(time.Now().Add(hj.idle))
-	return conn, bufio.NewReadWriter(bufio.NewReaderSize(r, connReadBufferBytes), bufio.NewWriterSize(conn, connWriteBufferBytes)), nil
+	// New small buffers, so that net/http's can go with its request.
+	brw = bufio.NewReadWriter(bufio.NewReaderSize(r, connReadBufferBytes), bufio.NewWriterSize(conn, connWriteBufferBytes))
+	return keepOpen{conn}, brw, nil
 }
+
+// keepOpen is the connection as x/net sees it: x/net closes its connection
+// when its handler returns, but the client's own goroutine serves on after
+// that and closes c.conn when it is done.
+type keepOpen struct{ net.Conn }
+
+func (keepOpen) Close() error { return nil }
 
 // liveReader reads from the connection and pushes its read deadline forward
 // whenever bytes arrive, so that any traffic from the peer, including the
@@ -422,9 +450,8 @@ func (lr *liveReader) isClosing() bool {
 	return lr.closing
 }
 
-// serve runs a client's reader on the handler goroutine: it is the only
-// reader of ws. It returns once the writer has finished; x/net then closes
-// the connection.
+// serve runs a client's reader: it is the only reader of ws. It returns once
+// the writer has finished; the caller then closes the connection.
 func (h *hub) serve(ws *websocket.Conn, c *client, wantName string) {
 	ws.MaxPayloadBytes = maxFrameBytes
 	log := h.log.With("client", c.id)
