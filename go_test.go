@@ -3047,3 +3047,105 @@ func BenchmarkIdle(b *testing.B) {
 	}
 	b.ReportMetric(0, "ns/op")
 }
+
+// BenchmarkCapacityBoth holds 9900 chat clients and 9900 event-stream
+// subscribers for 30 s while one sender says 5 messages a second. Every chat
+// client must get every message and every stream must stay up; it reports
+// the fewest ticks one subscriber got (skipping is allowed, by design) and
+// the server's peak RSS. (9900, not 10 000: where a process may hold at most
+// 20 000 open files, as here, the server needs a few for itself.)
+func BenchmarkCapacityBoth(b *testing.B) {
+	raiseFileLimit(b)
+	const chats, streams, seconds = 9900, 9900, 30
+	for b.Loop() {
+		ts, proc, _ := serverProcess(b, "-max-clients", strconv.Itoa(2*chats))
+		addr := ts.Listener.Addr().String()
+		cs, _ := connectAll(b, addr, chats)
+		ticks := make([]int, streams)
+		running := make(chan struct{}) // closed when the run is over
+		var subConns []net.Conn
+		var subs sync.WaitGroup
+		for i := range streams {
+			conn, err := net.Dial("tcp", addr)
+			if err != nil {
+				b.Fatal(err)
+			}
+			subConns = append(subConns, conn)
+			io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
+			subs.Go(func() {
+				resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+				if err != nil {
+					b.Errorf("subscriber %d: %v", i, err)
+					return
+				}
+				br := bufio.NewReader(resp.Body)
+				conn.SetReadDeadline(time.Now().Add(4 * seconds * time.Second)) // a backstop: the run closes it
+				for ticks[i] = -1; ; ticks[i]++ { // the first event comes at once, not on a tick
+					if _, err := readEventID(br); err != nil {
+						select {
+						case <-running: // closed by the benchmark after the run
+						default:
+							b.Errorf("subscriber %d: stream ended during the run: %v", i, err)
+						}
+						return
+					}
+				}
+			})
+		}
+		sender, _ := dialRaw(b, ts, "")
+		go io.Copy(io.Discard, sender)
+		settle(b, ts, chats+1)
+
+		const msgs = seconds * ratePerSecond
+		var delivered atomic.Int64
+		var wg sync.WaitGroup
+		for i, c := range cs {
+			wg.Go(func() {
+				rc := &rawConn{c.conn, c.br}
+				seen := make([]bool, msgs)
+				for n := 0; n < msgs; {
+					op, p, err := rc.readFrameWithin((seconds + 20) * time.Second)
+					if err != nil {
+						b.Errorf("chat client %d: %v after %d of %d messages", i, err, n, msgs)
+						return
+					}
+					if k := benchIndex(p); op == websocket.TextFrame && k >= 0 && !seen[k] {
+						seen[k] = true
+						n++
+						delivered.Add(1)
+					}
+				}
+			})
+		}
+		for k := range msgs {
+			sender.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"bench-`+strconv.Itoa(k)+`"}`))
+			time.Sleep(time.Second / ratePerSecond)
+		}
+		wg.Wait()
+		peak := procPeakRSS(b, proc.Pid)
+		close(running)
+		for _, c := range subConns {
+			c.Close()
+		}
+		subs.Wait()
+		b.ReportMetric(float64(delivered.Load())/float64(chats*msgs)*100, "%-delivered")
+		b.ReportMetric(float64(slices.Min(ticks)), "ticks-min")
+		b.ReportMetric(float64(peak)/(1<<20), "MB-peak-rss")
+	}
+	b.ReportMetric(0, "ns/op")
+}
+
+// procPeakRSS returns the peak resident memory of process pid (VmHWM).
+func procPeakRSS(tb testing.TB, pid int) uint64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		tb.Skipf("no /proc here: %v", err)
+	}
+	for line := range strings.Lines(string(b)) {
+		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, _ := strconv.ParseUint(strings.Fields(rest)[0], 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
