@@ -3080,7 +3080,8 @@ func BenchmarkCapacityBoth(b *testing.B) {
 				}
 				br := bufio.NewReader(resp.Body)
 				conn.SetReadDeadline(time.Now().Add(4 * seconds * time.Second)) // a backstop: the run closes it
-				for ticks[i] = -1; ; ticks[i]++ {                               // the first event comes at once, not on a tick
+				// ticks starts at -1: the first event comes at once, not on a tick.
+				for ticks[i] = -1; ; ticks[i]++ {
 					if _, err := readEventID(br); err != nil {
 						select {
 						case <-running: // closed by the benchmark after the run
