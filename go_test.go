@@ -2386,14 +2386,20 @@ func procCPU(tb testing.TB, pid int) time.Duration {
 	return time.Duration(utime+stime) * 10 * time.Millisecond
 }
 
-// procRSS returns the resident memory of process pid, from /proc/PID/status.
-func procRSS(tb testing.TB, pid int) uint64 {
+// procRSS returns the resident memory of process pid now, from /proc/PID/status.
+func procRSS(tb testing.TB, pid int) uint64 { return procStatusBytes(tb, pid, "VmRSS:") }
+
+// procPeakRSS returns the most resident memory process pid has had.
+func procPeakRSS(tb testing.TB, pid int) uint64 { return procStatusBytes(tb, pid, "VmHWM:") }
+
+// procStatusBytes reads one "Field:  123 kB" line of /proc/PID/status, in bytes.
+func procStatusBytes(tb testing.TB, pid int, field string) uint64 {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		tb.Skipf("no /proc here: %v", err)
 	}
 	for line := range strings.Lines(string(b)) {
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+		if rest, ok := strings.CutPrefix(line, field); ok {
 			kb, _ := strconv.ParseUint(strings.Fields(rest)[0], 10, 64)
 			return kb << 10
 		}
@@ -2671,6 +2677,20 @@ func churn(t *testing.T, ts *httptest.Server, d time.Duration) (sent, received i
 //
 //	go test -run '^$' -bench 'Capacity|Floor' -benchtime 1x -timeout 30m
 
+// forSizes runs bench as sub-benchmarks for 1000, 5000 and 10 000
+// connections, each once per b.Loop.
+func forSizes(b *testing.B, label string, bench func(b *testing.B, n int)) {
+	for _, n := range []int{1000, 5000, 10000} {
+		b.Run(label+"="+strconv.Itoa(n), func(b *testing.B) {
+			raiseFileLimit(b)
+			for b.Loop() {
+				bench(b, n)
+			}
+			b.ReportMetric(0, "ns/op") // the figures that matter are the ones reported
+		})
+	}
+}
+
 // loadClient is one lean chat client.
 type loadClient struct {
 	conn net.Conn
@@ -2748,17 +2768,7 @@ func percentile(sorted []time.Duration, p int) time.Duration {
 // 5 a second, every client receives every message. Reports delivery
 // latency, server CPU per delivery, server RSS per connection and the time
 // N clients take to connect.
-func BenchmarkCapacityChat(b *testing.B) {
-	for _, n := range []int{1000, 5000, 10000} {
-		b.Run("clients="+strconv.Itoa(n), func(b *testing.B) {
-			raiseFileLimit(b)
-			for b.Loop() {
-				benchChat(b, n)
-			}
-			b.ReportMetric(0, "ns/op")
-		})
-	}
-}
+func BenchmarkCapacityChat(b *testing.B) { forSizes(b, "clients", benchChat) }
 
 func benchChat(b *testing.B, n int) {
 	ts, proc, _ := serverProcess(b, "-max-clients", strconv.Itoa(2*n))
@@ -2846,17 +2856,7 @@ func settle(tb testing.TB, ts *httptest.Server, chat int) {
 // its own, of writing one frame-sized buffer to each of N loopback TCP
 // connections in a plain loop. Compare cpu-µs/write with the chat's
 // cpu-µs/delivery.
-func BenchmarkFloorWrite(b *testing.B) {
-	for _, n := range []int{1000, 5000, 10000} {
-		b.Run("conns="+strconv.Itoa(n), func(b *testing.B) {
-			raiseFileLimit(b)
-			for b.Loop() {
-				benchFloor(b, n)
-			}
-			b.ReportMetric(0, "ns/op")
-		})
-	}
-}
+func BenchmarkFloorWrite(b *testing.B) { forSizes(b, "conns", benchFloor) }
 
 // floorFrameBytes is about the size of a short chat message frame.
 const floorFrameBytes = 120
@@ -2928,17 +2928,7 @@ func benchFloor(b *testing.B, n int) {
 // apart the first and last subscriber receive the same tick (p99 over
 // ticks), server CPU per second, RSS per subscriber, and the time from
 // request to first event (p99 over subscribers).
-func BenchmarkCapacitySSE(b *testing.B) {
-	for _, n := range []int{1000, 5000, 10000} {
-		b.Run("subscribers="+strconv.Itoa(n), func(b *testing.B) {
-			raiseFileLimit(b)
-			for b.Loop() {
-				benchSSE(b, n)
-			}
-			b.ReportMetric(0, "ns/op")
-		})
-	}
-}
+func BenchmarkCapacitySSE(b *testing.B) { forSizes(b, "subscribers", benchSSE) }
 
 func benchSSE(b *testing.B, n int) {
 	ts, proc, _ := serverProcess(b)
@@ -3134,19 +3124,4 @@ func BenchmarkCapacityBoth(b *testing.B) {
 		b.ReportMetric(float64(peak)/(1<<20), "MB-peak-rss")
 	}
 	b.ReportMetric(0, "ns/op")
-}
-
-// procPeakRSS returns the peak resident memory of process pid (VmHWM).
-func procPeakRSS(tb testing.TB, pid int) uint64 {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		tb.Skipf("no /proc here: %v", err)
-	}
-	for line := range strings.Lines(string(b)) {
-		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
-			kb, _ := strconv.ParseUint(strings.Fields(rest)[0], 10, 64)
-			return kb << 10
-		}
-	}
-	return 0
 }
