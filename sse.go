@@ -54,8 +54,9 @@ const (
 	sseRetry = 2 * time.Second
 	// sseKeepAlive is the longest a stream stays silent before a comment line.
 	sseKeepAlive = 15 * time.Second
-	// sseWriteTimeout bounds one write to a subscriber; a write that blocks
-	// longer ends that stream.
+	// sseWriteTimeout bounds a write to a subscriber: a write still blocked
+	// sseWriteTimeout/2 to sseWriteTimeout after the deadline was last moved
+	// ends that stream.
 	sseWriteTimeout = 10 * time.Second
 )
 
@@ -348,9 +349,15 @@ func (b *broadcaster) handleEvents() http.Handler {
 // past sseWriteTimeout, or sub is closed by shutdown.
 func (b *broadcaster) stream(w http.ResponseWriter, r *http.Request, sub chan *tick) error {
 	rc := http.NewResponseController(w)
+	var writeBy time.Time
 	send := func(p []byte) error {
-		if err := rc.SetWriteDeadline(time.Now().Add(sseWriteTimeout)); err != nil {
-			return err
+		// The deadline is moved when half used up, not before every event:
+		// each move costs a timer update, and a write takes microseconds.
+		if now := time.Now(); writeBy.Sub(now) < sseWriteTimeout/2 {
+			writeBy = now.Add(sseWriteTimeout)
+			if err := rc.SetWriteDeadline(writeBy); err != nil {
+				return err
+			}
 		}
 		if _, err := w.Write(p); err != nil {
 			return err
