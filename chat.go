@@ -4,10 +4,11 @@
 //   - The hub owns the set of clients, their names, the message sequence
 //     number, the history and the pending presence changes, all under one
 //     mutex (hub.mu).
-//   - Each client has two goroutines. The reader (the handler goroutine that
-//     x/net/websocket gives us) decodes frames and calls into the hub. The
-//     writer is the only goroutine that writes to the socket; it empties the
-//     client's bounded queue (its outbox), taking the whole backlog at once.
+//   - Each client has two goroutines. The reader (started by x/net's handler,
+//     which then returns) is the only reader of the connection; it decodes
+//     frames and calls into the hub. The writer is the only goroutine that
+//     writes frames to the socket; it empties the client's bounded queue (its
+//     outbox), taking the whole backlog at once.
 //   - A broadcast encodes its frame once and, under hub.mu, puts the same
 //     bytes in every outbox without blocking. A client whose outbox is full
 //     is dropped, never waited for, and nothing touches a socket while hub.mu
@@ -17,7 +18,7 @@
 // x/net/websocket does the handshake and the reading; the writer writes its
 // own frames, for three reasons. x/net writes (and flushes) one frame per
 // system call, and a writer that finds many frames queued should send them in
-// one. Its Conn.Close always sends status 1000, and we need 1001, 1008, 1009.
+// one. Its Conn.Close always sends status 1000, and we need 1001 to 1009.
 // And server frames are simple: unmasked, a two- to ten-byte header. Each
 // batch goes out in a single conn.Write, which the connection's write lock
 // keeps whole even beside the pongs x/net writes on its own.
@@ -227,8 +228,8 @@ func (h *hub) online() int {
 
 // ServeHTTP handles GET /ws. Every refusal happens before the upgrade, so it
 // is a plain HTTP answer: 400 for a request that is not a WebSocket
-// handshake, 403 for a cross-origin one, 503 when the room is full or the
-// server is stopping.
+// handshake, 403 for a cross-origin one, 503 when the room is full. (A
+// handshake that arrives as the server stops is answered with close 1001.)
 func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !strings.EqualFold(r.Header.Get("Upgrade"), "websocket") {
 		http.Error(w, "this endpoint speaks WebSocket only", http.StatusBadRequest)
