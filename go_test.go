@@ -2964,11 +2964,15 @@ func benchSSE(b *testing.B, n int) {
 				return
 			}
 			br := bufio.NewReader(resp.Body)
-			id, _ := readEventID(br)
+			if _, err := readEventID(br); err != nil {
+				b.Errorf("subscriber %d: no first event: %v", i, err)
+				return
+			}
 			first[i] = time.Since(t0)
 			<-start
 			for range seconds {
-				if id, err = readEventID(br); err != nil {
+				id, err := readEventID(br)
+				if err != nil {
 					b.Errorf("subscriber %d: %v", i, err)
 					return
 				}
