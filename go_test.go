@@ -18,6 +18,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"math/big"
 	"net"
@@ -1141,13 +1142,61 @@ func TestProcCgroupV1ContainerShowsItsLimit(t *testing.T) {
 
 func TestNoProcFallsBackToRuntime(t *testing.T) {
 	b := newBroadcaster(slog.New(slog.DiscardHandler), fstest.MapFS{}, func() int { return 3 })
-	var cpu cpuTimes
-	s := b.snapshot(readHostInfo(b.fsys), &cpu)
+	s := b.snapshot()
 	if s.Memory.Source != "runtime" || s.Memory.TotalBytes == 0 || s.Process.HeapBytes == 0 || s.Clients.Chat != 3 {
 		t.Errorf("snapshot without /proc = %+v, want runtime memory figures", s)
 	}
 	if s.Host.User == "" {
 		t.Error("host.user is empty; want a name or the uid")
+	}
+}
+
+// countingFS counts how often each file is opened. (The map is a field, not
+// embedded, so that fs.ReadFile cannot go around Open.)
+type countingFS struct {
+	files  fstest.MapFS
+	mu     sync.Mutex
+	opened map[string]int
+}
+
+func (c *countingFS) Open(name string) (fs.File, error) {
+	c.mu.Lock()
+	c.opened[name]++
+	c.mu.Unlock()
+	return c.files.Open(name)
+}
+
+// The sampler stops when nobody listens. Starting again, it does not read
+// what cannot change (here /proc/cpuinfo) again, and its first CPU figure
+// covers the pause since its last sample, not the time since boot.
+func TestSamplerRunsShareHostInfoAndCPUBaseline(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("/proc parsing is Linux only")
+	}
+	fsys := &countingFS{files: fstest.MapFS{
+		"proc/cpuinfo": {Data: []byte("model name\t: Test CPU\n")},
+		"proc/stat":    {Data: []byte("cpu  100 0 100 700 100 0 0 0 0 0\n")},
+	}, opened: make(map[string]int)}
+	b := newBroadcaster(slog.New(slog.DiscardHandler), fsys, func() int { return 0 })
+	defer b.shutdown()
+	run := func() snapshot {
+		sub := b.subscribe()
+		tk := <-sub
+		b.unsubscribe(sub)
+		eventually(t, "sampler stopped", func() bool { return !b.isRunning() })
+		var s snapshot
+		json.Unmarshal(tk.json, &s)
+		return s
+	}
+	run()
+	// Since the first sample: 300 busy ticks of 500, 60 %. Since boot: 500 of 1500, 33 %.
+	fsys.files["proc/stat"] = &fstest.MapFile{Data: []byte("cpu  250 0 250 800 200 0 0 0 0 0\n")}
+	s := run()
+	if s.CPU.UsedPercent != 60 {
+		t.Errorf("first CPU figure of a new run = %v %%, want 60 (since the last sample)", s.CPU.UsedPercent)
+	}
+	if n := fsys.opened["proc/cpuinfo"]; n != 1 {
+		t.Errorf("/proc/cpuinfo read %d times over two sampler runs, want 1", n)
 	}
 }
 

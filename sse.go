@@ -141,6 +141,12 @@ type broadcaster struct {
 	closed  bool
 	lastID  uint64        // the last tick's id; ids go on increasing across sampler runs
 	wake    chan struct{} // closed on shutdown, to stop the sampler between ticks
+
+	// Owned by the sampler goroutine. One run stops (in publish) before the
+	// next starts (in subscribe), both under mu, so they pass safely from
+	// run to run.
+	info *hostInfo // read on the first run: it does not change while the server runs
+	cpu  cpuTimes  // the last CPU sample, kept across runs: a run's first tick covers the pause before it
 }
 
 func newBroadcaster(log *slog.Logger, fsys fs.FS, chatClients func() int) *broadcaster {
@@ -210,12 +216,10 @@ func (b *broadcaster) shutdown() {
 // sample is the sampler goroutine: it reads the system once per tick and
 // publishes the result, until a tick finds no subscriber or shutdown begins.
 func (b *broadcaster) sample() {
-	info := readHostInfo(b.fsys)
-	var cpu cpuTimes
 	t := time.NewTicker(sampleEvery)
 	defer t.Stop()
 	for {
-		s := b.snapshot(info, &cpu)
+		s := b.snapshot()
 		data, err := json.Marshal(s)
 		if err != nil {
 			panic("stats: encoding snapshot: " + err.Error()) // plain numbers and strings only
@@ -251,15 +255,21 @@ func (b *broadcaster) publish(data []byte) bool {
 }
 
 // snapshot takes one sample: what the platform file can read from the
-// system, plus what the Go runtime knows everywhere.
-func (b *broadcaster) snapshot(info hostInfo, cpu *cpuTimes) snapshot {
+// system, plus what the Go runtime knows everywhere. Only the sampler
+// goroutine calls it.
+func (b *broadcaster) snapshot() snapshot {
+	if b.info == nil {
+		info := readHostInfo(b.fsys)
+		b.info = &info
+	}
+	info := *b.info
 	now := time.Now()
 	s := snapshot{Time: stamp(now)}
 	s.Host = hostStats{Hostname: info.hostname, OS: runtime.GOOS, Arch: runtime.GOARCH, Kernel: info.kernel, User: info.user}
 	s.CPU = cpuStats{Cores: runtime.NumCPU(), Model: info.cpuModel}
 	readRuntime(&s)
 	s.Process.UptimeSeconds = now.Sub(b.started).Seconds()
-	readSystem(b.fsys, info, &s, cpu)
+	readSystem(b.fsys, info, &s, &b.cpu)
 
 	b.mu.Lock()
 	s.Clients.SSE = len(b.subs)
@@ -307,7 +317,7 @@ func readRuntime(s *snapshot) {
 	s.Memory.UsedPercent = percent(s.Memory.UsedBytes, s.Memory.TotalBytes)
 }
 
-// hostInfo is what does not change while the server runs, read once per sampler start.
+// hostInfo is what does not change while the server runs, read once.
 type hostInfo struct {
 	hostname, kernel, user, cpuModel string
 	cgroup                           cgroupFiles // where the memory limit is, if any (Linux)
