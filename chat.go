@@ -463,7 +463,7 @@ func (h *hub) serve(ws *websocket.Conn, c *client, wantName string) {
 		return
 	}
 	log.Debug("joined", "remote", c.conn.RemoteAddr())
-	go h.write(c)
+	go c.write()
 
 	limit := bucket{tokens: rateBurst, last: time.Now()}
 	strikes := 0
@@ -868,7 +868,7 @@ func (h *hub) flushPresence() {
 // closed it adds a close frame with the hub's code, then gives the peer
 // closeGrace to answer. If a write fails, the peer is gone or stuck: it ends
 // the reader too.
-func (h *hub) write(c *client) {
+func (c *client) write() {
 	defer close(c.writerDone)
 	for range c.out.wake {
 		closed, err := c.writeBatch()
