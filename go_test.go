@@ -89,24 +89,25 @@ func TestMain(m *testing.M) {
 
 // ------------------------------------------------------------- helpers --
 
-// newTestServer runs pollfree's handler under httptest. edit may change the
-// config or the hub's timings before any client connects.
-func newTestServer(t testing.TB, edit ...func(*config, *server)) (*server, *httptest.Server) {
+// newTestServer runs pollfree's handler under httptest, with the config
+// edit may change, and shuts it down at the end of the test.
+func newTestServer(t testing.TB, edit ...func(*config)) (*server, *httptest.Server) {
 	t.Helper()
 	cfg := config{maxClients: defaultMaxClients}
-	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
-	s := newServer(cfg, log)
 	for _, f := range edit {
-		f(&cfg, s)
+		f(&cfg)
 	}
-	if len(edit) > 0 { // the config may have changed: rebuild the hub with it
-		h := newHub(log, cfg.maxClients, cfg.allowOrigins)
-		h.pingEvery, h.readIdle = s.chat.pingEvery, s.chat.readIdle
-		s.chat = h
-		s.stats.chatClients = h.online
-		s.mux = http.NewServeMux()
-		s.routes()
-	}
+	return serveTest(t, newServer(cfg, testLogger(t)))
+}
+
+func testLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+// serveTest runs s under httptest and shuts it down at the end of the test.
+// Change s (say, its hub's timings) before calling it, not after.
+func serveTest(t testing.TB, s *server) (*server, *httptest.Server) {
+	t.Helper()
 	ts := httptest.NewServer(s)
 	t.Cleanup(func() {
 		s.beginShutdown()
@@ -475,7 +476,7 @@ func TestPlainGETOnWebSocketEndpointIs400(t *testing.T) {
 }
 
 func TestCrossOriginHandshakeIs403(t *testing.T) {
-	_, ts := newTestServer(t, func(cfg *config, _ *server) {
+	_, ts := newTestServer(t, func(cfg *config) {
 		cfg.allowOrigins = []string{"https://friend.example"}
 	})
 	for _, tc := range []struct {
@@ -500,7 +501,7 @@ func TestCrossOriginHandshakeIs403(t *testing.T) {
 }
 
 func TestMaxClientsAnswers503BeforeUpgrade(t *testing.T) {
-	_, ts := newTestServer(t, func(cfg *config, _ *server) { cfg.maxClients = 2 })
+	_, ts := newTestServer(t, func(cfg *config) { cfg.maxClients = 2 })
 	dial(t, ts, "")
 	dial(t, ts, "")
 	if _, code := dialRaw(t, ts, ""); code != 503 {
@@ -887,9 +888,9 @@ func TestClientThatStopsReadingIsDropped(t *testing.T) {
 // A peer that vanishes without closing is found by keep-alive; a peer that
 // answers pings stays, however long it is silent itself.
 func TestVanishedPeerIsRemovedLiveOneStays(t *testing.T) {
-	_, ts := newTestServer(t, func(_ *config, s *server) {
-		s.chat.pingEvery, s.chat.readIdle = 100*time.Millisecond, time.Second
-	})
+	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s.chat.pingEvery, s.chat.readIdle = 100*time.Millisecond, time.Second
+	_, ts := serveTest(t, s)
 	watcher, _ := dial(t, ts, "")
 	dialRaw(t, ts, "?name=ghost") // handshakes, then never reads or writes
 	for {
@@ -1356,7 +1357,7 @@ func startRun(t *testing.T, args ...string) (url string, cancel context.CancelFu
 
 func TestShutdownClosesChatWith1001EndsStreamsAndReturns(t *testing.T) {
 	url, cancel, done := startRun(t)
-	ts := &httptest.Server{URL: url, Listener: dummyListener(strings.TrimPrefix(url, "http://"))}
+	ts := remoteServer(url)
 	raw, code := dialRaw(t, ts, "")
 	if code != 101 {
 		t.Fatalf("handshake = %d", code)
@@ -1399,6 +1400,12 @@ func scanURL(r io.Reader) <-chan string {
 		}
 	}()
 	return urls
+}
+
+// remoteServer describes a pollfree running elsewhere (through run, or in
+// another process) as an httptest.Server, for the helpers that take one.
+func remoteServer(url string) *httptest.Server {
+	return &httptest.Server{URL: url, Listener: dummyListener(strings.TrimPrefix(url, "http://"))}
 }
 
 // dummyListener carries an address for helpers that take an httptest.Server.
@@ -1855,31 +1862,39 @@ func buildStatic(tb testing.TB) string {
 	return bin
 }
 
-// startProcess starts cmd (a pollfree binary with -addr 127.0.0.1:0), waits
-// for it to log its URL and stops it with SIGTERM at the end of the test,
-// expecting a clean exit.
-func startProcess(t *testing.T, cmd *exec.Cmd) string {
-	t.Helper()
+// startProcess starts cmd, a pollfree listening on 127.0.0.1:0, and waits
+// for it to log its URL. stop sends SIGTERM and waits for the exit; the
+// test's cleanup calls it too, and fails the test unless the exit was clean.
+func startProcess(tb testing.TB, cmd *exec.Cmd) (ts *httptest.Server, stop func() error) {
+	tb.Helper()
 	logs, err := cmd.StderrPipe()
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		if err := cmd.Wait(); err != nil {
-			t.Errorf("pollfree exited with %v after SIGTERM, want status 0", err)
+	var once sync.Once
+	var exit error
+	stop = func() error {
+		once.Do(func() {
+			cmd.Process.Signal(syscall.SIGTERM)
+			exit = cmd.Wait()
+		})
+		return exit
+	}
+	tb.Cleanup(func() {
+		if err := stop(); err != nil {
+			tb.Errorf("pollfree exited with %v after SIGTERM, want status 0", err)
 		}
 	})
 	select {
 	case url := <-scanURL(logs):
-		return url
+		return remoteServer(url), stop
 	case <-time.After(wait):
-		t.Fatal("pollfree logged no URL")
+		tb.Fatal("pollfree logged no URL")
 	}
-	return ""
+	return nil, nil
 }
 
 // getStats fetches /stats from url.
@@ -1897,11 +1912,10 @@ func getStats(t testing.TB, url string) snapshot {
 	return s
 }
 
-// checkServes exercises every endpoint of a pollfree at url.
-func checkServes(t *testing.T, url string) {
+// checkServes exercises every endpoint of a pollfree.
+func checkServes(t *testing.T, ts *httptest.Server) {
 	t.Helper()
-	ts := &httptest.Server{URL: url, Listener: dummyListener(strings.TrimPrefix(url, "http://"))}
-	resp, err := http.Get(url + "/")
+	resp, err := http.Get(ts.URL + "/")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1941,12 +1955,13 @@ func TestStaticBinaryRunsAloneLikeScratch(t *testing.T) {
 		t.Fatal(err)
 	}
 	const nobody = 65534
-	start := func(t *testing.T) string {
+	start := func(t *testing.T) *httptest.Server {
 		cmd := exec.Command("/pollfree", "-addr", "127.0.0.1:0")
 		cmd.Env = []string{} // no $USER: the uid must stand in for the name
 		cmd.Dir = "/"
 		cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: root, Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
-		return startProcess(t, cmd)
+		ts, _ := startProcess(t, cmd)
+		return ts
 	}
 
 	t.Run("with /proc", func(t *testing.T) {
@@ -1958,9 +1973,9 @@ func TestStaticBinaryRunsAloneLikeScratch(t *testing.T) {
 			exec.Command("umount", "-l", root+"/proc").Run()
 			os.Remove(root + "/proc")
 		})
-		url := start(t)
-		checkServes(t, url)
-		s := getStats(t, url)
+		ts := start(t)
+		checkServes(t, ts)
+		s := getStats(t, ts.URL)
 		if s.Host.User != strconv.Itoa(nobody) {
 			t.Errorf("host.user = %q, want the uid %d (no passwd file)", s.Host.User, nobody)
 		}
@@ -1969,9 +1984,9 @@ func TestStaticBinaryRunsAloneLikeScratch(t *testing.T) {
 		}
 	})
 	t.Run("without /proc", func(t *testing.T) {
-		url := start(t)
-		checkServes(t, url)
-		s := getStats(t, url)
+		ts := start(t)
+		checkServes(t, ts)
+		s := getStats(t, ts.URL)
 		if s.Memory.Source != "runtime" || s.Memory.TotalBytes == 0 || s.Host.User != strconv.Itoa(nobody) {
 			t.Errorf("without /proc: memory %+v, user %q; want runtime figures and the uid", s.Memory, s.Host.User)
 		}
@@ -2011,11 +2026,11 @@ func TestRealCgroupLimitIsShown(t *testing.T) {
 	}
 
 	cmd := exec.Command(buildStatic(t), "-addr", "127.0.0.1:0")
-	url := startProcess(t, cmd)
+	ts, _ := startProcess(t, cmd)
 	if err := os.WriteFile(cg+"/cgroup.procs", []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
 		t.Fatalf("moving pollfree into the cgroup: %v", err)
 	}
-	s := getStats(t, url) // the sampler starts now, inside the cgroup
+	s := getStats(t, ts.URL) // the sampler starts now, inside the cgroup
 	if s.Memory.Source != "cgroup" || s.Memory.LimitBytes != limit || s.Memory.TotalBytes != limit ||
 		s.Memory.CgroupUsedBytes == 0 || s.Memory.CgroupUsedBytes > limit {
 		t.Errorf("memory in a %d-byte cgroup = %+v, want the cgroup's view", limit, s.Memory)
@@ -2458,10 +2473,8 @@ func procStatusBytes(tb testing.TB, pid int, field string) uint64 {
 	return 0
 }
 
-// serverProcess starts pollfree in a process of its own (see TestMain) and
-// returns an httptest.Server value that points at it, for the helpers, and
-// the process, for /proc/PID figures. stop sends SIGTERM and waits for the
-// exit; the test's cleanup calls it too, and fails the test on a bad exit.
+// serverProcess starts pollfree in a process of its own (see TestMain), with
+// startProcess; it also returns the process, for /proc/PID figures.
 func serverProcess(tb testing.TB, args ...string) (ts *httptest.Server, proc *os.Process, stop func() error) {
 	tb.Helper()
 	exe, err := os.Executable()
@@ -2470,34 +2483,8 @@ func serverProcess(tb testing.TB, args ...string) (ts *httptest.Server, proc *os
 	}
 	cmd := exec.Command(exe)
 	cmd.Env = append(os.Environ(), "POLLFREE_SERVE="+strings.Join(append([]string{"-addr", "127.0.0.1:0"}, args...), " "))
-	logs, err := cmd.StderrPipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		tb.Fatal(err)
-	}
-	var once sync.Once
-	var exit error
-	stop = func() error {
-		once.Do(func() {
-			cmd.Process.Signal(syscall.SIGTERM)
-			exit = cmd.Wait()
-		})
-		return exit
-	}
-	tb.Cleanup(func() {
-		if err := stop(); err != nil {
-			tb.Errorf("server process: %v", err)
-		}
-	})
-	select {
-	case url := <-scanURL(logs):
-		return &httptest.Server{URL: url, Listener: dummyListener(strings.TrimPrefix(url, "http://"))}, cmd.Process, stop
-	case <-time.After(wait):
-		tb.Fatal("server process logged no URL")
-	}
-	return nil, nil, nil
+	ts, stop = startProcess(tb, cmd)
+	return ts, cmd.Process, stop
 }
 
 // raiseFileLimit lifts the open-file limit to its hard maximum, for tests
