@@ -1,39 +1,35 @@
-// Chat over WebSocket.
+// Chat over WebSocket: first the room, then one connection's life, then the
+// limits, and last the machinery x/net/websocket leaves to us.
 //
 // Who owns what:
-//   - The hub owns the set of clients, their names, the message sequence
-//     number, the history and the pending presence changes, all under one
-//     mutex (hub.mu).
-//   - Each client has two goroutines. The reader (started by x/net's handler,
-//     which then returns) is the only reader of the connection; it decodes
-//     frames and calls into the hub. The writer is the only goroutine that
-//     writes frames to the socket; it empties the client's bounded queue (its
-//     outbox), taking the whole backlog at once.
+//   - The hub is the room. It owns everything the clients share, under one
+//     mutex (hub.mu): who is online, their names, the sessions that may
+//     still resume, the message sequence number, the history, and the joins
+//     and leaves not yet announced.
+//   - A person in the room is a session: an id, a name and a secret resume
+//     token. It speaks through one connection at a time, a client. When that
+//     connection drops, the session waits resumeWindow for the page to come
+//     back (GET /ws?resume=TOKEN&since=SEQ) as the same person, with the
+//     messages it missed.
 //   - A broadcast encodes its frame once and, under hub.mu, puts the same
-//     bytes in every outbox without blocking. A client whose outbox is full
-//     is dropped, never waited for, and nothing touches a socket while hub.mu
-//     is held. Putting under the lock is what keeps every client's view in
-//     seq order. Lock order: hub.mu, then an outbox's own mutex.
-//
-// x/net/websocket does the handshake and the reading; the writer writes its
-// own frames, for three reasons. x/net writes (and flushes) one frame per
-// system call, and a writer that finds many frames queued should send them in
-// one. Its Conn.Close always sends status 1000, and we need 1001 to 1009.
-// And server frames are simple: unmasked, a two- to ten-byte header. Each
-// batch goes out in a single conn.Write, which the connection's write lock
-// keeps whole even beside the pongs x/net writes on its own.
-//
-// x/net also answers pings and swallows pongs inside Read, so we cannot see a
-// pong arrive. Instead liveReader pushes the read deadline forward on any
-// bytes from the peer, pongs included, and a peer that goes silent times out.
-// And it returns ErrFrameTooLarge but keeps the connection; we close it with
-// 1009.
+//     bytes in every client's outbox without blocking. Putting under the
+//     lock is what keeps every client's view in seq order. A client whose
+//     outbox is full is dropped, never waited for, and nothing touches a
+//     socket while hub.mu is held. Lock order: hub.mu, then an outbox's own.
+//   - A client has two goroutines. Its reader is the only reader of the
+//     socket; it decodes frames and calls into the hub. Its writer empties
+//     the outbox, the whole backlog in one write. x/net writes too (pongs,
+//     from inside the reader's Read), so every write goes through the
+//     client's wire, which owns the write deadline.
 package main
 
 import (
 	"bufio"
 	"bytes"
+	"container/list"
 	"context"
+	crand "crypto/rand"
+	"crypto/subtle"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -64,8 +60,15 @@ const (
 	maxTextChars = 2000
 	// maxNameChars bounds a display name after trimming.
 	maxNameChars = 32
-	// historySize is how many recent messages a newcomer's welcome carries.
+	// historySize is how many recent messages the hub keeps, for a
+	// newcomer's welcome and a resumed session's missed messages.
 	historySize = 50
+	// resumeWindow is how long an ended session may be resumed: its id and
+	// name come back, and the messages it missed while they are kept.
+	resumeWindow = 2 * time.Minute
+	// maxEndedSessions bounds the ended sessions kept for resuming (each
+	// holds a few hundred bytes); past it the oldest is forgotten first.
+	maxEndedSessions = 10_000
 	// welcomeUsers bounds the users listed in a welcome, so that a welcome
 	// stays small in a large room.
 	welcomeUsers = 100
@@ -80,8 +83,9 @@ const (
 	// shared by every client, so a queued frame costs one slice header; the
 	// queue grows only as needed.
 	sendQueueFrames = 256
-	// writeWait bounds a write to a client: a write that has not finished
-	// writeWait/2 to writeWait after the last deadline update fails.
+	// writeWait bounds each write to a client, the writer's and x/net's
+	// pongs alike: a write not finished writeWait after it started fails,
+	// and the client is dropped.
 	writeWait = 10 * time.Second
 	// pingEvery is how often the server pings every client (one timer for
 	// the room). Must be well under readIdle, so that a live peer's pong
@@ -108,9 +112,13 @@ const (
 	// rateBurst, refilled at ratePerSecond. Frames over it are refused.
 	rateBurst     = 10
 	ratePerSecond = 5
-	// floodStrikes is how many refused frames in a row close the connection
-	// with 1008.
+	// floodStrikes refused frames within about floodWindow close the
+	// connection with 1008. Refusals are counted in a window, not in a row:
+	// a flooder's frames are let through now and then as the rate bucket
+	// refills, and that must not forgive it. (They drain a second bucket,
+	// of floodStrikes refusals, refilled over floodWindow.)
 	floodStrikes = 30
+	floodWindow  = 10 * time.Second
 )
 
 // WebSocket close codes (RFC 6455, section 7.4.1).
@@ -121,6 +129,7 @@ const (
 	closeUnsupported     = 1003 // a binary frame: the protocol is JSON text
 	closePolicyViolation = 1008 // flooding, or too slow to read
 	closeTooBig          = 1009 // frame over maxFrameBytes
+	closeReplaced        = 4000 // a resume took over the session (a private-use code)
 )
 
 // Error codes carried by {"type":"error"} frames.
@@ -133,7 +142,7 @@ const (
 	errRateLimited = "rate_limited"
 )
 
-// user is a client's public identity on the wire.
+// user is a session's public identity on the wire.
 type user struct {
 	ID   string `json:"id"`
 	Name string `json:"name"`
@@ -155,6 +164,20 @@ type message struct {
 	Time string `json:"time"`
 }
 
+// welcome is the first frame on every connection. Its history goes in
+// already encoded (see join).
+type welcome struct {
+	Type    string `json:"type"` // "welcome"
+	You     user   `json:"you"`
+	Online  int    `json:"online"`
+	Users   []user `json:"users"` // at most welcomeUsers, you first
+	Run     string `json:"run"`
+	Time    string `json:"time"`
+	Resume  string `json:"resume"`  // the token that continues this session; for its owner only
+	Resumed bool   `json:"resumed"` // this connection continues a session
+	Missed  int64  `json:"missed"`  // messages after the client's since that are no longer kept
+}
+
 // refusal is why a client's frame was refused; it goes back as an error frame.
 type refusal struct {
 	Code string `json:"code"`
@@ -167,27 +190,47 @@ type hub struct {
 	log          *slog.Logger
 	maxClients   int
 	allowOrigins map[string]bool // lower-case "scheme://host[:port]"
-	run          string          // identifies this server run; seq restarts with it
-	pingEvery    time.Duration   // pingEvery, changeable by tests
-	readIdle     time.Duration   // readIdle, changeable by tests
+	run          string          // this server run; every id carries it, and seq restarts with it
+	// The timings of the same names, changeable by tests before serving.
+	pingEvery, readIdle, writeWait, resumeWindow time.Duration
 
 	admitted atomic.Int64   // connections past admission, including mid-handshake
 	handlers sync.WaitGroup // one per upgraded connection, for shutdown
-	nextID   atomic.Int64
 
-	mu       sync.Mutex // guards the fields below, and every client's name
-	clients  map[*client]struct{}
-	byName   map[string]*client // by foldName(name), to keep names unique
+	mu       sync.Mutex           // guards the fields below, and every session's fields but id and secret
+	clients  map[*client]struct{} // the connections in the room: one per live session
+	sessions map[string]*session  // by id: the live sessions, and the ended ones that may resume
+	ended    list.List            // the ended sessions, oldest first, at most maxEndedSessions
+	byName   map[string]*session  // live sessions by foldName(name), to keep names unique
+	bases    map[string]*nameBase // by foldName of a name asked for
+	lastID   int64
 	seq      int64
 	history  [][]byte // encoded message frames, oldest first, at most historySize
 	histJSON []byte   // history as one JSON array, built on the first join after a change
-	joined   map[*client]bool
-	left     []user
-	leftN    int
-	flushing bool // a presence flush is scheduled
-	pinging  bool // a round of pings is scheduled
-	closed   bool // shutdown has begun: no joins, no frames
+	joined   map[*session]bool
+	left     map[*session]user // with the name it left under
+	flushing bool              // a presence flush is scheduled
+	pinging  bool              // a round of pings is scheduled
+	closed   bool              // shutdown has begun: no joins, no frames
 }
+
+// session is one person in the room, across connections.
+type session struct {
+	id     string
+	secret string // the resume token is id + "." + secret
+
+	name    string        // unique among live sessions
+	asked   string        // the name asked for, which suffixes go on
+	client  *client       // the connection it speaks through; nil once that ended
+	ended   *list.Element // its place in hub.ended, while client is nil
+	endedAt time.Time
+}
+
+func (s *session) user() user { return user{s.id, s.name} }
+
+// nameBase is what the hub keeps for one name asked for: the next suffix to
+// try when it is taken, and how many live sessions asked for it.
+type nameBase struct{ next, holders int }
 
 func newHub(log *slog.Logger, maxClients int, allowOrigins []string) *hub {
 	h := &hub{
@@ -197,10 +240,14 @@ func newHub(log *slog.Logger, maxClients int, allowOrigins []string) *hub {
 		run:          strconv.FormatUint(rand.Uint64(), 36),
 		pingEvery:    pingEvery,
 		readIdle:     readIdle,
+		writeWait:    writeWait,
+		resumeWindow: resumeWindow,
 		clients:      make(map[*client]struct{}),
-		byName:       make(map[string]*client),
-		joined:       make(map[*client]bool),
-		left:         []user{},
+		sessions:     make(map[string]*session),
+		byName:       make(map[string]*session),
+		bases:        make(map[string]*nameBase),
+		joined:       make(map[*session]bool),
+		left:         make(map[*session]user),
 	}
 	for _, o := range allowOrigins {
 		h.allowOrigins[strings.ToLower(strings.TrimSuffix(o, "/"))] = true
@@ -208,23 +255,456 @@ func newHub(log *slog.Logger, maxClients int, allowOrigins []string) *hub {
 	return h
 }
 
-// client is one chat connection.
-type client struct {
-	id   string
-	conn net.Conn    // the hijacked connection, for deadlines
-	live *liveReader // set at upgrade
-
-	name       string        // guarded by hub.mu
-	out        outbox        // frames for the writer; put only while holding hub.mu
-	writeBy    time.Time     // the write deadline set last; the writer's alone
-	writerDone chan struct{} // closed when the writer goroutine exits
-}
-
-// online reports how many clients are in the room.
+// online reports how many people are in the room.
 func (h *hub) online() int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return len(h.clients)
+}
+
+// joinRequest is what a client asks for as it connects:
+// GET /ws?name=NAME&resume=TOKEN&since=SEQ, each part optional.
+type joinRequest struct {
+	name   string // a display name for a new session
+	resume string // a token, to continue a session
+	since  int64  // the last seq the client shows, or -1
+}
+
+// parseJoin reads a join request from the handshake's query. A since that
+// is not a whole number from 0 up counts as not given.
+func parseJoin(q url.Values) joinRequest {
+	req := joinRequest{name: q.Get("name"), resume: q.Get("resume"), since: -1}
+	if n, err := strconv.ParseInt(q.Get("since"), 10, 64); err == nil && n >= 0 {
+		req.since = n
+	}
+	return req
+}
+
+// join puts c in the room and queues its welcome. If req.resume names a
+// session still here, c continues it: same id, same name, and the messages
+// after req.since. Otherwise c starts a new session under the name asked for
+// (a name that cannot be used is replaced by a random one, with an error
+// frame after the welcome saying why). It reports false once shutdown has
+// begun.
+//
+// join must run before c's writer starts: the welcome is encoded after the
+// lock is released (in a storm of joins, encoding it under the lock was most
+// of what everyone else waited for) and then put in front of whatever
+// broadcasts reached c's outbox meanwhile.
+func (h *hub) join(c *client, req joinRequest) bool {
+	var bad *refusal
+	name := randomName()
+	if req.name != "" {
+		if n, ref := cleanName(req.name); ref != nil {
+			bad = ref
+		} else {
+			name = n
+		}
+	}
+	secret := crand.Text()
+	now := time.Now()
+
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		return false
+	}
+	h.forgetEndedLocked(now)
+	s := h.resumableLocked(req.resume)
+	resumed := s != nil
+	switch {
+	case !resumed:
+		h.lastID++
+		s = &session{id: h.run + "-" + strconv.FormatInt(h.lastID, 10), secret: secret}
+		h.sessions[s.id] = s
+		h.takeNameLocked(s, name, name)
+		h.joined[s] = true
+	case s.client != nil:
+		// Its old connection is still open: the server has not noticed it
+		// drop, or the page opened another. The session never left the room,
+		// so nobody hears of the switch.
+		old := s.client
+		s.client = c // first, so that dropping old does not end the session
+		h.dropLocked(old, closeReplaced, "replaced by a new connection")
+	default:
+		// Back within resumeWindow, under its old name if that is free.
+		h.ended.Remove(s.ended)
+		s.ended = nil
+		oldName := s.name
+		h.takeNameLocked(s, s.name, s.asked)
+		if _, ok := h.left[s]; ok && s.name == oldName {
+			delete(h.left, s) // left and came back inside one window: in neither list
+		} else {
+			h.joined[s] = true
+		}
+	}
+	s.client, c.s = c, s
+	h.clients[c] = struct{}{}
+	h.schedulePresenceLocked()
+	if !h.pinging {
+		h.pinging = true
+		time.AfterFunc(h.pingEvery, h.pingAll)
+	}
+	users := []user{s.user()}
+	for other := range h.clients {
+		if len(users) == welcomeUsers {
+			break
+		}
+		if other != c {
+			users = append(users, other.s.user())
+		}
+	}
+	var history []byte
+	var missed int64
+	if resumed && req.since >= 0 {
+		history, missed = h.historySinceLocked(req.since)
+	} else {
+		if h.histJSON == nil {
+			h.histJSON = jsonArray(h.history)
+		}
+		history = h.histJSON // replaced, never changed
+	}
+	w := welcome{"welcome", s.user(), len(h.clients), users, h.run, stamp(now), s.id + "." + s.secret, resumed, missed}
+	h.mu.Unlock()
+
+	// The history goes in already encoded: marshalling it as json.RawMessage
+	// would re-validate every message in it on every join.
+	head := encode(w)
+	frame := make([]byte, 0, len(head)+len(`,"history":`)+len(history))
+	frame = append(frame, head[:len(head)-1]...) // all but the closing brace
+	frame = append(append(append(frame, `,"history":`...), history...), '}')
+	first := [][]byte{frame}
+	if bad != nil && !resumed {
+		first = append(first, encodeRefusal(bad))
+	}
+	c.out.putFirst(first...)
+	return true
+}
+
+// historySinceLocked returns, as a JSON array, the kept messages with a seq
+// above since, and how many messages above since are no longer kept. The
+// caller holds h.mu.
+func (h *hub) historySinceLocked(since int64) (history []byte, missed int64) {
+	oldest := h.seq - int64(len(h.history)) + 1 // the seq of h.history[0]
+	since = min(since, h.seq)
+	from := max(since+1, oldest)
+	return jsonArray(h.history[from-oldest:]), from - (since + 1)
+}
+
+func jsonArray(frames [][]byte) []byte {
+	return append(append([]byte("["), bytes.Join(frames, []byte(","))...), ']')
+}
+
+// say broadcasts a message from c, already checked by decodeFrame.
+func (h *hub) say(c *client, text string) {
+	now := time.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.inRoomLocked(c) {
+		return
+	}
+	h.seq++
+	frame := encode(message{"message", h.seq, c.s.user(), text, stamp(now)})
+	if len(h.history) == historySize {
+		copy(h.history, h.history[1:])
+		h.history = h.history[:historySize-1]
+	}
+	h.history = append(h.history, frame)
+	h.histJSON = nil
+	h.broadcastLocked(frame)
+}
+
+// inRoomLocked reports whether c is still in the room (not dropped, and the
+// server not shutting down). The caller holds h.mu.
+func (h *hub) inRoomLocked(c *client) bool {
+	_, ok := h.clients[c]
+	return ok && !h.closed
+}
+
+// rename changes c's display name and tells everyone.
+func (h *hub) rename(c *client, want string) *refusal {
+	name, ref := cleanName(want)
+	if ref != nil {
+		return ref
+	}
+	now := time.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s := c.s
+	if !h.inRoomLocked(c) || name == s.name {
+		return nil
+	}
+	old := s.name
+	h.releaseNameLocked(s)
+	h.takeNameLocked(s, name, name)
+	h.broadcastLocked(encode(struct {
+		Type string `json:"type"` // "rename"
+		User user   `json:"user"`
+		Old  string `json:"old"`
+		Time string `json:"time"`
+	}{"rename", s.user(), old, stamp(now)}))
+	return nil
+}
+
+// reply queues frame for c alone.
+func (h *hub) reply(c *client, frame []byte) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.inRoomLocked(c) {
+		h.offerLocked(c, frame)
+	}
+}
+
+// refuse tells c why its last frame was refused; the connection stays open.
+func (h *hub) refuse(c *client, r *refusal) { h.reply(c, encodeRefusal(r)) }
+
+func encodeRefusal(r *refusal) []byte {
+	return encode(struct {
+		Type string `json:"type"` // "error"
+		*refusal
+	}{"error", r})
+}
+
+// broadcastLocked offers frame to every client. The caller holds h.mu.
+func (h *hub) broadcastLocked(frame []byte) {
+	for c := range h.clients {
+		h.offerLocked(c, frame)
+	}
+}
+
+// offerLocked queues frame for c without blocking; if c's outbox is full, c
+// is too slow to keep up and is dropped. The caller holds h.mu.
+func (h *hub) offerLocked(c *client, frame []byte) {
+	if !c.out.put(frame) {
+		h.dropLocked(c, closePolicyViolation, "too slow: outbound queue full")
+	}
+}
+
+// drop takes c out of the room, if it is still there, and has its writer
+// close the connection with code.
+func (h *hub) drop(c *client, code int, text string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.dropLocked(c, code, text)
+}
+
+func (h *hub) dropLocked(c *client, code int, text string) {
+	if _, ok := h.clients[c]; !ok {
+		return
+	}
+	delete(h.clients, c)
+	if s := c.s; s.client == c { // not replaced: the session leaves the room
+		h.endLocked(s)
+	}
+	if code != closeNormal {
+		h.log.Debug("dropping client", "client", c.s.id, "code", code, "reason", text)
+	}
+	c.out.close(code, text, code == closePolicyViolation || code == closeReplaced)
+	// A client out of the room gets closeGrace for the writes still to come
+	// (its backlog and the close frame) and for the one in progress: a
+	// client that stopped reading must not hold its connection, or the
+	// server's shutdown, for a whole writeWait.
+	c.wire.stopBy(time.Now().Add(closeGrace))
+}
+
+// endLocked takes s out of the room: its leave is announced, its name is
+// free, and it waits in h.ended for a resume. The caller holds h.mu.
+func (h *hub) endLocked(s *session) {
+	if h.joined[s] {
+		delete(h.joined, s) // joined and left inside one window: in neither list
+	} else if !h.closed {
+		h.left[s] = s.user()
+		h.schedulePresenceLocked()
+	}
+	h.releaseNameLocked(s)
+	s.client, s.endedAt = nil, time.Now()
+	s.ended = h.ended.PushBack(s)
+	if h.ended.Len() > maxEndedSessions {
+		h.forgetLocked(h.ended.Front())
+	}
+	h.forgetEndedLocked(s.endedAt)
+}
+
+// resumableLocked returns the session token continues, or nil. A token that
+// is malformed, another run's, forgotten, or whose secret does not match
+// gets a new session, not an error. The secret is compared in constant time,
+// so that how long the answer takes tells a guesser nothing. The caller
+// holds h.mu.
+func (h *hub) resumableLocked(token string) *session {
+	id, secret, ok := strings.Cut(token, ".")
+	s := h.sessions[id]
+	if !ok || s == nil || subtle.ConstantTimeCompare([]byte(secret), []byte(s.secret)) != 1 {
+		return nil
+	}
+	return s
+}
+
+// forgetEndedLocked forgets the sessions that ended more than resumeWindow
+// before now. The caller holds h.mu.
+func (h *hub) forgetEndedLocked(now time.Time) {
+	for e := h.ended.Front(); e != nil && now.Sub(e.Value.(*session).endedAt) > h.resumeWindow; e = h.ended.Front() {
+		h.forgetLocked(e)
+	}
+}
+
+func (h *hub) forgetLocked(e *list.Element) {
+	s := h.ended.Remove(e).(*session)
+	s.ended = nil
+	delete(h.sessions, s.id)
+}
+
+// takeNameLocked gives s the name prefer if no live session has it, and
+// otherwise asked with the next free "-N" suffix. Each name asked for keeps
+// the next suffix to try, so that ten thousand people asking for "ann" cost
+// a look-up or two each, not a scan of ann-2, ann-3... under the lock.
+// The caller holds h.mu.
+func (h *hub) takeNameLocked(s *session, prefer, asked string) {
+	b := h.bases[foldName(asked)]
+	if b == nil {
+		b = &nameBase{next: 2}
+		h.bases[foldName(asked)] = b
+	}
+	b.holders++
+	name := prefer
+	for h.byName[foldName(name)] != nil {
+		name = withSuffix(asked, b.next)
+		b.next++
+	}
+	s.name, s.asked = name, asked
+	h.byName[foldName(name)] = s
+}
+
+// releaseNameLocked frees s's name. The caller holds h.mu.
+func (h *hub) releaseNameLocked(s *session) {
+	if h.byName[foldName(s.name)] == s {
+		delete(h.byName, foldName(s.name))
+	}
+	if b := h.bases[foldName(s.asked)]; b != nil {
+		if b.holders--; b.holders == 0 {
+			delete(h.bases, foldName(s.asked))
+		}
+	}
+}
+
+// foldName is the key under which names must be unique: case does not
+// tell two users apart.
+func foldName(s string) string { return strings.ToLower(s) }
+
+// withSuffix returns name with "-i" on the end, cut to fit maxNameChars.
+func withSuffix(name string, i int) string {
+	suffix := "-" + strconv.Itoa(i)
+	base := []rune(name)
+	if max := maxNameChars - len(suffix); len(base) > max {
+		base = base[:max]
+	}
+	return strings.TrimSpace(string(base)) + suffix
+}
+
+// pingAll asks every client's writer for a ping, and schedules the next
+// round while anyone is in the room. One timer for the whole hub, rather
+// than a ticker per client, keeps an idle connection cheap.
+func (h *hub) pingAll() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed || len(h.clients) == 0 {
+		h.pinging = false
+		return
+	}
+	for c := range h.clients {
+		c.out.pingDue()
+	}
+	time.AfterFunc(h.pingEvery, h.pingAll)
+}
+
+// schedulePresenceLocked makes sure a presence flush is on its way. The
+// caller holds h.mu.
+func (h *hub) schedulePresenceLocked() {
+	if !h.flushing {
+		h.flushing = true
+		time.AfterFunc(presenceEvery, h.flushPresence)
+	}
+}
+
+// flushPresence broadcasts one presence frame covering every join and leave
+// since the last one.
+func (h *hub) flushPresence() {
+	now := time.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.flushing = false
+	if h.closed || len(h.joined) == 0 && len(h.left) == 0 {
+		return
+	}
+	joined := make([]user, 0, min(len(h.joined), presenceNames))
+	for s := range h.joined {
+		if len(joined) == presenceNames {
+			break
+		}
+		joined = append(joined, s.user())
+	}
+	left := make([]user, 0, min(len(h.left), presenceNames))
+	for _, u := range h.left {
+		if len(left) == presenceNames {
+			break
+		}
+		left = append(left, u)
+	}
+	frame := encode(struct {
+		Type        string `json:"type"` // "presence"
+		Online      int    `json:"online"`
+		Joined      []user `json:"joined"`
+		Left        []user `json:"left"`
+		JoinedCount int    `json:"joinedCount"`
+		LeftCount   int    `json:"leftCount"`
+		Time        string `json:"time"`
+	}{"presence", len(h.clients), joined, left, len(h.joined), len(h.left), stamp(now)})
+	// New maps rather than cleared ones: a storm's thousands of entries
+	// should not stay allocated.
+	h.joined, h.left = make(map[*session]bool), make(map[*session]user)
+	h.broadcastLocked(frame)
+}
+
+// shutdown closes every client with 1001 and refuses new ones. Like every
+// dropped client, each then has closeGrace to take what is queued for it.
+func (h *hub) shutdown() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.closed = true
+	for c := range h.clients {
+		h.dropLocked(c, closeGoingAway, "server shutting down")
+	}
+}
+
+// wait blocks until every connection handler has returned, or ctx is done.
+func (h *hub) wait(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		h.handlers.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("chat connections still open: %w", ctx.Err())
+	}
+}
+
+// ---------------------------------------------------------- a connection --
+
+// client is one connection to the chat, and the session speaking through it.
+type client struct {
+	s    *session    // set by join, then fixed
+	conn net.Conn    // the hijacked connection; closed by the client's own goroutine
+	live *liveReader // reads conn, and owns its read deadline; set at upgrade
+	wire *wire       // writes conn, and owns its write deadline; set at upgrade
+
+	out        outbox        // frames for the writer; put only while holding hub.mu
+	writerDone chan struct{} // closed when the writer goroutine exits
+}
+
+func newClient() *client {
+	return &client{out: outbox{wake: make(chan struct{}, 1)}, writerDone: make(chan struct{})}
 }
 
 // ServeHTTP handles GET /ws. Every refusal happens before the upgrade, so it
@@ -246,8 +726,8 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "chat is full, try again later", http.StatusServiceUnavailable)
 		return
 	}
-	c := newClient("u" + strconv.FormatInt(h.nextID.Add(1), 10))
-	name := r.URL.Query().Get("name")
+	c := newClient()
+	req := parseJoin(r.URL.Query())
 	h.handlers.Add(1) // before the hijack, while Shutdown still waits for this request
 	started := false
 	ws := websocket.Server{Handler: func(ws *websocket.Conn) {
@@ -260,10 +740,10 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			defer h.handlers.Done()
 			defer h.admitted.Add(-1)
 			defer c.conn.Close()
-			h.serve(ws, c, name)
+			h.serve(ws, c, req)
 		}()
 	}}
-	ws.ServeHTTP(hijacker{w, c, h.readIdle}, r)
+	ws.ServeHTTP(hijacker{w, c, h.readIdle, h.writeWait}, r)
 	if !started { // the handshake failed
 		if c.conn != nil {
 			c.conn.Close()
@@ -291,9 +771,201 @@ func (h *hub) checkOrigin(r *http.Request) error {
 	return fmt.Errorf("origin %s may not open a WebSocket on %s (see -allow-origin)", origin, r.Host)
 }
 
-func newClient(id string) *client {
-	return &client{id: id, out: outbox{wake: make(chan struct{}, 1)}, writerDone: make(chan struct{})}
+// serve runs a client's reader: it is the only reader of ws. It returns once
+// the writer has finished; the caller then closes the connection.
+func (h *hub) serve(ws *websocket.Conn, c *client, req joinRequest) {
+	ws.MaxPayloadBytes = maxFrameBytes
+	if !h.join(c, req) {
+		c.wire.write(appendClose(nil, closeGoingAway, "server shutting down"), closeGrace)
+		return
+	}
+	log := h.log.With("client", c.s.id)
+	log.Debug("joined", "remote", c.conn.RemoteAddr())
+	go c.write()
+
+	limit := newBucket(rateBurst, ratePerSecond)
+	strikes := newBucket(floodStrikes, floodStrikes/floodWindow.Seconds())
+	for {
+		var in rawFrame
+		err := frameCodec.Receive(ws, &in)
+		if c.live.isClosing() {
+			if err == nil || errors.Is(err, websocket.ErrFrameTooLarge) {
+				continue // drain until the peer's close frame or closeGrace
+			}
+			break
+		}
+		if errors.Is(err, websocket.ErrFrameTooLarge) {
+			h.drop(c, closeTooBig, "frame over "+strconv.Itoa(maxFrameBytes)+" bytes")
+			continue
+		}
+		if err != nil {
+			log.Debug("read ended", "err", err)
+			break
+		}
+		switch in.opcode {
+		case websocket.TextFrame:
+		case websocket.BinaryFrame:
+			h.drop(c, closeUnsupported, "text frames only")
+			continue
+		default: // x/net passes reserved opcodes on as data
+			h.drop(c, closeProtocolError, "reserved opcode "+strconv.Itoa(int(in.opcode)))
+			continue
+		}
+		if now := time.Now(); !limit.take(now) {
+			if !strikes.take(now) {
+				h.drop(c, closePolicyViolation, "flooding")
+				continue
+			}
+			h.refuse(c, &refusal{errRateLimited, "too many frames: at most " +
+				strconv.Itoa(rateBurst) + " at once or " + strconv.Itoa(ratePerSecond) + " a second"})
+			continue
+		}
+		if ref := h.handle(c, in.data); ref != nil {
+			h.refuse(c, ref)
+		}
+	}
+	h.drop(c, closeNormal, "")
+	<-c.writerDone
+	log.Debug("left")
 }
+
+// pongFrame answers a client's ping.
+var pongFrame = []byte(`{"type":"pong"}`)
+
+// handle acts on one frame from c, or says why it refused it.
+func (h *hub) handle(c *client, data []byte) *refusal {
+	in, ref := decodeFrame(data)
+	if ref != nil {
+		return ref
+	}
+	switch in.Type {
+	case "message":
+		h.say(c, in.Text)
+	case "rename":
+		return h.rename(c, in.Name)
+	case "ping":
+		h.reply(c, pongFrame)
+	}
+	return nil
+}
+
+// decodeFrame parses and checks a client frame. It refuses what is not a JSON
+// object, an unknown type, and a message whose trimmed text is empty or over
+// maxTextChars. Invalid UTF-8 is refused, so it can never be relayed.
+func decodeFrame(data []byte) (inbound, *refusal) {
+	var in inbound
+	if !utf8.Valid(data) {
+		return in, &refusal{errBadJSON, "frame is not valid UTF-8"}
+	}
+	if err := json.Unmarshal(data, &in); err != nil {
+		return in, &refusal{errBadJSON, "frame is not a JSON object of the chat protocol: " + err.Error()}
+	}
+	switch in.Type {
+	case "message":
+		in.Text = strings.TrimSpace(in.Text)
+		if in.Text == "" {
+			return in, &refusal{errEmpty, "message text is empty"}
+		}
+		if utf8.RuneCountInString(in.Text) > maxTextChars {
+			return in, &refusal{errTooLong, "message text is over " + strconv.Itoa(maxTextChars) + " characters"}
+		}
+	case "rename", "ping":
+	default:
+		return in, &refusal{errUnknownType, fmt.Sprintf("unknown frame type %q: want message, rename or ping", in.Type)}
+	}
+	return in, nil
+}
+
+// cleanName returns the display name a client asked for, trimmed and with
+// inner white space collapsed, or a refusal. Names may not hold control or
+// invisible formatting characters (zero-width, bidi overrides), so a name
+// cannot hide text or pass for someone else's by invisible differences.
+func cleanName(s string) (string, *refusal) {
+	if !utf8.ValidString(s) {
+		return "", &refusal{errBadName, "name is not valid UTF-8"}
+	}
+	s = strings.Join(strings.Fields(s), " ")
+	if s == "" {
+		return "", &refusal{errBadName, "name is empty"}
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) || unicode.Is(unicode.Cf, r) || r == utf8.RuneError {
+			return "", &refusal{errBadName, fmt.Sprintf("name holds a control or invisible character (%U)", r)}
+		}
+	}
+	if utf8.RuneCountInString(s) > maxNameChars {
+		return "", &refusal{errBadName, "name is over " + strconv.Itoa(maxNameChars) + " characters"}
+	}
+	return s, nil
+}
+
+var (
+	nameAdjectives = []string{"amber", "brave", "calm", "clever", "eager", "gentle", "happy", "jolly",
+		"keen", "lucky", "merry", "nimble", "quiet", "rapid", "sunny", "witty"}
+	nameAnimals = []string{"badger", "crane", "dolphin", "falcon", "gecko", "heron", "koala", "lynx",
+		"marmot", "otter", "panda", "quokka", "raven", "seal", "tapir", "wombat"}
+)
+
+// randomName picks a readable name for a client that asked for none.
+func randomName() string {
+	return nameAdjectives[rand.IntN(len(nameAdjectives))] + "-" + nameAnimals[rand.IntN(len(nameAnimals))]
+}
+
+// write is c's writer goroutine, the only goroutine that writes frames to
+// c's connection. Each time it wakes it takes everything in the outbox (and
+// a ping, if one is due) and sends it in one write. Once the outbox is
+// closed it adds a close frame with the hub's code, then gives the peer
+// closeGrace to answer. If a write fails, the peer is gone or stuck: it ends
+// the reader too.
+func (c *client) write() {
+	defer close(c.writerDone)
+	for range c.out.wake {
+		closed, err := c.writeBatch()
+		switch {
+		case err != nil:
+			c.live.closeAfter(0)
+			return
+		case closed:
+			c.live.closeAfter(closeGrace)
+			return
+		}
+	}
+}
+
+// writeBatch writes every frame in c's outbox in one write, with a ping if
+// one is due and a close frame if the outbox is closed.
+func (c *client) writeBatch() (closed bool, err error) {
+	frames, ping, closed, code, reason := c.out.take()
+	bp := batchPool.Get().(*[]byte)
+	buf := (*bp)[:0]
+	for _, f := range frames {
+		buf = appendFrame(buf, websocket.TextFrame, f)
+	}
+	c.out.done(frames)
+	if ping {
+		buf = appendFrame(buf, websocket.PingFrame, nil)
+	}
+	within := c.wire.wait
+	if closed {
+		buf = appendClose(buf, code, reason)
+		within = closeGrace
+	}
+	if len(buf) > 0 {
+		_, err = c.wire.write(buf, within)
+	}
+	if cap(buf) <= maxPooledBatch {
+		*bp = buf
+		batchPool.Put(bp)
+	}
+	return closed, err
+}
+
+// maxPooledBatch is the largest batch buffer, in bytes, kept for reuse; a
+// larger one (a long backlog of long messages) is left to the collector.
+const maxPooledBatch = 64 << 10
+
+// batchPool holds the writers' batch buffers, so that an idle client holds none.
+var batchPool = sync.Pool{New: func() any { return new([]byte) }}
 
 // outbox is a client's queue of frames waiting for its writer: the hub puts
 // frames in one at a time, the writer takes all of them at once. Closing it
@@ -379,13 +1051,57 @@ func (o *outbox) done(frames [][]byte) {
 	o.mu.Unlock()
 }
 
+// ---------------------------------------------------------------- limits --
+
+// bucket is a token bucket: it holds up to size tokens, refills at perSecond,
+// and take takes one if there is one. A client's reader keeps two: one for
+// its frames (the rate limit) and one for its refused frames (the flood
+// limit). Only that reader uses them.
+type bucket struct {
+	tokens, size, perSecond float64
+	last                    time.Time
+}
+
+func newBucket(size, perSecond float64) bucket {
+	return bucket{tokens: size, size: size, perSecond: perSecond, last: time.Now()}
+}
+
+func (b *bucket) take(now time.Time) bool {
+	b.tokens = min(b.size, b.tokens+now.Sub(b.last).Seconds()*b.perSecond)
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// ------------------------------------------------- what x/net leaves to us --
+//
+// A first reading may stop here. x/net/websocket does the handshake and the
+// reading, and this is what it leaves to its user:
+//   - It writes (and flushes) one frame per system call, and a writer that
+//     finds many frames queued should send them in one. Its Conn.Close always
+//     sends status 1000, and we need 1001 to 1009 and 4000. So the writer
+//     frames its own batches; server frames are simple (unmasked, a two- to
+//     ten-byte header).
+//   - It answers pings with pongs from inside Read, on the same socket as our
+//     writer: both must go through one place that owns the write deadline
+//     (the wire).
+//   - It swallows pongs inside Read, so we cannot see one arrive. Instead
+//     liveReader pushes the read deadline forward on any bytes from the
+//     peer, pongs included, and a peer that goes silent times out.
+//   - It returns ErrFrameTooLarge but keeps the connection; serve closes it
+//     with 1009.
+
 // hijacker hands x/net/websocket the hijacked connection with small buffers,
 // reading through a liveReader and not closed by x/net, and records the
 // connection in the client.
 type hijacker struct {
 	http.ResponseWriter
-	c    *client
-	idle time.Duration
+	c         *client
+	idle      time.Duration
+	writeWait time.Duration
 }
 
 func (hj hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
@@ -395,14 +1111,16 @@ func (hj hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	hj.c.conn = conn
 	hj.c.live = &liveReader{conn: conn, idle: hj.idle}
+	hj.c.wire = &wire{conn: conn, wait: hj.writeWait}
 	var r io.Reader = hj.c.live
 	if n := brw.Reader.Buffered(); n > 0 { // bytes that came with the handshake
 		early, _ := brw.Reader.Peek(n)
 		r = io.MultiReader(bytes.NewReader(bytes.Clone(early)), r)
 	}
 	conn.SetReadDeadline(time.Now().Add(hj.idle))
-	// New small buffers, so that net/http's can go with its request.
-	brw = bufio.NewReadWriter(bufio.NewReaderSize(r, connReadBufferBytes), bufio.NewWriterSize(conn, connWriteBufferBytes))
+	// New small buffers, so that net/http's can go with its request. x/net
+	// writes its handshake answer and its pongs through the wire.
+	brw = bufio.NewReadWriter(bufio.NewReaderSize(r, connReadBufferBytes), bufio.NewWriterSize(hj.c.wire, connWriteBufferBytes))
 	return keepOpen{conn}, brw, nil
 }
 
@@ -412,6 +1130,57 @@ func (hj hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 type keepOpen struct{ net.Conn }
 
 func (keepOpen) Close() error { return nil }
+
+// wire is the one path by which bytes reach a hijacked connection, and the
+// owner of its write deadline. A deadline belongs to the socket, not to a
+// write: when the writer set it and moved it only when it wrote itself, the
+// pongs x/net writes from the reader ran under a stale deadline, and a client
+// that pinged in a quiet room was cut off. So every write sets its own
+// deadline just before it starts, and mu keeps the pair whole.
+//
+// stopBy is the one other hand on the deadline: when a client is dropped,
+// the hub uses it to end the write in progress, and bound every later one,
+// by a given time, so that a client that has stopped reading cannot hold its
+// connection, or the server's shutdown, for a whole writeWait.
+type wire struct {
+	conn net.Conn
+	wait time.Duration // how long a write may take, unless it says otherwise
+
+	mu sync.Mutex // held for one write and the deadline set for it
+
+	dmu   sync.Mutex // guards the fields below and every SetWriteDeadline
+	set   time.Time  // the deadline in force
+	until time.Time  // if not zero, no write may last past it
+}
+
+// Write writes p within w.wait. x/net's handshake answer and pongs come this way.
+func (w *wire) Write(p []byte) (int, error) { return w.write(p, w.wait) }
+
+// write writes p, failing if that takes longer than within (or goes past
+// the time stopBy set).
+func (w *wire) write(p []byte, within time.Duration) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.dmu.Lock()
+	w.set = time.Now().Add(within)
+	if !w.until.IsZero() && w.until.Before(w.set) {
+		w.set = w.until
+	}
+	w.conn.SetWriteDeadline(w.set)
+	w.dmu.Unlock()
+	return w.conn.Write(p)
+}
+
+// stopBy makes the write in progress, and every later one, end by t.
+func (w *wire) stopBy(t time.Time) {
+	w.dmu.Lock()
+	defer w.dmu.Unlock()
+	w.until = t
+	if w.set.IsZero() || w.set.After(t) {
+		w.set = t
+		w.conn.SetWriteDeadline(t)
+	}
+}
 
 // liveReader reads from the connection and pushes its read deadline forward
 // whenever bytes arrive, so that any traffic from the peer, including the
@@ -452,476 +1221,6 @@ func (lr *liveReader) isClosing() bool {
 	return lr.closing
 }
 
-// serve runs a client's reader: it is the only reader of ws. It returns once
-// the writer has finished; the caller then closes the connection.
-func (h *hub) serve(ws *websocket.Conn, c *client, wantName string) {
-	ws.MaxPayloadBytes = maxFrameBytes
-	log := h.log.With("client", c.id)
-	if !h.join(c, wantName) {
-		c.conn.SetWriteDeadline(time.Now().Add(closeGrace))
-		c.conn.Write(appendClose(nil, closeGoingAway, "server shutting down"))
-		return
-	}
-	log.Debug("joined", "remote", c.conn.RemoteAddr())
-	go c.write()
-
-	limit := bucket{tokens: rateBurst, last: time.Now()}
-	strikes := 0
-	for {
-		var in rawFrame
-		err := frameCodec.Receive(ws, &in)
-		if c.live.isClosing() {
-			if err == nil || errors.Is(err, websocket.ErrFrameTooLarge) {
-				continue // drain until the peer's close frame or closeGrace
-			}
-			break
-		}
-		if errors.Is(err, websocket.ErrFrameTooLarge) {
-			h.drop(c, closeTooBig, "frame over "+strconv.Itoa(maxFrameBytes)+" bytes")
-			continue
-		}
-		if err != nil {
-			log.Debug("read ended", "err", err)
-			break
-		}
-		switch in.opcode {
-		case websocket.TextFrame:
-		case websocket.BinaryFrame:
-			h.drop(c, closeUnsupported, "text frames only")
-			continue
-		default: // x/net passes reserved opcodes on as data
-			h.drop(c, closeProtocolError, "reserved opcode "+strconv.Itoa(int(in.opcode)))
-			continue
-		}
-		if !limit.allow(time.Now()) {
-			if strikes++; strikes >= floodStrikes {
-				h.drop(c, closePolicyViolation, "flooding")
-				continue
-			}
-			h.refuse(c, &refusal{errRateLimited, "too many frames: at most " +
-				strconv.Itoa(rateBurst) + " at once or " + strconv.Itoa(ratePerSecond) + " a second"})
-			continue
-		}
-		strikes = 0
-		if ref := h.handle(c, in.data); ref != nil {
-			h.refuse(c, ref)
-		}
-	}
-	h.drop(c, closeNormal, "")
-	<-c.writerDone
-	log.Debug("left")
-}
-
-// pongFrame answers a client's ping.
-var pongFrame = []byte(`{"type":"pong"}`)
-
-// handle acts on one frame from c, or says why it refused it.
-func (h *hub) handle(c *client, data []byte) *refusal {
-	in, ref := decodeFrame(data)
-	if ref != nil {
-		return ref
-	}
-	switch in.Type {
-	case "message":
-		h.say(c, in.Text)
-	case "rename":
-		return h.rename(c, in.Name)
-	case "ping":
-		h.reply(c, pongFrame)
-	}
-	return nil
-}
-
-// decodeFrame parses and checks a client frame. It refuses what is not a JSON
-// object, an unknown type, and a message whose trimmed text is empty or over
-// maxTextChars. Invalid UTF-8 is refused, so it can never be relayed.
-func decodeFrame(data []byte) (inbound, *refusal) {
-	var in inbound
-	if !utf8.Valid(data) {
-		return in, &refusal{errBadJSON, "frame is not valid UTF-8"}
-	}
-	if err := json.Unmarshal(data, &in); err != nil {
-		return in, &refusal{errBadJSON, "frame is not a JSON object of the chat protocol: " + err.Error()}
-	}
-	switch in.Type {
-	case "message":
-		in.Text = strings.TrimSpace(in.Text)
-		if in.Text == "" {
-			return in, &refusal{errEmpty, "message text is empty"}
-		}
-		if utf8.RuneCountInString(in.Text) > maxTextChars {
-			return in, &refusal{errTooLong, "message text is over " + strconv.Itoa(maxTextChars) + " characters"}
-		}
-	case "rename", "ping":
-	default:
-		return in, &refusal{errUnknownType, fmt.Sprintf("unknown frame type %q: want message, rename or ping", in.Type)}
-	}
-	return in, nil
-}
-
-// cleanName returns the display name a client asked for, trimmed and with
-// inner white space collapsed, or a refusal. Names may not hold control or
-// invisible formatting characters (zero-width, bidi overrides), so a name
-// cannot hide text or pass for someone else's by invisible differences.
-func cleanName(s string) (string, *refusal) {
-	if !utf8.ValidString(s) {
-		return "", &refusal{errBadName, "name is not valid UTF-8"}
-	}
-	s = strings.Join(strings.Fields(s), " ")
-	if s == "" {
-		return "", &refusal{errBadName, "name is empty"}
-	}
-	for _, r := range s {
-		if unicode.IsControl(r) || unicode.Is(unicode.Cf, r) || r == utf8.RuneError {
-			return "", &refusal{errBadName, fmt.Sprintf("name holds a control or invisible character (%U)", r)}
-		}
-	}
-	if utf8.RuneCountInString(s) > maxNameChars {
-		return "", &refusal{errBadName, "name is over " + strconv.Itoa(maxNameChars) + " characters"}
-	}
-	return s, nil
-}
-
-// foldName is the key under which names must be unique: case does not
-// tell two users apart.
-func foldName(s string) string { return strings.ToLower(s) }
-
-// uniqueNameLocked returns name, or name with a "-2", "-3"... suffix, such that
-// no other client online has it. The caller holds h.mu.
-func (h *hub) uniqueNameLocked(name string, self *client) string {
-	taken := func(n string) bool {
-		other, ok := h.byName[foldName(n)]
-		return ok && other != self
-	}
-	if !taken(name) {
-		return name
-	}
-	for i := 2; ; i++ {
-		suffix := "-" + strconv.Itoa(i)
-		base := []rune(name)
-		if max := maxNameChars - len(suffix); len(base) > max {
-			base = base[:max]
-		}
-		if n := strings.TrimSpace(string(base)) + suffix; !taken(n) {
-			return n
-		}
-	}
-}
-
-var (
-	nameAdjectives = []string{"amber", "brave", "calm", "clever", "eager", "gentle", "happy", "jolly",
-		"keen", "lucky", "merry", "nimble", "quiet", "rapid", "sunny", "witty"}
-	nameAnimals = []string{"badger", "crane", "dolphin", "falcon", "gecko", "heron", "koala", "lynx",
-		"marmot", "otter", "panda", "quokka", "raven", "seal", "tapir", "wombat"}
-)
-
-// randomName picks a readable name for a client that asked for none.
-func randomName() string {
-	return nameAdjectives[rand.IntN(len(nameAdjectives))] + "-" + nameAnimals[rand.IntN(len(nameAnimals))]
-}
-
-// join adds c to the room under a unique name and queues its welcome. A name
-// that cannot be used is replaced by a random one, with an error frame after
-// the welcome saying why. It reports false once shutdown has begun.
-//
-// join must run before c's writer starts: the welcome is encoded after the
-// lock is released (in a storm of joins, encoding it under the lock was most
-// of what everyone else waited for) and then put in front of whatever
-// broadcasts reached c's outbox meanwhile.
-func (h *hub) join(c *client, want string) bool {
-	var bad *refusal
-	name := randomName()
-	if want != "" {
-		if n, ref := cleanName(want); ref != nil {
-			bad = ref
-		} else {
-			name = n
-		}
-	}
-	now := time.Now()
-
-	h.mu.Lock()
-	if h.closed {
-		h.mu.Unlock()
-		return false
-	}
-	c.name = h.uniqueNameLocked(name, c)
-	h.clients[c] = struct{}{}
-	h.byName[foldName(c.name)] = c
-	h.joined[c] = true
-	h.schedulePresenceLocked()
-	if !h.pinging {
-		h.pinging = true
-		time.AfterFunc(h.pingEvery, h.pingAll)
-	}
-	users := []user{{c.id, c.name}}
-	for other := range h.clients {
-		if len(users) == welcomeUsers {
-			break
-		}
-		if other != c {
-			users = append(users, user{other.id, other.name})
-		}
-	}
-	if h.histJSON == nil {
-		h.histJSON = append(append([]byte("["), bytes.Join(h.history, []byte(","))...), ']')
-	}
-	history, online := h.histJSON, len(h.clients) // histJSON is replaced, never changed
-	h.mu.Unlock()
-
-	head := encode(struct {
-		Type   string `json:"type"` // "welcome"
-		You    user   `json:"you"`
-		Online int    `json:"online"`
-		Users  []user `json:"users"`
-		Run    string `json:"run"`
-		Time   string `json:"time"`
-	}{"welcome", users[0], online, users, h.run, stamp(now)})
-	// The history goes in already encoded: marshalling it as json.RawMessage
-	// would re-validate every message in it on every join.
-	welcome := make([]byte, 0, len(head)+len(history)+len(`,"history":`))
-	welcome = append(welcome, head[:len(head)-1]...) // all but the closing brace
-	welcome = append(append(append(welcome, `,"history":`...), history...), '}')
-	first := [][]byte{welcome}
-	if bad != nil {
-		first = append(first, encodeRefusal(bad))
-	}
-	c.out.putFirst(first...)
-	return true
-}
-
-// say broadcasts a message from c, already checked by decodeFrame.
-func (h *hub) say(c *client, text string) {
-	now := time.Now()
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if !h.inRoomLocked(c) {
-		return
-	}
-	h.seq++
-	frame := encode(message{"message", h.seq, user{c.id, c.name}, text, stamp(now)})
-	if len(h.history) == historySize {
-		copy(h.history, h.history[1:])
-		h.history = h.history[:historySize-1]
-	}
-	h.history = append(h.history, frame)
-	h.histJSON = nil
-	h.broadcastLocked(frame)
-}
-
-// inRoomLocked reports whether c is still in the room (not dropped, and the
-// server not shutting down). The caller holds h.mu.
-func (h *hub) inRoomLocked(c *client) bool {
-	_, ok := h.clients[c]
-	return ok && !h.closed
-}
-
-// rename changes c's display name and tells everyone.
-func (h *hub) rename(c *client, want string) *refusal {
-	name, ref := cleanName(want)
-	if ref != nil {
-		return ref
-	}
-	now := time.Now()
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if !h.inRoomLocked(c) || name == c.name {
-		return nil
-	}
-	old := c.name
-	delete(h.byName, foldName(old))
-	c.name = h.uniqueNameLocked(name, c)
-	h.byName[foldName(c.name)] = c
-	h.broadcastLocked(encode(struct {
-		Type string `json:"type"` // "rename"
-		User user   `json:"user"`
-		Old  string `json:"old"`
-		Time string `json:"time"`
-	}{"rename", user{c.id, c.name}, old, stamp(now)}))
-	return nil
-}
-
-// reply queues frame for c alone.
-func (h *hub) reply(c *client, frame []byte) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.inRoomLocked(c) {
-		h.offerLocked(c, frame)
-	}
-}
-
-// refuse tells c why its last frame was refused; the connection stays open.
-func (h *hub) refuse(c *client, r *refusal) { h.reply(c, encodeRefusal(r)) }
-
-func encodeRefusal(r *refusal) []byte {
-	return encode(struct {
-		Type string `json:"type"` // "error"
-		*refusal
-	}{"error", r})
-}
-
-// broadcastLocked offers frame to every client. The caller holds h.mu.
-func (h *hub) broadcastLocked(frame []byte) {
-	for c := range h.clients {
-		h.offerLocked(c, frame)
-	}
-}
-
-// offerLocked queues frame for c without blocking; if c's outbox is full, c
-// is too slow to keep up and is dropped. The caller holds h.mu.
-func (h *hub) offerLocked(c *client, frame []byte) {
-	if !c.out.put(frame) {
-		h.dropLocked(c, closePolicyViolation, "too slow: outbound queue full")
-	}
-}
-
-// drop removes c from the room, if it is still there, and has its writer
-// close the connection with code.
-func (h *hub) drop(c *client, code int, text string) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.dropLocked(c, code, text)
-}
-
-func (h *hub) dropLocked(c *client, code int, text string) {
-	if _, ok := h.clients[c]; !ok {
-		return
-	}
-	delete(h.clients, c)
-	if h.byName[foldName(c.name)] == c {
-		delete(h.byName, foldName(c.name))
-	}
-	if h.joined[c] {
-		delete(h.joined, c) // joined and left inside one window: in neither list
-	} else if !h.closed {
-		if len(h.left) < presenceNames {
-			h.left = append(h.left, user{c.id, c.name})
-		}
-		h.leftN++
-		h.schedulePresenceLocked()
-	}
-	if code != closeNormal {
-		h.log.Debug("dropping client", "client", c.id, "code", code, "reason", text)
-	}
-	c.out.close(code, text, code == closePolicyViolation)
-}
-
-// pingAll asks every client's writer for a ping, and schedules the next
-// round while anyone is in the room. One timer for the whole hub, rather
-// than a ticker per client, keeps an idle connection cheap.
-func (h *hub) pingAll() {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.closed || len(h.clients) == 0 {
-		h.pinging = false
-		return
-	}
-	for c := range h.clients {
-		c.out.pingDue()
-	}
-	time.AfterFunc(h.pingEvery, h.pingAll)
-}
-
-// schedulePresenceLocked makes sure a presence flush is on its way. The
-// caller holds h.mu.
-func (h *hub) schedulePresenceLocked() {
-	if !h.flushing {
-		h.flushing = true
-		time.AfterFunc(presenceEvery, h.flushPresence)
-	}
-}
-
-// flushPresence broadcasts one presence frame covering every join and leave
-// since the last one.
-func (h *hub) flushPresence() {
-	now := time.Now()
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.flushing = false
-	if h.closed || len(h.joined) == 0 && h.leftN == 0 {
-		return
-	}
-	joined := make([]user, 0, min(len(h.joined), presenceNames))
-	for c := range h.joined {
-		if len(joined) == presenceNames {
-			break
-		}
-		joined = append(joined, user{c.id, c.name})
-	}
-	frame := encode(struct {
-		Type        string `json:"type"` // "presence"
-		Online      int    `json:"online"`
-		Joined      []user `json:"joined"`
-		Left        []user `json:"left"`
-		JoinedCount int    `json:"joinedCount"`
-		LeftCount   int    `json:"leftCount"`
-		Time        string `json:"time"`
-	}{"presence", len(h.clients), joined, h.left, len(h.joined), h.leftN, stamp(now)})
-	clear(h.joined)
-	h.left, h.leftN = []user{}, 0
-	h.broadcastLocked(frame)
-}
-
-// write is c's writer goroutine, the only goroutine that writes frames to
-// c's connection. Each time it wakes it takes everything in the outbox (and
-// a ping, if one is due) and sends it in one write. Once the outbox is
-// closed it adds a close frame with the hub's code, then gives the peer
-// closeGrace to answer. If a write fails, the peer is gone or stuck: it ends
-// the reader too.
-func (c *client) write() {
-	defer close(c.writerDone)
-	for range c.out.wake {
-		closed, err := c.writeBatch()
-		switch {
-		case err != nil:
-			c.live.closeAfter(0)
-			return
-		case closed:
-			c.live.closeAfter(closeGrace)
-			return
-		}
-	}
-}
-
-// writeBatch writes every frame in c's outbox in one write, with a ping if
-// one is due and a close frame if the outbox is closed.
-func (c *client) writeBatch() (closed bool, err error) {
-	frames, ping, closed, code, reason := c.out.take()
-	bp := batchPool.Get().(*[]byte)
-	buf := (*bp)[:0]
-	for _, f := range frames {
-		buf = appendFrame(buf, websocket.TextFrame, f)
-	}
-	c.out.done(frames)
-	if ping {
-		buf = appendFrame(buf, websocket.PingFrame, nil)
-	}
-	if closed {
-		buf = appendClose(buf, code, reason)
-		c.conn.SetWriteDeadline(time.Now().Add(closeGrace))
-	} else if now := time.Now(); c.writeBy.Sub(now) < writeWait/2 {
-		// Refreshed when half used up, not before every write: a deadline
-		// costs a timer update, and most writes finish in microseconds.
-		c.writeBy = now.Add(writeWait)
-		c.conn.SetWriteDeadline(c.writeBy)
-	}
-	if len(buf) > 0 {
-		_, err = c.conn.Write(buf)
-	}
-	if cap(buf) <= maxPooledBatch {
-		*bp = buf
-		batchPool.Put(bp)
-	}
-	return closed, err
-}
-
-// maxPooledBatch is the largest batch buffer, in bytes, kept for reuse; a
-// larger one (a long backlog of long messages) is left to the collector.
-const maxPooledBatch = 64 << 10
-
-// batchPool holds the writers' batch buffers, so that an idle client holds none.
-var batchPool = sync.Pool{New: func() any { return new([]byte) }}
-
 // appendFrame appends one server frame (RFC 6455, section 5.2): final, not
 // masked, with the shortest length encoding.
 func appendFrame(b []byte, opcode byte, payload []byte) []byte {
@@ -957,49 +1256,6 @@ var frameCodec = websocket.Codec{Unmarshal: func(data []byte, opcode byte, v any
 	*v.(*rawFrame) = rawFrame{opcode, data}
 	return nil
 }}
-
-// shutdown closes every client with 1001 and refuses new ones.
-func (h *hub) shutdown() {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.closed = true
-	for c := range h.clients {
-		h.dropLocked(c, closeGoingAway, "server shutting down")
-	}
-}
-
-// wait blocks until every connection handler has returned, or ctx is done.
-func (h *hub) wait(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() {
-		h.handlers.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("chat connections still open: %w", ctx.Err())
-	}
-}
-
-// bucket is a token-bucket rate limiter: it holds up to rateBurst tokens,
-// refills at ratePerSecond, and each frame takes one. Only the client's
-// reader uses it.
-type bucket struct {
-	tokens float64
-	last   time.Time
-}
-
-func (b *bucket) allow(now time.Time) bool {
-	b.tokens = min(rateBurst, b.tokens+now.Sub(b.last).Seconds()*ratePerSecond)
-	b.last = now
-	if b.tokens < 1 {
-		return false
-	}
-	b.tokens--
-	return true
-}
 
 // encode marshals a frame. Every frame is a fixed struct of strings and
 // numbers, so marshalling cannot fail.

@@ -131,6 +131,9 @@ type frame struct {
 	Users       []user    `json:"users"`
 	History     []message `json:"history"`
 	Run         string    `json:"run"`
+	Resume      string    `json:"resume"`
+	Resumed     bool      `json:"resumed"`
+	Missed      int64     `json:"missed"`
 	Seq         int64     `json:"seq"`
 	From        user      `json:"from"`
 	Text        string    `json:"text"`
@@ -751,16 +754,16 @@ func TestPresenceIsCoalesced(t *testing.T) {
 // the hub directly, flushing by hand, so the window is exactly the test's.
 func TestJoinAndLeaveInOneWindowAppearInNeither(t *testing.T) {
 	h := newHub(slog.New(slog.DiscardHandler), 10, nil)
-	watcher := newClient("w")
-	h.join(watcher, "watcher")
+	watcher := detachedClient(t)
+	h.join(watcher, joinRequest{name: "watcher", since: -1})
 	h.flushPresence()
 	if frames, _, _, _, _ := watcher.out.take(); len(frames) != 2 {
 		t.Fatalf("watcher has %d frames, want its welcome and its own join", len(frames))
 	}
 
-	brief, stays := newClient("b"), newClient("s")
-	h.join(brief, "brief")
-	h.join(stays, "stays")
+	brief, stays := detachedClient(t), detachedClient(t)
+	h.join(brief, joinRequest{name: "brief", since: -1})
+	h.join(stays, joinRequest{name: "stays", since: -1})
 	h.drop(brief, closeNormal, "")
 	h.flushPresence()
 	frames, _, _, _, _ := watcher.out.take()
@@ -770,9 +773,19 @@ func TestJoinAndLeaveInOneWindowAppearInNeither(t *testing.T) {
 	var f frame
 	f.raw = frames[0]
 	json.Unmarshal(f.raw, &f)
-	if f.Type != "presence" || f.JoinedCount != 1 || f.LeftCount != 0 || len(f.Joined) != 1 || f.Joined[0].ID != "s" {
-		t.Errorf("presence = %s, want only s joined", f.raw)
+	if f.Type != "presence" || f.JoinedCount != 1 || f.LeftCount != 0 || len(f.Joined) != 1 || f.Joined[0].ID != stays.s.id {
+		t.Errorf("presence = %s, want only %s joined", f.raw, stays.s.id)
 	}
+}
+
+// detachedClient is a client with no real connection behind it (its wire
+// writes into a pipe), for tests that drive the hub directly.
+func detachedClient(t testing.TB) *client {
+	c := newClient()
+	conn, peer := net.Pipe()
+	t.Cleanup(func() { conn.Close(); peer.Close() })
+	c.wire = &wire{conn: conn, wait: writeWait}
+	return c
 }
 
 func TestRateLimitRefusesBurstsAndClosesFlooders(t *testing.T) {
@@ -807,6 +820,117 @@ func TestRateLimitRefusesBurstsAndClosesFlooders(t *testing.T) {
 	// The watcher kept receiving throughout.
 	watcher.say("still here")
 	for watcher.await("message").Text != "still here" {
+	}
+}
+
+// Refusals are counted in a window, not in a row: a flooder whose frames
+// get through now and then, as the rate bucket refills, is still closed. A
+// client within the rate is never refused.
+func TestPersistentFloodingIsClosedSteadyClientIsNot(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t)
+	steady, _ := dial(t, ts, "")
+	flooder, _ := dialRaw(t, ts, "")
+	flooder.readText(t) // welcome
+
+	closed := make(chan int, 1)
+	go func() {
+		for {
+			op, p, err := flooder.readFrameWithin(floodWindow + wait)
+			if err != nil {
+				closed <- 0
+				return
+			}
+			if op == websocket.CloseFrame && len(p) >= 2 {
+				closed <- int(binary.BigEndian.Uint16(p))
+				return
+			}
+		}
+	}()
+	start := time.Now()
+	flood := time.NewTicker(10 * time.Millisecond) // 100 frames a second
+	defer flood.Stop()
+	pace := time.NewTicker(250 * time.Millisecond) // 4 a second, under ratePerSecond
+	defer pace.Stop()
+	sent := 0
+	for code := -1; code == -1; {
+		select {
+		case <-flood.C:
+			flooder.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"flood"}`))
+		case <-pace.C:
+			steady.say("steady " + strconv.Itoa(sent))
+			sent++
+		case code = <-closed:
+			if code != closePolicyViolation {
+				t.Fatalf("flooder closed with %d, want %d", code, closePolicyViolation)
+			}
+		}
+		if time.Since(start) > floodWindow {
+			t.Fatalf("100 frames a second for %v and the flooder is still connected", floodWindow)
+		}
+	}
+	t.Logf("flooder closed after %v", time.Since(start).Round(time.Millisecond))
+	// Keep the steady client going for a while longer: it is never refused.
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); sent++ {
+		<-pace.C
+		steady.say("steady " + strconv.Itoa(sent))
+	}
+	for got := 0; got < sent; {
+		switch f := steady.next(); f.Type {
+		case "message":
+			if f.From.ID == steady.me.ID {
+				got++
+			}
+		case "error":
+			t.Fatalf("a client at 4 frames a second got %s", f.raw)
+		}
+	}
+}
+
+// A client that pings long after the server last wrote to it gets its pong:
+// x/net writes the pong, and must not write it under a deadline the writer
+// set for its own last write.
+func TestPingAfterSilenceGetsPong(t *testing.T) {
+	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s.chat.writeWait = 100 * time.Millisecond
+	_, ts := serveTest(t, s)
+	raw, _ := dialRaw(t, ts, "")
+	raw.readText(t)                  // the welcome: the server's last write
+	time.Sleep(2 * s.chat.writeWait) // the silence under test, not a synchronisation
+	raw.writeFrame(websocket.PingFrame, []byte("still there?"))
+	op, p, err := raw.readFrame()
+	for err == nil && op == websocket.TextFrame { // the presence frame of its own join
+		op, p, err = raw.readFrame()
+	}
+	if err != nil || op != websocket.PongFrame || string(p) != "still there?" {
+		t.Fatalf("ping after %v of silence: opcode %d %q (%v), want a pong with the ping's payload", 2*s.chat.writeWait, op, p, err)
+	}
+}
+
+// A client that pings on its own schedule (Python's websockets does, every
+// 20 s) in a room where nobody speaks stays connected for many writeWaits.
+func TestClientThatPingsOnItsOwnScheduleStays(t *testing.T) {
+	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s.chat.writeWait = 100 * time.Millisecond
+	_, ts := serveTest(t, s)
+	raw, _ := dialRaw(t, ts, "")
+	raw.readText(t) // welcome
+	every := time.NewTicker(s.chat.writeWait * 3 / 4)
+	defer every.Stop()
+	for i := range 12 { // 9 writeWaits
+		<-every.C
+		raw.writeFrame(websocket.PingFrame, []byte(strconv.Itoa(i)))
+		op, p, err := raw.readFrame()
+		for err == nil && op == websocket.TextFrame { // the presence frame of its own join
+			op, p, err = raw.readFrame()
+		}
+		if err != nil || op != websocket.PongFrame || string(p) != strconv.Itoa(i) {
+			t.Fatalf("ping %d: opcode %d %q (%v), want its pong", i, op, p, err)
+		}
+	}
+	raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"still here"}`))
+	if f := raw.readText(t); f.Type != "message" || f.Text != "still here" {
+		t.Errorf("after pinging: got %s, want its own message back", f.raw)
 	}
 }
 
@@ -848,18 +972,35 @@ func TestInvalidUTF8IsNeverRelayed(t *testing.T) {
 func TestClientThatStopsReadingIsDropped(t *testing.T) {
 	_, ts := newTestServer(t)
 	watcher, _ := dial(t, ts, "")
-	// A tiny receive buffer, so the server's writes back up quickly.
+	dialStuck(t, ts, "stuck")
+	var last int64
+	sendUntilDropped(t, ts, watcher, "stuck", func(f frame, want string) {
+		if f.Seq != last+1 || f.Text != want {
+			t.Fatalf("watcher got seq %d %.10q..., want seq %d, %.10q...", f.Seq, f.Text, last+1, want)
+		}
+		last = f.Seq
+	})
+}
+
+// dialStuck connects a client named name that never reads, with a tiny
+// receive buffer so that the server's writes to it back up quickly.
+func dialStuck(t testing.TB, ts *httptest.Server, name string) {
+	t.Helper()
 	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
 		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
 	}}
-	dialRawWith(t, small, ts, "?name=stuck")
+	dialRawWith(t, small, ts, "?name="+name)
+}
 
-	// Send long messages one at a time, each once the watcher has
-	// it, rotating senders to stay within the rate limit, until the stuck
-	// client is dropped.
+// sendUntilDropped sends long messages one at a time, each once watcher has
+// it, from rotating senders to stay within the rate limit, until watcher
+// sees the client named stuck leave: its outbox filled, which happens only
+// while its writer is blocked in a write. Each message watcher gets is
+// passed to check with the text that was sent.
+func sendUntilDropped(t *testing.T, ts *httptest.Server, watcher *chatClient, stuck string, check func(f frame, want string)) {
+	t.Helper()
 	text := strings.Repeat("🙂", maxTextChars-10) // 4 bytes each: the frame stays under maxFrameBytes
 	var sender *chatClient
-	var last int64
 	for sent := 0; ; sent++ {
 		if sent == 2000 {
 			t.Fatal("2000 messages sent and the client that never reads is still in the room")
@@ -867,20 +1008,17 @@ func TestClientThatStopsReadingIsDropped(t *testing.T) {
 		if sent%rateBurst == 0 {
 			sender, _ = dial(t, ts, "")
 		}
-		sender.say(text + strconv.Itoa(sent))
+		want := text + strconv.Itoa(sent)
+		sender.say(want)
 		for {
 			f := watcher.next()
-			if f.Type == "presence" && len(f.Left) == 1 && f.Left[0].Name == "stuck" {
-				return // dropped, and the watcher missed nothing before it
+			if f.Type == "presence" && len(f.Left) == 1 && f.Left[0].Name == stuck {
+				return
 			}
-			if f.Type != "message" {
-				continue
+			if f.Type == "message" {
+				check(f, want)
+				break
 			}
-			if f.Seq != last+1 || f.Text != text+strconv.Itoa(sent) {
-				t.Fatalf("watcher got seq %d %.10q..., want seq %d, message %d", f.Seq, f.Text, last+1, sent)
-			}
-			last = f.Seq
-			break
 		}
 	}
 }
@@ -2606,6 +2744,47 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 		if err := <-ended; err != nil {
 			t.Fatalf("an event stream did not end cleanly: %v", err)
 		}
+	}
+}
+
+// SIGTERM while a client has stopped reading, its socket full and its
+// writer blocked in a write: the server cuts that write short and exits 0
+// within shutdownTimeout, and every other client still gets its 1001.
+func TestSIGTERMWithAStuckClientExitsInTime(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("no SIGTERM")
+	}
+	t.Parallel()
+	ts, _, stop := serverProcess(t)
+	watcher, _ := dial(t, ts, "")
+	other, _ := dialRaw(t, ts, "")
+	closeCode := make(chan int, 1)
+	go func() { // reads all the time, as a browser does
+		for {
+			op, p, err := other.readFrameWithin(2 * shutdownTimeout)
+			if err != nil {
+				closeCode <- 0
+				return
+			}
+			if op == websocket.CloseFrame && len(p) >= 2 {
+				closeCode <- int(binary.BigEndian.Uint16(p))
+				return
+			}
+		}
+	}()
+	dialStuck(t, ts, "stuck")
+	sendUntilDropped(t, ts, watcher, "stuck", func(frame, string) {})
+
+	start := time.Now()
+	if err := stop(); err != nil {
+		t.Errorf("exit after SIGTERM: %v, want status 0", err)
+	}
+	if d := time.Since(start); d > shutdownTimeout {
+		t.Errorf("exit took %v, want under %v", d, shutdownTimeout)
+	}
+	t.Logf("exit %v after SIGTERM", time.Since(start).Round(time.Millisecond))
+	if code := <-closeCode; code != closeGoingAway {
+		t.Errorf("a reading client got close %d, want %d", code, closeGoingAway)
 	}
 }
 
