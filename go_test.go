@@ -25,6 +25,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/http/httptrace"
+	"net/url"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -240,6 +241,24 @@ func (c *chatClient) awaitPresence(joins, leaves int) []frame {
 		j, l = j+f.JoinedCount, l+f.LeftCount
 	}
 	return got
+}
+
+// awaitJoinOrLeave skips frames until a presence frame names id among the
+// joined or the left (as verb says), and returns that user.
+func (c *chatClient) awaitJoinOrLeave(id, verb string) user {
+	c.t.Helper()
+	for {
+		f := c.await("presence")
+		list := f.Joined
+		if verb == "left" {
+			list = f.Left
+		}
+		for _, u := range list {
+			if u.ID == id {
+				return u
+			}
+		}
+	}
 }
 
 // rawConn speaks RFC 6455 by hand, for what x/net hides (close codes) or
@@ -786,6 +805,301 @@ func detachedClient(t testing.TB) *client {
 	t.Cleanup(func() { conn.Close(); peer.Close() })
 	c.wire = &wire{conn: conn, wait: writeWait}
 	return c
+}
+
+// ------------------------------------------------------ resume --
+
+// blipProxy carries TCP connections to a server and can cut them as a
+// network blip does: the client's side goes, but the server's side stays
+// open and silent, so the server does not notice for a while.
+type blipProxy struct {
+	url   string // http://ADDR of the proxy
+	mu    sync.Mutex
+	pairs [][2]net.Conn // client side, server side
+}
+
+func newBlipProxy(t *testing.T, target string) *blipProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &blipProxy{url: "http://" + ln.Addr().String()}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.pairs = append(p.pairs, [2]net.Conn{c, s})
+			p.mu.Unlock()
+			go io.Copy(s, c)
+			go io.Copy(c, s)
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, pair := range p.pairs {
+			pair[0].Close()
+			pair[1].Close()
+		}
+	})
+	return p
+}
+
+// cut closes the client side of every connection and stops carrying the
+// server's bytes; it returns the server sides, still open, to read from.
+func (p *blipProxy) cut() []*rawConn {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var open []*rawConn
+	for _, pair := range p.pairs {
+		pair[1].SetReadDeadline(time.Now()) // stops the copy to the client
+		pair[0].Close()
+		open = append(open, &rawConn{Conn: pair[1], br: bufio.NewReader(pair[1])})
+	}
+	p.pairs = nil
+	return open
+}
+
+// A blip: the page's connection is lost while the server still holds it,
+// three messages go by, and the page resumes. It is the same person (id
+// and name), it gets exactly those three, the old connection is closed
+// with 4000, and nobody else hears of any of it.
+func TestResumeAfterABlipKeepsIdentityAndMissedMessages(t *testing.T) {
+	s, ts := newTestServer(t)
+	other, _ := dial(t, ts, "?name=Bea")
+	proxy := newBlipProxy(t, ts.Listener.Addr().String())
+	ada, w := dial(t, remoteServer(proxy.url), "?name=Ada")
+	if w.Resume == "" || w.Resumed || w.Missed != 0 {
+		t.Fatalf("first welcome: resume %q resumed %v missed %d, want a token, false, 0", w.Resume, w.Resumed, w.Missed)
+	}
+	other.awaitJoinOrLeave(ada.me.ID, "joined")
+
+	held := proxy.cut()
+	sent := []string{"one", "two", "three"}
+	for _, text := range sent {
+		other.say(text)
+		other.await("message")
+	}
+	ada2, w2 := dial(t, remoteServer(proxy.url), "?name=Ada&resume="+url.QueryEscape(w.Resume)+"&since=0")
+	if !w2.Resumed || w2.You != ada.me || w2.Missed != 0 || w2.Online != 2 {
+		t.Errorf("resumed welcome: you %+v resumed %v missed %d online %d, want %+v, true, 0, 2", w2.You, w2.Resumed, w2.Missed, w2.Online, ada.me)
+	}
+	var got []string
+	for _, m := range w2.History {
+		got = append(got, m.Text)
+	}
+	if !slices.Equal(got, sent) {
+		t.Errorf("resumed history = %q, want exactly %q", got, sent)
+	}
+	if code, _ := held[0].readClose(t); code != closeReplaced {
+		t.Errorf("the old connection closed with %d, want %d", code, closeReplaced)
+	}
+
+	// Nobody heard of the blip: no presence frame names Ada, and the token
+	// never reached anyone else.
+	s.chat.flushPresence()
+	other.say("marker")
+	for f := other.next(); f.Type != "message" || f.Text != "marker"; f = other.next() {
+		if f.Type == "presence" {
+			t.Errorf("the other client saw a presence frame during a blip: %s", f.raw)
+		}
+		if bytes.Contains(f.raw, []byte(w.Resume)) {
+			t.Errorf("another client got Ada's token: %s", f.raw)
+		}
+	}
+	ada2.say("back")
+	if m := other.await("message"); m.From != ada.me || m.Text != "back" {
+		t.Errorf("after the resume, other got %+v %q, want Ada's message under her id", m.From, m.Text)
+	}
+}
+
+// A page away for longer than the history holds learns how many messages it
+// lost; a clean close resumes within the window, and not after it.
+func TestResumeCountsMissedAndExpires(t *testing.T) {
+	srv := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	srv.chat.resumeWindow = 500 * time.Millisecond
+	_, ts := serveTest(t, srv)
+	watcher, _ := dial(t, ts, "")
+	ada, w := dial(t, ts, "?name=Ada")
+	watcher.awaitJoinOrLeave(ada.me.ID, "joined")
+	ada.ws.Close()
+	watcher.awaitJoinOrLeave(ada.me.ID, "left")
+
+	const sent = historySize + 7
+	var sender *chatClient
+	for i := range sent {
+		if i%rateBurst == 0 {
+			sender, _ = dial(t, ts, "")
+		}
+		sender.say("m" + strconv.Itoa(i))
+		watcher.await("message")
+	}
+	_, w2 := dial(t, ts, "?resume="+w.Resume+"&since=0")
+	if !w2.Resumed || w2.You != ada.me {
+		t.Fatalf("resume after a clean close: you %+v resumed %v, want %+v, true", w2.You, w2.Resumed, ada.me)
+	}
+	if w2.Missed != sent-historySize || len(w2.History) != historySize || w2.History[0].Text != "m7" {
+		t.Errorf("resumed with %d in history (first %q) and missed %d, want %d, \"m7\", %d",
+			len(w2.History), w2.History[0].Text, w2.Missed, historySize, sent-historySize)
+	}
+	if u := watcher.awaitJoinOrLeave(ada.me.ID, "joined"); u != ada.me {
+		t.Errorf("after a resume of an ended session, %+v joined, want Ada as she was", u)
+	}
+
+	// Now past the window: a fresh identity, and no error.
+	ada3, w3 := dial(t, ts, "?resume="+w.Resume)
+	ada3.ws.Close()
+	watcher.awaitJoinOrLeave(ada.me.ID, "left")
+	time.Sleep(srv.chat.resumeWindow + 100*time.Millisecond) // the absence under test
+	_, w4 := dial(t, ts, "?resume="+w3.Resume)
+	if w4.Resumed || w4.You.ID == ada.me.ID {
+		t.Errorf("resume after the window: you %+v resumed %v, want a new id, false", w4.You, w4.Resumed)
+	}
+}
+
+// Whatever a client does with its token, a session has one live
+// connection: every earlier one is closed with 4000, and online counts the
+// session once.
+func TestOneLiveConnectionPerSession(t *testing.T) {
+	s, ts := newTestServer(t)
+	first, w := dialRaw(t, ts, "?name=Ada")
+	welcome := first.readText(t)
+	var seen []*rawConn
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	for range 5 {
+		wg.Go(func() {
+			c, code := dialRaw(t, ts, "?resume="+welcome.Resume)
+			if code != 101 {
+				t.Errorf("resume handshake = %d", code)
+				return
+			}
+			mu.Lock()
+			seen = append(seen, c)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	_ = w
+	live := 0
+	for _, c := range append(seen, first) {
+		for {
+			op, p, err := c.readFrameWithin(time.Second)
+			if err != nil { // no close frame: still open
+				live++
+				break
+			}
+			if op == websocket.CloseFrame {
+				if code := binary.BigEndian.Uint16(p); code != closeReplaced {
+					t.Errorf("a replaced connection closed with %d, want %d", code, closeReplaced)
+				}
+				break
+			}
+			if op == websocket.TextFrame {
+				var f frame
+				json.Unmarshal(p, &f)
+				if f.Type == "welcome" && (!f.Resumed && c != first || f.You.ID != welcome.You.ID) {
+					t.Errorf("a resume got welcome %s, want the same session", p)
+				}
+			}
+		}
+	}
+	if live != 1 || s.chat.online() != 1 {
+		t.Errorf("%d connections open, %d online, want 1 and 1", live, s.chat.online())
+	}
+}
+
+// A token that is wrong, malformed or from another run is no error: the
+// client starts afresh.
+func TestBadResumeTokensStartAfresh(t *testing.T) {
+	_, ts := newTestServer(t)
+	_, w := dial(t, ts, "?name=Ada")
+	id, secret, _ := strings.Cut(w.Resume, ".")
+	wrong := secret[:len(secret)-1] + string(secret[len(secret)-1]^1)
+	for _, token := range []string{"", "nonsense", id, id + ".", id + "." + wrong, id + "." + secret + "x", "otherrun-1." + secret} {
+		c, got := dial(t, ts, "?name=Bea&resume="+url.QueryEscape(token)+"&since=x")
+		if got.Resumed || got.You.ID == w.You.ID || got.Resume == w.Resume || got.You.Name != "Bea" {
+			t.Errorf("token %q: you %+v resumed %v, want a new session named Bea", token, got.You, got.Resumed)
+		}
+		c.ws.Close()
+	}
+}
+
+func TestParseJoin(t *testing.T) {
+	for _, tc := range []struct {
+		query string
+		want  joinRequest
+	}{
+		{"", joinRequest{since: -1}},
+		{"name=Ada&resume=a.b&since=7", joinRequest{"Ada", "a.b", 7}},
+		{"since=-3", joinRequest{since: -1}},
+		{"since=1e3", joinRequest{since: -1}},
+		{"since=99999999999999999999", joinRequest{since: -1}},
+	} {
+		q, _ := url.ParseQuery(tc.query)
+		if got := parseJoin(q); got != tc.want {
+			t.Errorf("parseJoin(%q) = %+v, want %+v", tc.query, got, tc.want)
+		}
+	}
+}
+
+// BenchmarkEndedSession reports the memory an ended session holds until
+// its resume window closes.
+func BenchmarkEndedSession(b *testing.B) {
+	const n = 10_000
+	var held, forgotten runtime.MemStats
+	var perSession float64
+	for b.Loop() {
+		h := newHub(slog.New(slog.DiscardHandler), n, nil)
+		for range n {
+			c := detachedClient(b)
+			h.join(c, joinRequest{since: -1})
+			h.drop(c, closeNormal, "")
+		}
+		h.flushPresence() // the leaves are announced
+		if h.ended.Len() != n {
+			b.Fatalf("%d ended sessions kept, want %d", h.ended.Len(), n)
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&held)
+		h.mu.Lock()
+		h.forgetEndedLocked(time.Now().Add(2 * h.resumeWindow)) // as when the window has closed
+		h.mu.Unlock()
+		runtime.GC()
+		runtime.ReadMemStats(&forgotten)
+		perSession = float64(int64(held.HeapAlloc)-int64(forgotten.HeapAlloc)) / n
+		runtime.KeepAlive(h)
+	}
+	b.ReportMetric(perSession, "B/ended-session")
+	b.ReportMetric(0, "ns/op")
+}
+
+// BenchmarkJoinSameName: a join asking for a name that N people online
+// already asked for costs the same whatever N.
+func BenchmarkJoinSameName(b *testing.B) {
+	for _, n := range []int{100, 10_000} {
+		b.Run("holders="+strconv.Itoa(n), func(b *testing.B) {
+			h := newHub(slog.New(slog.DiscardHandler), 2*n, nil)
+			for range n {
+				h.join(detachedClient(b), joinRequest{name: "ann", since: -1})
+			}
+			c := detachedClient(b)
+			for b.Loop() {
+				h.join(c, joinRequest{name: "ann", since: -1})
+				h.drop(c, closeNormal, "")
+				c.out = outbox{wake: make(chan struct{}, 1)}
+			}
+		})
+	}
 }
 
 func TestRateLimitRefusesBurstsAndClosesFlooders(t *testing.T) {
@@ -1436,7 +1750,7 @@ func TestHelpListsEveryFlag(t *testing.T) {
 	if !errors.Is(err, flag.ErrHelp) {
 		t.Fatalf("run -h = %v, want flag.ErrHelp", err)
 	}
-	for _, name := range []string{"-addr", "-allow-origin", "-max-clients", "-tls-cert", "-tls-key", "-log-level"} {
+	for _, name := range []string{"-addr", "-allow-origin", "-max-clients", "-tls-cert", "-tls-key", "-drain", "-log-level"} {
 		if !strings.Contains(out.String(), name) {
 			t.Errorf("-h output lacks %s:\n%s", name, out.String())
 		}
@@ -1523,6 +1837,83 @@ func TestShutdownClosesChatWith1001EndsStreamsAndReturns(t *testing.T) {
 	if d := time.Since(start); d > shutdownTimeout {
 		t.Errorf("shutdown took %v, want under %v", d, shutdownTimeout)
 	}
+}
+
+// With -drain, a stopping server answers /healthz with 503 for that long
+// while it still serves everything else.
+func TestDrainAnswers503WhileStillServing(t *testing.T) {
+	url, cancel, done := startRun(t, "-drain", "1s")
+	cancel()
+	for start := time.Now(); ; {
+		resp, err := http.Get(url + "/healthz")
+		if err != nil {
+			t.Fatalf("during the drain, /healthz: %v", err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusServiceUnavailable {
+			break
+		}
+		if time.Since(start) > wait {
+			t.Fatalf("/healthz still %d after SIGTERM", resp.StatusCode)
+		}
+	}
+	resp, err := http.Get(url + "/")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("during the drain, GET / = %v %v, want 200", resp, err)
+	}
+	resp.Body.Close()
+	c, _ := dial(t, remoteServer(url), "")
+	c.say("still serving")
+	if m := c.await("message"); m.Text != "still serving" {
+		t.Errorf("chat during the drain echoed %q", m.Text)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("run after the drain = %v, want nil", err)
+	}
+}
+
+// A panic in a handler is logged at error level, with its stack, and the
+// server goes on serving.
+func TestHandlerPanicIsLoggedAsError(t *testing.T) {
+	var logs syncBuffer
+	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	mux := http.NewServeMux()
+	mux.HandleFunc("/boom", func(http.ResponseWriter, *http.Request) { panic("kaboom") })
+	mux.HandleFunc("/ok", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") })
+	ts := httptest.NewUnstartedServer(nil)
+	ts.Config = newHTTPServer(mux, log)
+	ts.Start()
+	defer ts.Close()
+	if _, err := http.Get(ts.URL + "/boom"); err == nil {
+		t.Error("a panicking handler answered")
+	}
+	resp, err := http.Get(ts.URL + "/ok")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("after a panic, GET /ok = %v %v", resp, err)
+	}
+	resp.Body.Close()
+	eventually(t, "the panic logged", func() bool { return strings.Contains(logs.String(), "kaboom") })
+	if out := logs.String(); !strings.Contains(out, "level=ERROR") || !strings.Contains(out, "goroutine") {
+		t.Errorf("panic logged as:\n%s\nwant level=ERROR with the stack", out)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger and a test to share.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 // scanURL reads pollfree's log from r and sends the URL it listens on,

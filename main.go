@@ -13,12 +13,14 @@
 // Usage:
 //
 //	pollfree [-addr :3000] [-allow-origin URL,...] [-max-clients N]
-//	         [-tls-cert FILE -tls-key FILE] [-log-level info]
+//	         [-tls-cert FILE -tls-key FILE] [-drain 0s] [-log-level info]
 //
 // Without -addr, the PORT environment variable picks the port (the container
 // convention); without either, pollfree listens on :3000. On SIGINT or
-// SIGTERM it stops accepting, closes every chat connection with code 1001,
-// ends every event stream and exits within five seconds.
+// SIGTERM /healthz answers 503 at once; after -drain (while everything else
+// still serves, so a load balancer sees the 503 and moves traffic away) it
+// stops accepting, closes every chat connection with code 1001, ends every
+// event stream and exits within five seconds.
 package main
 
 import (
@@ -28,6 +30,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -78,6 +81,7 @@ type config struct {
 	maxClients   int
 	tlsCert      string
 	tlsKey       string
+	drain        time.Duration // how long /healthz says 503 before shutdown proper
 	logLevel     slog.Level
 }
 
@@ -92,6 +96,7 @@ func parseConfig(args []string, getenv func(string) string, stdout, stderr io.Wr
 	fs.IntVar(&cfg.maxClients, "max-clients", defaultMaxClients, "most concurrent chat connections; more get 503")
 	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "certificate `file` (PEM) to serve HTTPS and HTTP/2; needs -tls-key")
 	fs.StringVar(&cfg.tlsKey, "tls-key", "", "private key `file` (PEM) for -tls-cert")
+	fs.DurationVar(&cfg.drain, "drain", 0, "on SIGTERM, answer /healthz with 503 for this `long` while still serving, then shut down (e.g. 5s behind a load balancer)")
 	fs.TextVar(&cfg.logLevel, "log-level", slog.LevelInfo, "log `level`: debug, info, warn or error (debug logs every connection)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "pollfree serves a live chat (WebSocket) and live server stats (Server-Sent Events) on one page.\n\nUsage: pollfree [flags]\n\n")
@@ -118,6 +123,9 @@ func parseConfig(args []string, getenv func(string) string, stdout, stderr io.Wr
 	}
 	if (cfg.tlsCert == "") != (cfg.tlsKey == "") {
 		return cfg, errors.New("-tls-cert and -tls-key go together")
+	}
+	if cfg.drain < 0 {
+		return cfg, fmt.Errorf("-drain must not be negative, got %v", cfg.drain)
 	}
 	if cfg.maxClients < 1 {
 		return cfg, fmt.Errorf("-max-clients must be at least 1, got %d", cfg.maxClients)
@@ -146,17 +154,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{
-		Handler: app,
-		// Headers must arrive promptly; bodies and streams set their own deadlines.
-		ReadHeaderTimeout: readHeaderTimeout,
-		// Idle keep-alive connections are closed after this long.
-		IdleTimeout: idleTimeout,
-		// Request line plus headers, at most.
-		MaxHeaderBytes: maxHeaderBytes,
-		// No WriteTimeout: /events streams for hours. Each stream write has its own deadline.
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
-	}
+	srv := newHTTPServer(app, log)
 	serveErr := make(chan error, 1)
 	scheme := "http"
 	if cfg.tlsCert != "" {
@@ -173,11 +171,18 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	case <-ctx.Done():
 	}
 
+	// Drain: /healthz says 503 while everything else still serves, so that a
+	// load balancer's probe sees it and sends new traffic elsewhere.
+	app.draining.Store(true)
+	if cfg.drain > 0 {
+		log.Info("draining", "for", cfg.drain)
+		time.Sleep(cfg.drain)
+	}
 	// Shutdown: refuse new work, tell every client, wait for them, bounded.
 	log.Info("shutting down")
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
-	app.beginShutdown() // /healthz says 503; chat clients get 1001; event streams end
+	app.beginShutdown() // chat clients get 1001; event streams end
 	err = srv.Shutdown(ctx)
 	err = errors.Join(err, app.wait(ctx))
 	if err != nil {
@@ -186,6 +191,37 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// newHTTPServer configures the server field by field.
+func newHTTPServer(h http.Handler, logger *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler: h,
+		// Headers must arrive promptly; bodies and streams set their own deadlines.
+		ReadHeaderTimeout: readHeaderTimeout,
+		// Idle keep-alive connections are closed after this long.
+		IdleTimeout: idleTimeout,
+		// Request line plus headers, at most.
+		MaxHeaderBytes: maxHeaderBytes,
+		// No WriteTimeout: /events streams for hours. Each stream write has its own deadline.
+		ErrorLog: log.New(serverErrors{logger}, "", 0),
+	}
+}
+
+// serverErrors takes net/http's own error lines into the structured log: a
+// panic in a handler (net/http recovers it and logs it with its stack) at
+// error level, the rest (TLS handshakes from scanners, clients hanging up
+// mid-request) at debug.
+type serverErrors struct{ log *slog.Logger }
+
+func (e serverErrors) Write(p []byte) (int, error) {
+	msg := strings.TrimSpace(string(p))
+	level := slog.LevelDebug
+	if strings.HasPrefix(msg, "http: panic serving") {
+		level = slog.LevelError
+	}
+	e.log.Log(context.Background(), level, msg)
+	return len(p), nil
 }
 
 // listenURL turns a listener address into a URL a person can click:
