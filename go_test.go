@@ -2125,6 +2125,13 @@ type browserPage struct {
 
 func (b *cdp) newPage(t *testing.T, name, url string) *browserPage {
 	t.Helper()
+	return b.newPageWith(t, name, url, nil)
+}
+
+// newPageWith is newPage with a step before the page loads (a language, a
+// colour scheme).
+func (b *cdp) newPageWith(t *testing.T, name, url string, before func(*browserPage)) *browserPage {
+	t.Helper()
 	var ctx struct{ BrowserContextID string }
 	b.call(t, "", "Target.createBrowserContext", map[string]any{}, &ctx)
 	var target struct{ TargetID string }
@@ -2135,8 +2142,24 @@ func (b *cdp) newPage(t *testing.T, name, url string) *browserPage {
 	for _, domain := range []string{"Runtime.enable", "Page.enable", "Log.enable"} {
 		p.call(domain, nil, nil)
 	}
+	if before != nil {
+		before(p)
+	}
 	p.call("Page.navigate", map[string]any{"url": url}, nil)
 	return p
+}
+
+// speak makes the page's browser prefer language (navigator.languages and
+// Accept-Language), as --lang does for a whole browser.
+func (p *browserPage) speak(language string) {
+	var v struct{ UserAgent string }
+	p.call("Browser.getVersion", nil, &v)
+	p.call("Emulation.setUserAgentOverride", map[string]any{"userAgent": v.UserAgent, "acceptLanguage": language}, nil)
+}
+
+// scheme emulates prefers-color-scheme: "light" or "dark".
+func (p *browserPage) scheme(name string) {
+	p.call("Emulation.setEmulatedMedia", map[string]any{"features": []map[string]string{{"name": "prefers-color-scheme", "value": name}}}, nil)
 }
 
 func (p *browserPage) call(method string, params, result any) {
@@ -2304,12 +2327,26 @@ func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
 	a.waitFor("leave notice for B", jsNotice(bName+" left"))
 	a.waitFor("one online", `document.getElementById("online").textContent.includes("1 online")`)
 
-	// A connection drop: A reconnects and does not show its history twice.
+	// A connection drop: A reconnects as itself and does not show its
+	// history twice.
+	aID := a.text(`chat.me.id`)
 	a.eval(`chat.ws.close()`, nil)
 	a.waitFor("reconnecting shown", `!(`+jsConnected+`)`)
 	a.waitFor("reconnected", jsConnected)
 	if n := a.count(jsMessages + `.filter(li => li.textContent.includes("hello from a")).length`); n != 1 {
 		t.Errorf("after reconnecting A shows its message %d times, want once", n)
+	}
+	// A drop the server has not noticed: the page reconnects while the old
+	// socket is still open. Same id, same name (no "-2"), nothing twice.
+	a.eval(`(() => { chat.ws = null; stopPing(); connect(); })()`, nil)
+	a.waitFor("reconnected past a half-open socket", jsConnected+` && chat.ws !== null`)
+	if id, name := a.text(`chat.me.id`), a.text(`chat.me.name`); id != aID || name != aName {
+		t.Errorf("after a drop A is %s %q, want %s %q", id, name, aID, aName)
+	}
+	a.typeAndEnter("after the drop")
+	a.waitFor("own message after the drop", jsShowsMessage("after the drop"))
+	if n := a.count(jsMessages + `.filter(li => li.textContent.includes("hello from a")).length`); n != 1 {
+		t.Errorf("after a half-open drop A shows its message %d times, want once", n)
 	}
 
 	// Reloading A: it reconnects, and a new message reaches a fresh page C.
@@ -2332,6 +2369,7 @@ func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
 		t.Fatalf("run: %v", err)
 	}
 	a.waitFor("reconnecting shown", `document.getElementById("chat-state").textContent.includes("reconnecting")`)
+	a.waitFor("the close code in words", jsNotice("The server is restarting."))
 	url2, _, _ := startRun(t, "-addr", addr)
 	if url2 != url {
 		t.Fatalf("restarted on %s, want %s", url2, url)
@@ -2340,6 +2378,13 @@ func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
 	c.waitFor("C reconnected to the new server", jsConnected)
 	a.typeAndEnter("after restart")
 	c.waitFor("chat works after restart", jsShowsMessage("after restart"))
+	// A stranger on the new server is never drawn as A's own.
+	d := open("d")
+	d.typeAndEnter("a stranger speaks")
+	a.waitFor("the stranger's message on A", jsShowsMessage("a stranger speaks"))
+	if a.eval2bool(jsMessages + `.find(li => li.textContent.includes("a stranger speaks")).classList.contains("mine")`) {
+		t.Error("after a restart A draws a stranger's message as its own")
+	}
 	a.waitFor("stats live again", `document.getElementById("stats-state").classList.contains("ok") && points.at(-1).t > Date.now() - 1500`)
 	if dir := os.Getenv("POLLFREE_SCREENSHOTS"); dir != "" {
 		for _, p := range pages {
@@ -2355,6 +2400,84 @@ func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
 			t.Errorf("page %s: %s", p.name, problem)
 		}
 	}
+}
+
+// The wire panel shows every frame and event as it passes, and costs
+// nothing while closed; the page speaks Chinese to a browser that prefers
+// it. Screenshots of both languages, light and dark, go to
+// POLLFREE_SCREENSHOTS (or a temporary directory the test names).
+func TestBrowserShowsTheWireAndSpeaksChinese(t *testing.T) {
+	b := startBrowser(t)
+	url, _, _ := startRun(t)
+	dir := os.Getenv("POLLFREE_SCREENSHOTS")
+	if dir == "" {
+		dir = t.TempDir()
+	}
+
+	en := b.newPage(t, "en-light", url+"/")
+	en.waitFor("chat connected", jsConnected)
+	en.eval(`document.getElementById("wire-toggle").click()`, nil)
+	en.typeAndEnter("over the wire")
+	lines := `[...document.querySelectorAll("#wire-log li")]`
+	line := func(class, transport, text string) string {
+		return lines + `.some(li => li.classList.contains(` + jsString(class) + `) && li.querySelector(".transport").textContent === ` +
+			jsString(transport) + ` && li.textContent.includes(` + jsString(text) + `))`
+	}
+	en.waitFor("the sent frame, ↑", line("up", "ws", `"text":"over the wire"`))
+	en.waitFor("the broadcast, ↓", line("down", "ws", `"text":"over the wire"`))
+	en.waitFor("a stats event, ↓", line("down", "sse", `"memory"`))
+	ticks := en.count(lines + `.filter(li => li.querySelector(".transport").textContent === "sse").length`)
+	en.waitFor("another tick", lines+`.filter(li => li.querySelector(".transport").textContent === "sse").length > `+strconv.Itoa(ticks))
+	en.screenshot(dir)
+
+	en.eval(`document.getElementById("wire-toggle").click()`, nil)
+	shown, points := en.count(lines+`.length`), en.count(`points.length`)
+	en.waitFor("two more ticks with the panel closed", `points.length >= `+strconv.Itoa(points+2))
+	if n := en.count(lines + `.length`); n != shown {
+		t.Errorf("with the panel closed, the wire grew from %d to %d lines", shown, n)
+	}
+	if expanded := en.text(`document.getElementById("wire-toggle").getAttribute("aria-expanded")`); expanded != "false" {
+		t.Errorf("closed panel's toggle has aria-expanded=%s", expanded)
+	}
+
+	dark := b.newPageWith(t, "en-dark", url+"/", func(p *browserPage) { p.scheme("dark") })
+	dark.waitFor("chat connected", jsConnected)
+	dark.waitFor("stats shown", `points.length > 1`)
+	dark.eval(`document.getElementById("wire-toggle").click()`, nil)
+	dark.waitFor("a stats event on the wire", line("down", "sse", `"memory"`))
+	dark.screenshot(dir)
+
+	for _, scheme := range []string{"light", "dark"} {
+		zh := b.newPageWith(t, "zh-"+scheme, url+"/", func(p *browserPage) { p.speak("zh-CN,zh"); p.scheme(scheme) })
+		zh.waitFor("chat connected", jsConnected)
+		zh.waitFor("stats shown", `points.length > 1`)
+		for expr, want := range map[string]string{
+			`document.documentElement.lang`:                          "zh-CN",
+			`document.getElementById("send").textContent`:            "发送",
+			`document.getElementById("text").placeholder`:            "请输入内容",
+			`document.querySelector("[data-t=memFree]").textContent`: "闲置内存",
+			`document.querySelector("[data-t=uptime]").textContent`:  "系统正常运行时间",
+			`document.querySelector("[data-t=user]").textContent`:    "用户名",
+		} {
+			if got := zh.text(expr); got != want {
+				t.Errorf("zh-%s: %s = %q, want %q", scheme, expr, got, want)
+			}
+		}
+		if scheme == "light" {
+			en.typeAndEnter("hello in English")
+			zh.waitFor("the message in the Chinese page", jsShowsMessage("hello in English"))
+		}
+		zh.screenshot(dir)
+	}
+	phone := b.newPageWith(t, "zh-phone", url+"/", func(p *browserPage) {
+		p.speak("zh-CN")
+		p.call("Emulation.setDeviceMetricsOverride", map[string]any{"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}, nil)
+	})
+	phone.waitFor("chat connected", jsConnected)
+	phone.eval(`document.getElementById("wire-toggle").click()`, nil)
+	phone.waitFor("a stats event on the wire", line("down", "sse", `"memory"`))
+	phone.screenshot(dir)
+	t.Logf("screenshots in %s", dir)
 }
 
 func (p *browserPage) eval2bool(expr string) bool {
