@@ -731,16 +731,18 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.handlers.Add(1) // before the hijack, while Shutdown still waits for this request
 	started := false
 	ws := websocket.Server{Handler: func(ws *websocket.Conn) {
-		// Serve in a goroutine of the connection's own and return: net/http's
-		// goroutine for this request then ends, and with it the request's
-		// buffers and the stack that parsing it grew, most of the memory an
-		// idle connection would otherwise hold.
+		// Join here, then serve in a goroutine of the connection's own and
+		// return: net/http's goroutine for this request then ends, and with
+		// it the request's buffers and the stack that parsing it (and
+		// encoding the welcome) grew, most of the memory an idle connection
+		// would otherwise hold.
 		started = true
+		joined := h.join(c, req)
 		go func() {
 			defer h.handlers.Done()
 			defer h.admitted.Add(-1)
 			defer c.conn.Close()
-			h.serve(ws, c, req)
+			h.serve(ws, c, joined)
 		}()
 	}}
 	ws.ServeHTTP(hijacker{w, c, h.readIdle, h.writeWait}, r)
@@ -771,11 +773,12 @@ func (h *hub) checkOrigin(r *http.Request) error {
 	return fmt.Errorf("origin %s may not open a WebSocket on %s (see -allow-origin)", origin, r.Host)
 }
 
-// serve runs a client's reader: it is the only reader of ws. It returns once
-// the writer has finished; the caller then closes the connection.
-func (h *hub) serve(ws *websocket.Conn, c *client, req joinRequest) {
+// serve runs a client's reader: it is the only reader of ws. joined says
+// whether join let c in (not once shutdown has begun). It returns once the
+// writer has finished; the caller then closes the connection.
+func (h *hub) serve(ws *websocket.Conn, c *client, joined bool) {
 	ws.MaxPayloadBytes = maxFrameBytes
-	if !h.join(c, req) {
+	if !joined {
 		c.wire.write(appendClose(nil, closeGoingAway, "server shutting down"), closeGrace)
 		return
 	}
@@ -1143,7 +1146,7 @@ func (keepOpen) Close() error { return nil }
 // by a given time, so that a client that has stopped reading cannot hold its
 // connection, or the server's shutdown, for a whole writeWait.
 type wire struct {
-	conn net.Conn
+	conn deadlineWriter
 	wait time.Duration // how long a write may take, unless it says otherwise
 
 	mu sync.Mutex // held for one write and the deadline set for it
@@ -1151,6 +1154,13 @@ type wire struct {
 	dmu   sync.Mutex // guards the fields below and every SetWriteDeadline
 	set   time.Time  // the deadline in force
 	until time.Time  // if not zero, no write may last past it
+}
+
+// deadlineWriter is what a wire writes to: a hijacked connection (a chat
+// client, an event stream over HTTP/1.1), or an HTTP/2 stream's response.
+type deadlineWriter interface {
+	io.Writer
+	SetWriteDeadline(time.Time) error
 }
 
 // Write writes p within w.wait. x/net's handshake answer and pongs come this way.

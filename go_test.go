@@ -21,6 +21,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"math/big"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -1420,6 +1421,65 @@ func openEvents(t *testing.T, ts *httptest.Server) (*http.Response, *bufio.Reade
 	return resp, bufio.NewReader(resp.Body)
 }
 
+// A subscriber that stops reading skips ticks while its socket has room;
+// once a write to it blocks for the write timeout, its stream ends. A
+// subscriber that reads goes on receiving throughout.
+func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
+	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s.stats.sampleEvery = time.Millisecond // fill the stuck socket fast
+	s.stats.writeTimeout = 200 * time.Millisecond
+	_, ts := serveTest(t, s)
+	_, br := openEvents(t, ts)
+	readEvent(t, br)
+	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
+	}}
+	stuck, err := small.Dial("tcp", ts.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stuck.Close()
+	io.WriteString(stuck, "GET /events HTTP/1.1\r\nHost: x\r\n\r\n") // and never reads
+	eventually(t, "two subscribers", func() bool { return subscribers(s.stats) == 2 })
+	for subscribers(s.stats) == 2 { // the reader keeps up meanwhile
+		readEvent(t, br)
+	}
+	if n := subscribers(s.stats); n != 1 {
+		t.Fatalf("%d subscribers after the stuck stream ended, want 1", n)
+	}
+	readEvent(t, br)
+}
+
+// subscribers counts b's subscribers.
+func subscribers(b *broadcaster) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.subs)
+}
+
+// A stream with no event for the keep-alive time gets a comment line, so
+// that proxies do not take it for dead.
+func TestSilentStreamGetsAKeepAliveComment(t *testing.T) {
+	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s.stats.sampleEvery = time.Hour // one tick at the start, then silence
+	s.stats.keepAlive = 50 * time.Millisecond
+	_, ts := serveTest(t, s)
+	_, br := openEvents(t, ts)
+	readEvent(t, br)
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("no keep-alive comment: %v", err)
+		}
+		if line == ": keep-alive\n" {
+			break
+		}
+		if line != "\n" {
+			t.Fatalf("got %q during the silence, want a keep-alive comment", line)
+		}
+	}
+}
+
 func TestEventsStreamHeadersAndFirstEventAtOnce(t *testing.T) {
 	_, ts := newTestServer(t)
 	start := time.Now()
@@ -1485,20 +1545,27 @@ func TestOneSamplerServesEverySubscriber(t *testing.T) {
 	if len(byID) > events+1 {
 		t.Errorf("%d subscribers reading %d events saw %d distinct events, want at most %d", subs, events, len(byID), events+1)
 	}
-	if !s.stats.isRunning() {
+	if !samplerRunning(s.stats) {
 		t.Error("sampler not running while subscribers are connected")
 	}
 }
 
+// samplerRunning reports whether b's sampler is running.
+func samplerRunning(b *broadcaster) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.running
+}
+
 func TestSamplerStopsWhenNobodyListens(t *testing.T) {
 	s, ts := newTestServer(t)
-	if s.stats.isRunning() {
+	if samplerRunning(s.stats) {
 		t.Fatal("sampler running before anyone subscribed")
 	}
 	resp, br := openEvents(t, ts)
 	readEvent(t, br)
 	resp.Body.Close()
-	eventually(t, "sampler stopped", func() bool { return !s.stats.isRunning() })
+	eventually(t, "sampler stopped", func() bool { return !samplerRunning(s.stats) })
 }
 
 func TestStatsEndpointReturnsOneSnapshot(t *testing.T) {
@@ -1515,12 +1582,12 @@ func TestStatsEndpointReturnsOneSnapshot(t *testing.T) {
 	if resp.Header.Get("Content-Type") != "application/json" || snap.Host.OS != runtime.GOOS || snap.Time == "" {
 		t.Errorf("GET /stats = %s %+v, want a JSON snapshot", resp.Header.Get("Content-Type"), snap)
 	}
-	eventually(t, "sampler stopped after /stats", func() bool { return !s.stats.isRunning() })
+	eventually(t, "sampler stopped after /stats", func() bool { return !samplerRunning(s.stats) })
 }
 
 func TestSlowSubscriberSkipsTicksWithoutSlowingOthers(t *testing.T) {
 	b := newBroadcaster(slog.New(slog.DiscardHandler), fstest.MapFS{}, func() int { return 0 })
-	slow, fast := b.subscribe(), b.subscribe()
+	slow, fast := b.subscribe(nil), b.subscribe(nil)
 	defer b.shutdown()
 	<-fast // the first tick
 	// slow never reads: its one-slot channel is full, so later ticks skip it.
@@ -1633,10 +1700,10 @@ func TestSamplerRunsShareHostInfoAndCPUBaseline(t *testing.T) {
 	b := newBroadcaster(slog.New(slog.DiscardHandler), fsys, func() int { return 0 })
 	defer b.shutdown()
 	run := func() snapshot {
-		sub := b.subscribe()
+		sub := b.subscribe(nil)
 		tk := <-sub
-		b.unsubscribe(sub)
-		eventually(t, "sampler stopped", func() bool { return !b.isRunning() })
+		b.unsubscribe(sub, nil)
+		eventually(t, "sampler stopped", func() bool { return !samplerRunning(b) })
 		var s snapshot
 		json.Unmarshal(tk.json, &s)
 		return s
@@ -2478,6 +2545,40 @@ func TestBrowserShowsTheWireAndSpeaksChinese(t *testing.T) {
 	phone.waitFor("a stats event on the wire", line("down", "sse", `"memory"`))
 	phone.screenshot(dir)
 	t.Logf("screenshots in %s", dir)
+}
+
+// A browser opens at most six HTTP/1.1 connections to one host, and an
+// EventSource holds one for good: of seven streams on one page, six get
+// events and the seventh waits. Over HTTPS the page's streams share one
+// HTTP/2 connection, and all seven get events.
+func TestBrowserSevenStreamsNeedHTTP2(t *testing.T) {
+	b := startBrowser(t)
+	b.call(t, "", "Security.setIgnoreCertificateErrors", map[string]any{"ignore": true}, nil) // the test's own certificate
+	certFile, keyFile, _ := selfSignedCert(t)
+	const seven = `(() => {
+		window.got = Array(7).fill(0);
+		for (let i = 0; i < 7; i++) new EventSource("/events").addEventListener("stats", () => got[i]++);
+	})()`
+	for _, tc := range []struct {
+		name      string
+		args      []string
+		receiving int
+	}{
+		{"http1", nil, 6},
+		{"http2", []string{"-tls-cert", certFile, "-tls-key", keyFile}, 7},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			url, _, _ := startRun(t, tc.args...)
+			p := b.newPage(t, "seven-"+tc.name, url+"/healthz") // a page that opens nothing itself
+			p.waitFor("the page", `document.body && document.body.textContent.includes("ok")`)
+			p.eval(seven, nil)
+			p.waitFor("the first streams' events", `got.filter(n => n > 0).length >= `+strconv.Itoa(tc.receiving))
+			p.waitFor("three more ticks", `Math.max(...got) >= 4`)
+			if n := p.count(`got.filter(n => n > 0).length`); n != tc.receiving {
+				t.Errorf("%d of 7 streams received events over %s, want %d", n, tc.name, tc.receiving)
+			}
+		})
+	}
 }
 
 func (p *browserPage) eval2bool(expr string) bool {
@@ -3742,6 +3843,149 @@ func benchSSE(b *testing.B, n int) {
 	b.ReportMetric(cpuPerSecond*1000, "cpu-ms/s")
 	b.ReportMetric(float64(heldRSS-idleRSS)/float64(n)/1024, "KB-rss/subscriber")
 	b.ReportMetric(ms(percentile(first, 99)), "ms-first-event-p99")
+}
+
+// BenchmarkPollVersusPush is what polling would cost. N pages follow the
+// stats for 10 s, first by polling GET /stats once a second (each page on
+// a keep-alive connection of its own, at a phase of its own), then by one
+// event stream each. Reported side by side: the server's CPU per second,
+// bytes on the wire per page per minute (both ways, headers included),
+// requests per second, and how old a figure is when it reaches the page.
+//
+//	go test -run '^$' -bench PollVersusPush -benchtime 1x
+func BenchmarkPollVersusPush(b *testing.B) {
+	for _, n := range []int{100, 1000} {
+		for _, mode := range []string{"poll", "push"} {
+			b.Run("pages="+strconv.Itoa(n)+"/"+mode, func(b *testing.B) {
+				raiseFileLimit(b)
+				for b.Loop() {
+					benchPollOrPush(b, n, mode == "push")
+				}
+				b.ReportMetric(0, "ns/op")
+			})
+		}
+	}
+}
+
+func benchPollOrPush(b *testing.B, n int, push bool) {
+	const window = 10 * time.Second
+	ts, proc, _ := serverProcess(b)
+	addr := ts.Listener.Addr().String()
+	var onWire, requests, ages, figures atomic.Int64
+	dial := func() (net.Conn, error) {
+		c, err := net.Dial("tcp", addr)
+		return countingConn{c, &onWire}, err
+	}
+	age := func(data []byte) { // data holds a snapshot: "time" is when it was taken
+		_, rest, _ := bytes.Cut(data, []byte(`"time":"`))
+		if len(rest) < 24 {
+			b.Errorf("no time in %.60q", data)
+			return
+		}
+		if t, err := time.Parse(time.RFC3339Nano, string(rest[:24])); err == nil {
+			ages.Add(int64(time.Since(t)))
+			figures.Add(1)
+		}
+	}
+
+	ctx, cancel := context.WithCancel(b.Context())
+	defer cancel()
+	ready, start := make(chan struct{}, n), make(chan struct{})
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			conn, err := dial()
+			if err != nil {
+				b.Error(err)
+				ready <- struct{}{}
+				return
+			}
+			defer conn.Close()
+			context.AfterFunc(ctx, func() { conn.Close() })
+			br := bufio.NewReader(conn)
+			if push {
+				io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
+				resp, err := http.ReadResponse(br, nil)
+				ready <- struct{}{}
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				body := bufio.NewReader(resp.Body)
+				<-start
+				for {
+					line, err := body.ReadBytes('\n')
+					if err != nil {
+						return
+					}
+					if data, ok := bytes.CutPrefix(line, []byte("data: ")); ok {
+						age(data)
+					}
+				}
+			}
+			ready <- struct{}{}
+			<-start
+			time.Sleep(mrand.N(time.Second)) // pages poll out of step
+			tick := time.NewTicker(time.Second)
+			defer tick.Stop()
+			for {
+				io.WriteString(conn, "GET /stats HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
+				requests.Add(1)
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					return
+				}
+				data, err := io.ReadAll(resp.Body)
+				if err != nil {
+					return
+				}
+				age(data)
+				select {
+				case <-tick.C:
+				case <-ctx.Done():
+					return
+				}
+			}
+		})
+	}
+	for range n {
+		<-ready
+	}
+	onWire.Store(0)
+	cpu0 := procCPU(b, proc.Pid)
+	t0 := time.Now()
+	close(start)
+	time.Sleep(window) // the measurement window, not a synchronisation
+	elapsed := time.Since(t0)
+	cpu := procCPU(b, proc.Pid) - cpu0
+	wireBytes, reqs := onWire.Load(), requests.Load()
+	cancel()
+	wg.Wait()
+	if figures.Load() == 0 {
+		b.Fatal("no page got a figure")
+	}
+	b.ReportMetric(cpu.Seconds()*1000/elapsed.Seconds(), "cpu-ms/s")
+	b.ReportMetric(float64(wireBytes)/float64(n)/elapsed.Minutes()/1024, "KB-wire/page/min")
+	b.ReportMetric(float64(reqs)/elapsed.Seconds(), "requests/s")
+	b.ReportMetric(float64(ages.Load())/float64(figures.Load())/1e6, "ms-age")
+}
+
+// countingConn counts the bytes a connection carries, both ways, into n.
+type countingConn struct {
+	net.Conn
+	n *atomic.Int64
+}
+
+func (c countingConn) Read(p []byte) (int, error) {
+	k, err := c.Conn.Read(p)
+	c.n.Add(int64(k))
+	return k, err
+}
+
+func (c countingConn) Write(p []byte) (int, error) {
+	k, err := c.Conn.Write(p)
+	c.n.Add(int64(k))
+	return k, err
 }
 
 // readEventID reads one SSE event and returns its id.

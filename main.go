@@ -274,10 +274,10 @@ func (s *server) beginShutdown() {
 	s.stats.shutdown()
 }
 
-// wait blocks until every chat connection has closed (http.Server.Shutdown
-// does not track hijacked connections) or ctx is done.
+// wait blocks until every chat connection and event stream has closed
+// (http.Server.Shutdown does not track hijacked connections) or ctx is done.
 func (s *server) wait(ctx context.Context) error {
-	return s.chat.wait(ctx)
+	return errors.Join(s.chat.wait(ctx), s.stats.wait(ctx))
 }
 
 // pageCSP allows the page's inline script and style and connections back to

@@ -28,12 +28,21 @@
 // event skips this one; nobody slows the sampler or the others. The sampler
 // runs only while someone subscribes, and stops at the first tick with no
 // subscriber.
+//
+// A stream over HTTP/1.1 leaves net/http once its request is read, as a chat
+// connection does: its goroutine writes to the bare connection, and net/http
+// lets go of the request's buffers, its background reader and its deep stack,
+// most of what an idle stream would otherwise hold (about 27 KB of 32). Over
+// HTTP/2 (with -tls-cert) a stream is one of many on a connection, so it
+// stays with net/http, which multiplexes them. Either way every write goes
+// through a wire (see chat.go), which owns the write deadline.
 package main
 
 import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"io/fs"
 	"log/slog"
 	"net/http"
@@ -54,11 +63,340 @@ const (
 	sseRetry = 2 * time.Second
 	// sseKeepAlive is the longest a stream stays silent before a comment line.
 	sseKeepAlive = 15 * time.Second
-	// sseWriteTimeout bounds a write to a subscriber: a write still blocked
-	// sseWriteTimeout/2 to sseWriteTimeout after the deadline was last moved
-	// ends that stream.
+	// sseWriteTimeout bounds each write to a subscriber: a write still
+	// blocked sseWriteTimeout after it started ends that stream.
 	sseWriteTimeout = 10 * time.Second
 )
+
+// tick is one sample, encoded once and shared read-only by every subscriber.
+type tick struct {
+	json  []byte // the snapshot, for GET /stats
+	event []byte // the same, framed as an SSE event, for GET /events
+}
+
+// formatEvent frames data as one SSE event named "stats". data must be one
+// line, as encoding/json's output is.
+func formatEvent(id uint64, data []byte) []byte {
+	b := make([]byte, 0, len(data)+40)
+	b = append(b, "id: "...)
+	b = strconv.AppendUint(b, id, 10)
+	b = append(b, "\nevent: stats\ndata: "...)
+	b = append(b, data...)
+	return append(b, "\n\n"...)
+}
+
+// broadcaster runs the sampler and fans its ticks out to subscribers.
+type broadcaster struct {
+	log         *slog.Logger
+	fsys        fs.FS      // the root file system, where /proc and /sys are read
+	chatClients func() int // how many chat clients are online
+	started     time.Time  // process start, for process.uptimeSeconds
+	// sampleEvery, sseKeepAlive and sseWriteTimeout, changeable by tests before serving.
+	sampleEvery, keepAlive, writeTimeout time.Duration
+
+	streams sync.WaitGroup // one per open event stream, for shutdown
+
+	mu      sync.Mutex           // guards the fields below, and every send on or close of a subscriber channel
+	subs    map[chan *tick]*wire // each with its stream's wire (nil for GET /stats)
+	latest  *tick                // the last tick, while the sampler runs
+	running bool
+	closed  bool
+	lastID  uint64        // the last tick's id; ids go on increasing across sampler runs
+	stop    chan struct{} // closed on shutdown, to stop the sampler between ticks
+
+	// Owned by the sampler goroutine. One run stops (in publish) before the
+	// next starts (in subscribe), both under mu, so they pass safely from
+	// run to run.
+	info *hostInfo // read on the first run: it does not change while the server runs
+	cpu  cpuTimes  // the last CPU sample, kept across runs: a run's first tick covers the pause before it
+}
+
+func newBroadcaster(log *slog.Logger, fsys fs.FS, chatClients func() int) *broadcaster {
+	return &broadcaster{
+		log:          log,
+		fsys:         fsys,
+		chatClients:  chatClients,
+		started:      time.Now(),
+		sampleEvery:  sampleEvery,
+		keepAlive:    sseKeepAlive,
+		writeTimeout: sseWriteTimeout,
+		subs:         make(map[chan *tick]*wire),
+		stop:         make(chan struct{}),
+	}
+}
+
+// subscribe returns a channel that receives the latest tick at once (if there
+// is one) and then every tick it is ready for. It starts the sampler if none
+// runs, and returns nil once shutdown has begun. A stream subscribes with its
+// wire, and counts in b.streams until it calls unsubscribe.
+func (b *broadcaster) subscribe(out *wire) chan *tick {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil
+	}
+	sub := make(chan *tick, 1)
+	b.subs[sub] = out
+	if out != nil {
+		b.streams.Add(1)
+	}
+	if b.latest != nil {
+		sub <- b.latest
+	}
+	if !b.running {
+		b.running = true
+		go b.sample()
+	}
+	return sub
+}
+
+// unsubscribe removes sub; the sampler stops at its next tick if sub was the last.
+func (b *broadcaster) unsubscribe(sub chan *tick, out *wire) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := b.subs[sub]; ok {
+		delete(b.subs, sub)
+		close(sub)
+	}
+	if out != nil {
+		b.streams.Done()
+	}
+}
+
+// shutdown ends every stream and stops the sampler. A stream blocked in a
+// write (its reader stuck) gets closeGrace to finish it.
+func (b *broadcaster) shutdown() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return
+	}
+	b.closed = true
+	close(b.stop)
+	stop := time.Now().Add(closeGrace)
+	for sub, out := range b.subs {
+		delete(b.subs, sub)
+		close(sub)
+		if out != nil {
+			out.stopBy(stop)
+		}
+	}
+}
+
+// wait blocks until every event stream has ended, or ctx is done.
+func (b *broadcaster) wait(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		b.streams.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return errors.New("event streams still open: " + ctx.Err().Error())
+	}
+}
+
+// sample is the sampler goroutine: it reads the system once per tick and
+// publishes the result, until a tick finds no subscriber or shutdown begins.
+func (b *broadcaster) sample() {
+	t := time.NewTicker(b.sampleEvery)
+	defer t.Stop()
+	for {
+		s := b.snapshot()
+		data, err := json.Marshal(s)
+		if err != nil {
+			panic("stats: encoding snapshot: " + err.Error()) // plain numbers and strings only
+		}
+		if !b.publish(data) {
+			return
+		}
+		select {
+		case <-t.C:
+		case <-b.stop:
+		}
+	}
+}
+
+// publish offers one tick to every subscriber that is ready for it. It
+// reports false, marking the sampler stopped, when there is nobody left.
+func (b *broadcaster) publish(data []byte) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.subs) == 0 || b.closed {
+		b.running, b.latest = false, nil
+		return false
+	}
+	b.lastID++
+	b.latest = &tick{json: data, event: formatEvent(b.lastID, data)}
+	for sub := range b.subs {
+		select {
+		case sub <- b.latest:
+		default: // still writing an earlier tick: skip this one
+		}
+	}
+	return true
+}
+
+// eventStreamHeader is the answer to GET /events over HTTP/1.1, written by
+// hand once the connection has left net/http. The stream ends when the
+// connection closes (there is no length and no chunking), hence "close".
+const eventStreamHeader = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n" +
+	"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n"
+
+// retryLine is the stream's first line: how long a browser waits before reconnecting.
+var retryLine = "retry: " + strconv.FormatInt(sseRetry.Milliseconds(), 10) + "\n\n"
+
+// handleEvents serves GET /events: the stats stream. Over HTTP/1.1 it takes
+// the connection from net/http and serves it from a goroutine of its own,
+// then returns; over HTTP/2 it serves the stream itself.
+func (b *broadcaster) handleEvents() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ProtoMajor >= 2 {
+			b.serveHTTP2(w, r)
+			return
+		}
+		if b.isClosed() {
+			http.Error(w, "shutting down", http.StatusServiceUnavailable)
+			return
+		}
+		conn, _, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			http.Error(w, "cannot stream: "+err.Error(), http.StatusInternalServerError)
+			return
+		}
+		out := &wire{conn: conn, wait: b.writeTimeout}
+		sub := b.subscribe(out)
+		if sub == nil { // shutdown began since isClosed
+			out.write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"), closeGrace)
+			conn.Close()
+			return
+		}
+		go func() {
+			defer conn.Close()
+			defer b.unsubscribe(sub, out)
+			b.log.Debug("stream opened", "remote", conn.RemoteAddr())
+			err := b.stream(out, sub, eventStreamHeader+retryLine, nil)
+			b.log.Debug("stream closed", "remote", conn.RemoteAddr(), "err", err)
+		}()
+	})
+}
+
+// serveHTTP2 serves an event stream over HTTP/2, through net/http.
+func (b *broadcaster) serveHTTP2(w http.ResponseWriter, r *http.Request) {
+	out := &wire{conn: flushingResponse{w, http.NewResponseController(w)}, wait: b.writeTimeout}
+	sub := b.subscribe(out)
+	if sub == nil {
+		http.Error(w, "shutting down", http.StatusServiceUnavailable)
+		return
+	}
+	defer b.unsubscribe(sub, out)
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no")
+	w.WriteHeader(http.StatusOK)
+	err := b.stream(out, sub, retryLine, r.Context().Done())
+	b.log.Debug("stream closed", "remote", r.RemoteAddr, "err", err)
+}
+
+// flushingResponse lets a wire write to an HTTP/2 response: each write is
+// flushed at once, and the write deadline is the stream's.
+type flushingResponse struct {
+	w  http.ResponseWriter
+	rc *http.ResponseController
+}
+
+func (f flushingResponse) Write(p []byte) (int, error) {
+	n, err := f.w.Write(p)
+	if err == nil {
+		err = f.rc.Flush()
+	}
+	return n, err
+}
+
+func (f flushingResponse) SetWriteDeadline(t time.Time) error { return f.rc.SetWriteDeadline(t) }
+
+// keepAliveLine is the comment a stream sends after sseKeepAlive of silence.
+var keepAliveLine = []byte(": keep-alive\n\n")
+
+// stream writes first, then events from sub, until sub is closed (shutdown),
+// a write fails or blocks past sseWriteTimeout (the client went, or stopped
+// reading), or gone is closed. A hijacked stream has no gone: nothing reads
+// its connection, so a client that left is noticed at the next write or the
+// one after.
+func (b *broadcaster) stream(out *wire, sub chan *tick, first string, gone <-chan struct{}) error {
+	if _, err := io.WriteString(out, first); err != nil {
+		return err
+	}
+	quiet := time.NewTimer(b.keepAlive)
+	defer quiet.Stop()
+	for {
+		var p []byte
+		select {
+		case t, ok := <-sub:
+			if !ok {
+				return nil // shutting down
+			}
+			p = t.event
+		case <-quiet.C:
+			p = keepAliveLine
+		case <-gone:
+			return context.Canceled
+		}
+		if _, err := out.Write(p); err != nil {
+			return err
+		}
+		quiet.Reset(b.keepAlive)
+	}
+}
+
+func (b *broadcaster) isClosed() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.closed
+}
+
+// handleStats serves GET /stats: the latest snapshot as JSON. When no
+// sampler runs, it starts one and waits for its first tick.
+func (b *broadcaster) handleStats() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t, err := b.current(r.Context())
+		if err != nil {
+			http.Error(w, "no stats: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Cache-Control", "no-store")
+		w.Write(append(t.json, '\n'))
+	})
+}
+
+// current returns the latest tick, waiting for one if the sampler has just started.
+func (b *broadcaster) current(ctx context.Context) (*tick, error) {
+	sub := b.subscribe(nil)
+	if sub == nil {
+		return nil, errShuttingDown
+	}
+	defer b.unsubscribe(sub, nil)
+	select {
+	case t, ok := <-sub:
+		if !ok {
+			return nil, errShuttingDown
+		}
+		return t, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+var errShuttingDown = errors.New("server shutting down")
+
+// ------------------------------------------------------------- snapshot --
+//
+// What a tick carries, and where it comes from: the Go runtime everywhere,
+// and the platform file (stats_linux.go, stats_other.go) for the rest.
 
 // snapshot is one stats event's data. Sizes are in bytes.
 type snapshot struct {
@@ -108,150 +446,6 @@ type processStats struct {
 type clientStats struct {
 	Chat int `json:"chat"` // chat connections now
 	SSE  int `json:"sse"`  // event-stream subscribers now
-}
-
-// tick is one sample, encoded once and shared read-only by every subscriber.
-type tick struct {
-	json  []byte // the snapshot, for GET /stats
-	event []byte // the same, framed as an SSE event, for GET /events
-}
-
-// formatEvent frames data as one SSE event named "stats". data must be one
-// line, as encoding/json's output is.
-func formatEvent(id uint64, data []byte) []byte {
-	b := make([]byte, 0, len(data)+40)
-	b = append(b, "id: "...)
-	b = strconv.AppendUint(b, id, 10)
-	b = append(b, "\nevent: stats\ndata: "...)
-	b = append(b, data...)
-	return append(b, "\n\n"...)
-}
-
-// broadcaster runs the sampler and fans its ticks out to subscribers.
-type broadcaster struct {
-	log         *slog.Logger
-	fsys        fs.FS      // the root file system, where /proc and /sys are read
-	chatClients func() int // how many chat clients are online
-	started     time.Time  // process start, for process.uptimeSeconds
-
-	mu      sync.Mutex // guards the fields below, and every send on or close of a subscriber channel
-	subs    map[chan *tick]struct{}
-	latest  *tick // the last tick, while the sampler runs
-	running bool
-	closed  bool
-	lastID  uint64        // the last tick's id; ids go on increasing across sampler runs
-	wake    chan struct{} // closed on shutdown, to stop the sampler between ticks
-
-	// Owned by the sampler goroutine. One run stops (in publish) before the
-	// next starts (in subscribe), both under mu, so they pass safely from
-	// run to run.
-	info *hostInfo // read on the first run: it does not change while the server runs
-	cpu  cpuTimes  // the last CPU sample, kept across runs: a run's first tick covers the pause before it
-}
-
-func newBroadcaster(log *slog.Logger, fsys fs.FS, chatClients func() int) *broadcaster {
-	return &broadcaster{
-		log:         log,
-		fsys:        fsys,
-		chatClients: chatClients,
-		started:     time.Now(),
-		subs:        make(map[chan *tick]struct{}),
-		wake:        make(chan struct{}),
-	}
-}
-
-// subscribe returns a channel that receives the latest tick at once (if there
-// is one) and then every tick it is ready for. It starts the sampler if none
-// runs, and returns nil once shutdown has begun.
-func (b *broadcaster) subscribe() chan *tick {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.closed {
-		return nil
-	}
-	sub := make(chan *tick, 1)
-	b.subs[sub] = struct{}{}
-	if b.latest != nil {
-		sub <- b.latest
-	}
-	if !b.running {
-		b.running = true
-		go b.sample()
-	}
-	return sub
-}
-
-// unsubscribe removes sub; the sampler stops at its next tick if sub was the last.
-func (b *broadcaster) unsubscribe(sub chan *tick) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if _, ok := b.subs[sub]; ok {
-		delete(b.subs, sub)
-		close(sub)
-	}
-}
-
-// isRunning reports whether the sampler is running.
-func (b *broadcaster) isRunning() bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.running
-}
-
-// shutdown ends every stream and stops the sampler.
-func (b *broadcaster) shutdown() {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.closed {
-		return
-	}
-	b.closed = true
-	close(b.wake)
-	for sub := range b.subs {
-		delete(b.subs, sub)
-		close(sub)
-	}
-}
-
-// sample is the sampler goroutine: it reads the system once per tick and
-// publishes the result, until a tick finds no subscriber or shutdown begins.
-func (b *broadcaster) sample() {
-	t := time.NewTicker(sampleEvery)
-	defer t.Stop()
-	for {
-		s := b.snapshot()
-		data, err := json.Marshal(s)
-		if err != nil {
-			panic("stats: encoding snapshot: " + err.Error()) // plain numbers and strings only
-		}
-		if !b.publish(data) {
-			return
-		}
-		select {
-		case <-t.C:
-		case <-b.wake:
-		}
-	}
-}
-
-// publish offers one tick to every subscriber that is ready for it. It
-// reports false, marking the sampler stopped, when there is nobody left.
-func (b *broadcaster) publish(data []byte) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if len(b.subs) == 0 || b.closed {
-		b.running, b.latest = false, nil
-		return false
-	}
-	b.lastID++
-	b.latest = &tick{json: data, event: formatEvent(b.lastID, data)}
-	for sub := range b.subs {
-		select {
-		case sub <- b.latest:
-		default: // still writing an earlier tick: skip this one
-		}
-	}
-	return true
 }
 
 // snapshot takes one sample: what the platform file can read from the
@@ -339,103 +533,3 @@ func percent(part, whole uint64) float64 {
 	}
 	return float64(part*1000/whole) / 10
 }
-
-// handleEvents serves GET /events: the stats stream.
-func (b *broadcaster) handleEvents() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		sub := b.subscribe()
-		if sub == nil {
-			http.Error(w, "shutting down", http.StatusServiceUnavailable)
-			return
-		}
-		defer b.unsubscribe(sub)
-		b.log.Debug("stream opened", "remote", r.RemoteAddr)
-		err := b.stream(w, r, sub)
-		b.log.Debug("stream closed", "remote", r.RemoteAddr, "err", err)
-	})
-}
-
-// stream writes events from sub to w until the client goes, a write blocks
-// past sseWriteTimeout, or sub is closed by shutdown.
-func (b *broadcaster) stream(w http.ResponseWriter, r *http.Request, sub chan *tick) error {
-	rc := http.NewResponseController(w)
-	var writeBy time.Time
-	send := func(p []byte) error {
-		// The deadline is moved when half used up, not before every event:
-		// each move costs a timer update, and a write takes microseconds.
-		if now := time.Now(); writeBy.Sub(now) < sseWriteTimeout/2 {
-			writeBy = now.Add(sseWriteTimeout)
-			if err := rc.SetWriteDeadline(writeBy); err != nil {
-				return err
-			}
-		}
-		if _, err := w.Write(p); err != nil {
-			return err
-		}
-		return rc.Flush()
-	}
-	h := w.Header()
-	h.Set("Content-Type", "text/event-stream")
-	h.Set("Cache-Control", "no-cache")
-	h.Set("X-Accel-Buffering", "no")
-	w.WriteHeader(http.StatusOK)
-	if err := send([]byte("retry: " + strconv.FormatInt(sseRetry.Milliseconds(), 10) + "\n\n")); err != nil {
-		return err
-	}
-
-	quiet := time.NewTimer(sseKeepAlive)
-	defer quiet.Stop()
-	for {
-		var err error
-		select {
-		case t, ok := <-sub:
-			if !ok {
-				return nil // shutting down
-			}
-			err = send(t.event)
-		case <-quiet.C:
-			err = send([]byte(": keep-alive\n\n"))
-		case <-r.Context().Done():
-			return r.Context().Err()
-		}
-		if err != nil {
-			return err
-		}
-		quiet.Reset(sseKeepAlive)
-	}
-}
-
-// handleStats serves GET /stats: the latest snapshot as JSON. When no
-// sampler runs, it starts one and waits for its first tick.
-func (b *broadcaster) handleStats() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		t, err := b.current(r.Context())
-		if err != nil {
-			http.Error(w, "no stats: "+err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		w.Header().Set("Cache-Control", "no-store")
-		w.Write(append(t.json, '\n'))
-	})
-}
-
-// current returns the latest tick, waiting for one if the sampler has just started.
-func (b *broadcaster) current(ctx context.Context) (*tick, error) {
-	sub := b.subscribe()
-	if sub == nil {
-		return nil, errShuttingDown
-	}
-	defer b.unsubscribe(sub)
-	select {
-	case t, ok := <-sub:
-		if !ok {
-			return nil, errShuttingDown
-		}
-		return t, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-}
-
-var errShuttingDown = errors.New("server shutting down")
