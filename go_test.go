@@ -1338,6 +1338,63 @@ func sendUntilDropped(t *testing.T, ts *httptest.Server, watcher *chatClient, st
 	}
 }
 
+// A write to a client that stays blocked for writeWait drops the client,
+// long before its outbox would fill (which the hub logs as "outbound queue
+// full").
+func TestChatWriteBlockedPastWriteWaitDropsTheClient(t *testing.T) {
+	t.Parallel()
+	var logs syncBuffer
+	s := newServer(config{maxClients: defaultMaxClients}, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	s.chat.writeWait = 50 * time.Millisecond
+	_, ts := serveTest(t, s)
+	watcher, _ := dial(t, ts, "")
+	dialStuck(t, ts, "stuck")
+	watcher.awaitPresence(2, 0)
+
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	go func() { // 200 long messages a second, from rotating senders
+		text := strings.Repeat("🙂", maxTextChars-10)
+		pace := time.NewTicker(5 * time.Millisecond)
+		defer pace.Stop()
+		var sender *websocket.Conn
+		for i := 0; ctx.Err() == nil; i++ {
+			if i%rateBurst == 0 {
+				ws, err := websocket.Dial(wsURL(ts), "", ts.URL)
+				if err != nil {
+					return
+				}
+				go io.Copy(io.Discard, ws)
+				defer ws.Close()
+				sender = ws
+			}
+			websocket.JSON.Send(sender, map[string]string{"type": "message", "text": text})
+			<-pace.C
+		}
+	}()
+	for {
+		f := watcher.await("presence")
+		if slices.ContainsFunc(f.Left, func(u user) bool { return u.Name == "stuck" }) {
+			break
+		}
+	}
+	if strings.Contains(logs.String(), "outbound queue full") {
+		t.Error("the stuck client was dropped for a full outbox, not by the write timeout")
+	}
+}
+
+// In a large room a welcome lists welcomeUsers users, the newcomer first,
+// and counts everyone.
+func TestWelcomeListsAtMostWelcomeUsers(t *testing.T) {
+	_, ts := newTestServer(t)
+	cs, _ := connectAll(t, ts.Listener.Addr().String(), welcomeUsers+5)
+	_, w := dial(t, ts, "?name=Newcomer")
+	if len(w.Users) != welcomeUsers || w.Users[0] != w.You || w.Online != len(cs)+1 {
+		t.Errorf("welcome lists %d users (first %+v) of %d online, want %d, the newcomer first, of %d",
+			len(w.Users), w.Users[0], w.Online, welcomeUsers, len(cs)+1)
+	}
+}
+
 // A peer that vanishes without closing is found by keep-alive; a peer that
 // answers pings stays, however long it is silent itself.
 func TestVanishedPeerIsRemovedLiveOneStays(t *testing.T) {

@@ -96,7 +96,7 @@ func parseConfig(args []string, getenv func(string) string, stdout, stderr io.Wr
 	fs.IntVar(&cfg.maxClients, "max-clients", defaultMaxClients, "most concurrent chat connections; more get 503")
 	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "certificate `file` (PEM) to serve HTTPS and HTTP/2; needs -tls-key")
 	fs.StringVar(&cfg.tlsKey, "tls-key", "", "private key `file` (PEM) for -tls-cert")
-	fs.DurationVar(&cfg.drain, "drain", 0, "on SIGTERM, answer /healthz with 503 for this `long` while still serving, then shut down (e.g. 5s behind a load balancer)")
+	fs.DurationVar(&cfg.drain, "drain", 0, "on SIGTERM, keep serving for this `duration` with /healthz answering 503, then shut down (e.g. 5s behind a load balancer)")
 	fs.TextVar(&cfg.logLevel, "log-level", slog.LevelInfo, "log `level`: debug, info, warn or error (debug logs every connection)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "pollfree serves a live chat (WebSocket) and live server stats (Server-Sent Events) on one page.\n\nUsage: pollfree [flags]\n\n")
