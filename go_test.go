@@ -80,7 +80,7 @@ func TestMain(m *testing.M) {
 			}
 			defer pprof.StopCPUProfile()
 		}
-		if err := run(ctx, strings.Fields(args), os.Getenv, os.Stdout, os.Stderr); err != nil {
+		if err := run(ctx, strings.Fields(args), os.Getenv, os.Stderr); err != nil {
 			fmt.Fprintln(os.Stderr, "pollfree:", err)
 			os.Exit(1)
 		}
@@ -777,7 +777,7 @@ func TestJoinAndLeaveInOneWindowAppearInNeither(t *testing.T) {
 	watcher := detachedClient(t)
 	h.join(watcher, joinRequest{name: "watcher", since: -1})
 	h.flushPresence()
-	if frames, _, _, _, _ := watcher.out.take(); len(frames) != 2 {
+	if frames, _, _, _ := watcher.out.take(); len(frames) != 2 {
 		t.Fatalf("watcher has %d frames, want its welcome and its own join", len(frames))
 	}
 
@@ -786,7 +786,7 @@ func TestJoinAndLeaveInOneWindowAppearInNeither(t *testing.T) {
 	h.join(stays, joinRequest{name: "stays", since: -1})
 	h.drop(brief, closeNormal, "")
 	h.flushPresence()
-	frames, _, _, _, _ := watcher.out.take()
+	frames, _, _, _ := watcher.out.take()
 	if len(frames) != 1 {
 		t.Fatalf("watcher has %d frames after the window, want 1", len(frames))
 	}
@@ -1837,6 +1837,37 @@ func FuzzCleanName(f *testing.F) {
 	})
 }
 
+// FuzzResumeQuery feeds any handshake query to parseJoin and join: no
+// panic, since is -1 or a seq, and only the exact token resumes.
+func FuzzResumeQuery(f *testing.F) {
+	h := newHub(slog.New(slog.DiscardHandler), 100, nil)
+	first := detachedClient(f)
+	h.join(first, joinRequest{name: "Ada", since: -1})
+	token := first.s.id + "." + first.s.secret
+	for _, seed := range []string{"", "name=Ada", "resume=" + token + "&since=0", "resume=" + token[:len(token)-1] + "&since=-1",
+		"resume=%ff%fe&since=99999999999999999999", "since=1e3&name=%e2%80%ae", "resume=.&resume=" + token} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, query string) {
+		q, _ := url.ParseQuery(query)
+		req := parseJoin(q)
+		if req.since < -1 {
+			t.Fatalf("parseJoin(%q).since = %d", query, req.since)
+		}
+		h.mu.Lock()
+		known := h.sessions[first.s.id] != nil // not yet forgotten
+		h.mu.Unlock()
+		c := detachedClient(t)
+		if !h.join(c, req) {
+			t.Fatal("join refused while the hub is open")
+		}
+		if resumed := c.s == first.s; resumed != (known && req.resume == token) {
+			t.Fatalf("query %q: resumed %v with token %q", query, resumed, req.resume)
+		}
+		h.drop(c, closeNormal, "")
+	})
+}
+
 func FuzzProcFiles(f *testing.F) {
 	read := func(name string) []byte {
 		b, _ := os.ReadFile("testdata/host/proc/" + name)
@@ -1870,7 +1901,7 @@ func FuzzProcFiles(f *testing.F) {
 
 func TestHelpListsEveryFlag(t *testing.T) {
 	var out bytes.Buffer
-	err := run(t.Context(), []string{"-h"}, func(string) string { return "" }, &out, io.Discard)
+	err := run(t.Context(), []string{"-h"}, func(string) string { return "" }, &out)
 	if !errors.Is(err, flag.ErrHelp) {
 		t.Fatalf("run -h = %v, want flag.ErrHelp", err)
 	}
@@ -1899,12 +1930,12 @@ func TestAddressFromFlagOrPORT(t *testing.T) {
 		{nil, "8080", ":8080"},
 		{[]string{"-addr", "127.0.0.1:9"}, "8080", "127.0.0.1:9"},
 	} {
-		cfg, err := parseConfig(tc.args, env(tc.port), io.Discard, io.Discard)
+		cfg, err := parseConfig(tc.args, env(tc.port), io.Discard)
 		if err != nil || cfg.addr != tc.want {
 			t.Errorf("args %v PORT=%q: addr %q (%v), want %q", tc.args, tc.port, cfg.addr, err, tc.want)
 		}
 	}
-	if _, err := parseConfig([]string{"-tls-cert", "c.pem"}, env(""), io.Discard, io.Discard); err == nil {
+	if _, err := parseConfig([]string{"-tls-cert", "c.pem"}, env(""), io.Discard); err == nil {
 		t.Error("-tls-cert without -tls-key accepted")
 	}
 }
@@ -1917,7 +1948,7 @@ func startRun(t *testing.T, args ...string) (url string, cancel context.CancelFu
 	logs, logw := io.Pipe()
 	result := make(chan error, 1)
 	go func() {
-		err := run(ctx, append([]string{"-addr", "127.0.0.1:0"}, args...), func(string) string { return "" }, io.Discard, logw)
+		err := run(ctx, append([]string{"-addr", "127.0.0.1:0"}, args...), func(string) string { return "" }, logw)
 		logw.Close()
 		result <- err
 	}()

@@ -65,7 +65,7 @@ var page []byte
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
+	if err := run(ctx, os.Args[1:], os.Getenv, os.Stderr); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return
 		}
@@ -86,8 +86,8 @@ type config struct {
 }
 
 // parseConfig reads flags from args and falls back to $PORT for the address.
-// -h prints the usage to stdout and returns flag.ErrHelp.
-func parseConfig(args []string, getenv func(string) string, stdout, stderr io.Writer) (config, error) {
+// -h prints the usage to stderr and returns flag.ErrHelp.
+func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (config, error) {
 	var cfg config
 	fs := flag.NewFlagSet("pollfree", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -101,12 +101,6 @@ func parseConfig(args []string, getenv func(string) string, stdout, stderr io.Wr
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "pollfree serves a live chat (WebSocket) and live server stats (Server-Sent Events) on one page.\n\nUsage: pollfree [flags]\n\n")
 		fs.PrintDefaults()
-	}
-	for _, a := range args {
-		if a == "-h" || a == "-help" || a == "--help" || a == "--h" {
-			fs.SetOutput(stdout)
-			break
-		}
 	}
 	if err := fs.Parse(args); err != nil {
 		return cfg, err
@@ -140,9 +134,10 @@ func parseConfig(args []string, getenv func(string) string, stdout, stderr io.Wr
 
 // run is the whole program: it parses args, listens, serves until ctx is
 // done, then shuts down. main only adds signals and the exit status, so tests
-// can start the real program with run.
-func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	cfg, err := parseConfig(args, getenv, stdout, stderr)
+// can start the real program with run. pollfree writes nothing but its log
+// (and -h) to stderr.
+func run(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
+	cfg, err := parseConfig(args, getenv, stderr)
 	if err != nil {
 		return err
 	}
@@ -240,7 +235,6 @@ func listenURL(scheme string, addr net.Addr) string {
 // server is pollfree's http.Handler: the chat hub, the stats broadcaster and
 // the routes over them.
 type server struct {
-	log      *slog.Logger
 	chat     *hub
 	stats    *broadcaster
 	draining atomic.Bool // set once shutdown begins; /healthz then answers 503
@@ -248,7 +242,7 @@ type server struct {
 }
 
 func newServer(cfg config, log *slog.Logger) *server {
-	s := &server{log: log, mux: http.NewServeMux()}
+	s := &server{mux: http.NewServeMux()}
 	s.chat = newHub(log, cfg.maxClients, cfg.allowOrigins)
 	s.stats = newBroadcaster(log, os.DirFS("/"), s.chat.online)
 	s.routes()
@@ -257,11 +251,11 @@ func newServer(cfg config, log *slog.Logger) *server {
 
 // routes lists every endpoint in one place.
 func (s *server) routes() {
-	s.mux.Handle("GET /{$}", handleIndex())
+	s.mux.HandleFunc("GET /{$}", serveIndex)
 	s.mux.Handle("GET /ws", s.chat)
-	s.mux.Handle("GET /events", s.stats.handleEvents())
-	s.mux.Handle("GET /stats", s.stats.handleStats())
-	s.mux.Handle("GET /healthz", s.handleHealthz())
+	s.mux.HandleFunc("GET /events", s.stats.serveEvents)
+	s.mux.HandleFunc("GET /stats", s.stats.serveStats)
+	s.mux.HandleFunc("GET /healthz", s.serveHealthz)
 }
 
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
@@ -285,30 +279,25 @@ func (s *server) wait(ctx context.Context) error {
 const pageCSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; " +
 	"connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 
-// handleIndex serves GET /: the embedded page.
-func handleIndex() http.Handler {
-	size := strconv.Itoa(len(page))
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		h := w.Header()
-		h.Set("Content-Type", "text/html; charset=utf-8")
-		h.Set("Content-Length", size)
-		h.Set("Content-Security-Policy", pageCSP)
-		h.Set("X-Content-Type-Options", "nosniff")
-		h.Set("Cache-Control", "no-cache")
-		if r.Method != http.MethodHead {
-			w.Write(page)
-		}
-	})
+// serveIndex serves GET /: the embedded page.
+func serveIndex(w http.ResponseWriter, r *http.Request) {
+	h := w.Header()
+	h.Set("Content-Type", "text/html; charset=utf-8")
+	h.Set("Content-Length", strconv.Itoa(len(page)))
+	h.Set("Content-Security-Policy", pageCSP)
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Cache-Control", "no-cache")
+	if r.Method != http.MethodHead {
+		w.Write(page)
+	}
 }
 
-// handleHealthz serves GET /healthz for load balancers and orchestrators.
-func (s *server) handleHealthz() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Cache-Control", "no-store")
-		if s.draining.Load() {
-			http.Error(w, "shutting down", http.StatusServiceUnavailable)
-			return
-		}
-		io.WriteString(w, "ok\n")
-	})
+// serveHealthz serves GET /healthz for load balancers and orchestrators.
+func (s *server) serveHealthz(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Cache-Control", "no-store")
+	if s.draining.Load() {
+		http.Error(w, "shutting down", http.StatusServiceUnavailable)
+		return
+	}
+	io.WriteString(w, "ok\n")
 }

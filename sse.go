@@ -101,8 +101,7 @@ type broadcaster struct {
 	latest  *tick                // the last tick, while the sampler runs
 	running bool
 	closed  bool
-	lastID  uint64        // the last tick's id; ids go on increasing across sampler runs
-	stop    chan struct{} // closed on shutdown, to stop the sampler between ticks
+	lastID  uint64 // the last tick's id; ids go on increasing across sampler runs
 
 	// Owned by the sampler goroutine. One run stops (in publish) before the
 	// next starts (in subscribe), both under mu, so they pass safely from
@@ -121,7 +120,6 @@ func newBroadcaster(log *slog.Logger, fsys fs.FS, chatClients func() int) *broad
 		keepAlive:    sseKeepAlive,
 		writeTimeout: sseWriteTimeout,
 		subs:         make(map[chan *tick]*wire),
-		stop:         make(chan struct{}),
 	}
 }
 
@@ -171,8 +169,7 @@ func (b *broadcaster) shutdown() {
 	if b.closed {
 		return
 	}
-	b.closed = true
-	close(b.stop)
+	b.closed = true // the sampler stops at its next tick
 	stop := time.Now().Add(closeGrace)
 	for sub, out := range b.subs {
 		delete(b.subs, sub)
@@ -212,10 +209,7 @@ func (b *broadcaster) sample() {
 		if !b.publish(data) {
 			return
 		}
-		select {
-		case <-t.C:
-		case <-b.stop:
-		}
+		<-t.C
 	}
 }
 
@@ -248,39 +242,33 @@ const eventStreamHeader = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\
 // retryLine is the stream's first line: how long a browser waits before reconnecting.
 var retryLine = "retry: " + strconv.FormatInt(sseRetry.Milliseconds(), 10) + "\n\n"
 
-// handleEvents serves GET /events: the stats stream. Over HTTP/1.1 it takes
+// serveEvents serves GET /events: the stats stream. Over HTTP/1.1 it takes
 // the connection from net/http and serves it from a goroutine of its own,
 // then returns; over HTTP/2 it serves the stream itself.
-func (b *broadcaster) handleEvents() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.ProtoMajor >= 2 {
-			b.serveHTTP2(w, r)
-			return
-		}
-		if b.isClosed() {
-			http.Error(w, "shutting down", http.StatusServiceUnavailable)
-			return
-		}
-		conn, _, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			http.Error(w, "cannot stream: "+err.Error(), http.StatusInternalServerError)
-			return
-		}
-		out := &wire{conn: conn, wait: b.writeTimeout}
-		sub := b.subscribe(out)
-		if sub == nil { // shutdown began since isClosed
-			out.write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"), closeGrace)
-			conn.Close()
-			return
-		}
-		go func() {
-			defer conn.Close()
-			defer b.unsubscribe(sub, out)
-			b.log.Debug("stream opened", "remote", conn.RemoteAddr())
-			err := b.stream(out, sub, eventStreamHeader+retryLine, nil)
-			b.log.Debug("stream closed", "remote", conn.RemoteAddr(), "err", err)
-		}()
-	})
+func (b *broadcaster) serveEvents(w http.ResponseWriter, r *http.Request) {
+	if r.ProtoMajor >= 2 {
+		b.serveHTTP2(w, r)
+		return
+	}
+	conn, _, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		http.Error(w, "cannot stream: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
+	out := &wire{conn: conn, wait: b.writeTimeout}
+	sub := b.subscribe(out)
+	if sub == nil { // shutdown has begun
+		out.write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"), closeGrace)
+		conn.Close()
+		return
+	}
+	go func() {
+		defer conn.Close()
+		defer b.unsubscribe(sub, out)
+		b.log.Debug("stream opened", "remote", conn.RemoteAddr())
+		err := b.stream(out, sub, eventStreamHeader+retryLine, nil)
+		b.log.Debug("stream closed", "remote", conn.RemoteAddr(), "err", err)
+	}()
 }
 
 // serveHTTP2 serves an event stream over HTTP/2, through net/http.
@@ -352,25 +340,17 @@ func (b *broadcaster) stream(out *wire, sub chan *tick, first string, gone <-cha
 	}
 }
 
-func (b *broadcaster) isClosed() bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.closed
-}
-
-// handleStats serves GET /stats: the latest snapshot as JSON. When no
+// serveStats serves GET /stats: the latest snapshot as JSON. When no
 // sampler runs, it starts one and waits for its first tick.
-func (b *broadcaster) handleStats() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		t, err := b.current(r.Context())
-		if err != nil {
-			http.Error(w, "no stats: "+err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		w.Header().Set("Cache-Control", "no-store")
-		w.Write(append(t.json, '\n'))
-	})
+func (b *broadcaster) serveStats(w http.ResponseWriter, r *http.Request) {
+	t, err := b.current(r.Context())
+	if err != nil {
+		http.Error(w, "no stats: "+err.Error(), http.StatusServiceUnavailable)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Write(append(t.json, '\n'))
 }
 
 // current returns the latest tick, waiting for one if the sampler has just started.

@@ -129,12 +129,11 @@ type meminfo struct {
 	total, available, free uint64
 }
 
-// parseMeminfo reads "Key:   123 kB" lines. Kernels before 3.14 have no
-// MemAvailable; then free + buffers + cached stands in for it.
+// parseMeminfo reads "Key:   123 kB" lines. (MemAvailable is there since
+// Linux 3.14, 2014.)
 func parseMeminfo(b []byte) (meminfo, error) {
 	var m meminfo
-	var buffers, cached uint64
-	var haveTotal, haveAvailable bool
+	var haveTotal bool
 	for line := range bytes.Lines(b) {
 		key, rest, ok := bytes.Cut(line, []byte(":"))
 		if !ok {
@@ -155,20 +154,13 @@ func parseMeminfo(b []byte) (meminfo, error) {
 		case "MemTotal":
 			m.total, haveTotal = n, true
 		case "MemAvailable":
-			m.available, haveAvailable = n, true
+			m.available = n
 		case "MemFree":
 			m.free = n
-		case "Buffers":
-			buffers = n
-		case "Cached":
-			cached = n
 		}
 	}
 	if !haveTotal || m.total == 0 {
 		return m, errors.New("meminfo: no MemTotal")
-	}
-	if !haveAvailable {
-		m.available = m.free + buffers + cached
 	}
 	m.available = min(m.available, m.total)
 	m.free = min(m.free, m.total)
