@@ -26,7 +26,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/http/httptrace"
-	"net/url"
+	neturl "net/url"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -92,8 +92,10 @@ func TestMain(m *testing.M) {
 // ------------------------------------------------------------- helpers --
 
 // newTestServer runs pollfree's handler under httptest, with the config
-// edit may change, and shuts it down at the end of the test.
-func newTestServer(t testing.TB, edit ...func(*config)) (*server, *httptest.Server) {
+// edit may change, and shuts it down at the end of the test. It returns the
+// server and its base URL ("http://127.0.0.1:PORT"), which every helper
+// below takes.
+func newTestServer(t testing.TB, edit ...func(*config)) (*server, string) {
 	t.Helper()
 	cfg := config{maxClients: defaultMaxClients}
 	for _, f := range edit {
@@ -108,7 +110,7 @@ func testLogger(t testing.TB) *slog.Logger {
 
 // serveTest runs s under httptest and shuts it down at the end of the test.
 // Change s (say, its hub's timings) before calling it, not after.
-func serveTest(t testing.TB, s *server) (*server, *httptest.Server) {
+func serveTest(t testing.TB, s *server) (*server, string) {
 	t.Helper()
 	ts := httptest.NewServer(s)
 	t.Cleanup(func() {
@@ -120,10 +122,14 @@ func serveTest(t testing.TB, s *server) (*server, *httptest.Server) {
 			t.Errorf("chat connections outlived the test server: %v", err)
 		}
 	})
-	return s, ts
+	return s, ts.URL
 }
 
-func wsURL(ts *httptest.Server) string { return "ws" + strings.TrimPrefix(ts.URL, "http") + "/ws" }
+// wsURL is the chat's URL on the server at url.
+func wsURL(url string) string { return "ws" + strings.TrimPrefix(url, "http") + "/ws" }
+
+// hostport is the server's address in url, for a raw TCP dial.
+func hostport(url string) string { return strings.TrimPrefix(strings.TrimPrefix(url, "http://"), "https://") }
 
 // frame is any server-to-client frame, decoded loosely.
 type frame struct {
@@ -164,9 +170,9 @@ type chatClient struct {
 
 // dial connects to the chat with the given query ("" or "?name=...") and
 // returns the client with its welcome read.
-func dial(t testing.TB, ts *httptest.Server, query string) (*chatClient, frame) {
+func dial(t testing.TB, url string, query string) (*chatClient, frame) {
 	t.Helper()
-	ws, err := websocket.Dial(wsURL(ts)+query, "", ts.URL)
+	ws, err := websocket.Dial(wsURL(url)+query, "", url)
 	if err != nil {
 		t.Fatalf("dial: %v", err)
 	}
@@ -271,21 +277,21 @@ type rawConn struct {
 
 // dialRaw opens a TCP connection and sends a WebSocket handshake with the
 // given extra header lines; it returns the response's status code.
-func dialRaw(t testing.TB, ts *httptest.Server, query string, header ...string) (*rawConn, int) {
+func dialRaw(t testing.TB, url string, query string, header ...string) (*rawConn, int) {
 	t.Helper()
-	return dialRawWith(t, &net.Dialer{}, ts, query, header...)
+	return dialRawWith(t, &net.Dialer{}, url, query, header...)
 }
 
-func dialRawWith(t testing.TB, d *net.Dialer, ts *httptest.Server, query string, header ...string) (*rawConn, int) {
+func dialRawWith(t testing.TB, d *net.Dialer, url string, query string, header ...string) (*rawConn, int) {
 	t.Helper()
-	conn, err := d.Dial("tcp", ts.Listener.Addr().String())
+	conn, err := d.Dial("tcp", hostport(url))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
 	key := make([]byte, 16)
 	rand.Read(key)
-	req := "GET /ws" + query + " HTTP/1.1\r\nHost: " + ts.Listener.Addr().String() +
+	req := "GET /ws" + query + " HTTP/1.1\r\nHost: " + hostport(url) +
 		"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " +
 		base64.StdEncoding.EncodeToString(key) + "\r\n"
 	for _, h := range header {
@@ -424,8 +430,8 @@ func eventually(t *testing.T, what string, cond func() bool) {
 // -------------------------------------------------------- HTTP surface --
 
 func TestIndexServesEmbeddedPage(t *testing.T) {
-	_, ts := newTestServer(t)
-	resp, err := http.Get(ts.URL + "/")
+	_, url := newTestServer(t)
+	resp, err := http.Get(url + "/")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -444,7 +450,7 @@ func TestIndexServesEmbeddedPage(t *testing.T) {
 		t.Error("page served without a Content-Security-Policy")
 	}
 	for _, path := range []string{"/index.html", "/nope", "/ws/x"} {
-		resp, err := http.Get(ts.URL + path)
+		resp, err := http.Get(url + path)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -465,9 +471,9 @@ func TestPageLoadsNothingFromElsewhere(t *testing.T) {
 }
 
 func TestHealthz(t *testing.T) {
-	s, ts := newTestServer(t)
+	s, url := newTestServer(t)
 	get := func() (int, string) {
-		resp, err := http.Get(ts.URL + "/healthz")
+		resp, err := http.Get(url + "/healthz")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -487,8 +493,8 @@ func TestHealthz(t *testing.T) {
 // ------------------------------------------------------------ handshake --
 
 func TestPlainGETOnWebSocketEndpointIs400(t *testing.T) {
-	_, ts := newTestServer(t)
-	resp, err := http.Get(ts.URL + "/ws")
+	_, url := newTestServer(t)
+	resp, err := http.Get(url + "/ws")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -499,7 +505,7 @@ func TestPlainGETOnWebSocketEndpointIs400(t *testing.T) {
 }
 
 func TestCrossOriginHandshakeIs403(t *testing.T) {
-	_, ts := newTestServer(t, func(cfg *config) {
+	_, url := newTestServer(t, func(cfg *config) {
 		cfg.allowOrigins = []string{"https://friend.example"}
 	})
 	for _, tc := range []struct {
@@ -507,27 +513,27 @@ func TestCrossOriginHandshakeIs403(t *testing.T) {
 		want   int
 	}{
 		{"", 101}, // no Origin: a non-browser client
-		{"Origin: " + ts.URL, 101},
+		{"Origin: " + url, 101},
 		{"Origin: https://friend.example", 101},
 		{"Origin: http://evil.example", 403},
 		{"Origin: null", 403},
-		{"Origin: http://" + ts.Listener.Addr().String() + ".evil.example", 403},
+		{"Origin: http://" + hostport(url) + ".evil.example", 403},
 	} {
 		var hdr []string
 		if tc.origin != "" {
 			hdr = append(hdr, tc.origin)
 		}
-		if _, got := dialRaw(t, ts, "", hdr...); got != tc.want {
+		if _, got := dialRaw(t, url, "", hdr...); got != tc.want {
 			t.Errorf("handshake with %q = %d, want %d", tc.origin, got, tc.want)
 		}
 	}
 }
 
 func TestMaxClientsAnswers503BeforeUpgrade(t *testing.T) {
-	_, ts := newTestServer(t, func(cfg *config) { cfg.maxClients = 2 })
-	dial(t, ts, "")
-	dial(t, ts, "")
-	if _, code := dialRaw(t, ts, ""); code != 503 {
+	_, url := newTestServer(t, func(cfg *config) { cfg.maxClients = 2 })
+	dial(t, url, "")
+	dial(t, url, "")
+	if _, code := dialRaw(t, url, ""); code != 503 {
 		t.Fatalf("third connection with -max-clients 2 = %d, want 503", code)
 	}
 }
@@ -535,11 +541,11 @@ func TestMaxClientsAnswers503BeforeUpgrade(t *testing.T) {
 // ------------------------------------------------------------- protocol --
 
 func TestWelcome(t *testing.T) {
-	_, ts := newTestServer(t)
-	a, _ := dial(t, ts, "?name=Ann")
+	_, url := newTestServer(t)
+	a, _ := dial(t, url, "?name=Ann")
 	a.say("before b")
 	a.await("message")
-	_, w := dial(t, ts, "?name=Bea")
+	_, w := dial(t, url, "?name=Bea")
 	if w.You.Name != "Bea" || w.You.ID == "" || w.You.ID == a.me.ID {
 		t.Errorf("welcome.you = %+v, want name Bea and an id of its own", w.You)
 	}
@@ -561,11 +567,11 @@ func TestWelcome(t *testing.T) {
 }
 
 func TestEveryClientGetsEveryMessageInSeqOrder(t *testing.T) {
-	_, ts := newTestServer(t)
+	_, url := newTestServer(t)
 	const clients, each = 8, 5
 	cs := make([]*chatClient, clients)
 	for i := range cs {
-		cs[i], _ = dial(t, ts, "")
+		cs[i], _ = dial(t, url, "")
 	}
 	var wg sync.WaitGroup
 	for i, c := range cs {
@@ -594,8 +600,8 @@ func TestEveryClientGetsEveryMessageInSeqOrder(t *testing.T) {
 }
 
 func TestSenderSeesOwnMessageWithServerTime(t *testing.T) {
-	_, ts := newTestServer(t)
-	a, _ := dial(t, ts, "")
+	_, url := newTestServer(t)
+	a, _ := dial(t, url, "")
 	a.say("  hello  ")
 	m := a.await("message")
 	if m.Text != "hello" || m.From != a.me || m.Seq < 1 {
@@ -607,9 +613,9 @@ func TestSenderSeesOwnMessageWithServerTime(t *testing.T) {
 }
 
 func TestCannotSpeakAsSomeoneElse(t *testing.T) {
-	_, ts := newTestServer(t)
-	victim, _ := dial(t, ts, "?name=admin")
-	mallory, _ := dial(t, ts, "?name=mallory")
+	_, url := newTestServer(t)
+	victim, _ := dial(t, url, "?name=admin")
+	mallory, _ := dial(t, url, "?name=mallory")
 	mallory.send(map[string]any{"type": "message", "text": "hi", "from": victim.me, "name": "admin", "id": victim.me.ID})
 	m := victim.await("message")
 	if m.From != mallory.me {
@@ -618,7 +624,7 @@ func TestCannotSpeakAsSomeoneElse(t *testing.T) {
 }
 
 func TestRefusedFramesGetAnErrorAndTheConnectionStays(t *testing.T) {
-	_, ts := newTestServer(t)
+	_, url := newTestServer(t)
 	for _, tc := range []struct {
 		frame string
 		code  string
@@ -634,7 +640,7 @@ func TestRefusedFramesGetAnErrorAndTheConnectionStays(t *testing.T) {
 		{`{"type":"rename","name":"` + strings.Repeat("n", maxNameChars+1) + `"}`, errBadName},
 		{`{"type":"rename","name":"   "}`, errBadName},
 	} {
-		a, _ := dial(t, ts, "")
+		a, _ := dial(t, url, "")
 		if err := websocket.Message.Send(a.ws, tc.frame); err != nil {
 			t.Fatal(err)
 		}
@@ -649,8 +655,8 @@ func TestRefusedFramesGetAnErrorAndTheConnectionStays(t *testing.T) {
 }
 
 func TestPingGetsPong(t *testing.T) {
-	_, ts := newTestServer(t)
-	a, _ := dial(t, ts, "")
+	_, url := newTestServer(t)
+	a, _ := dial(t, url, "")
 	a.send(map[string]string{"type": "ping"})
 	if f := a.next(); f.Type != "pong" {
 		t.Errorf("answer to ping = %q, want pong", f.Type)
@@ -658,20 +664,20 @@ func TestPingGetsPong(t *testing.T) {
 }
 
 func TestNamesAreTrimmedUniqueAndServerChosenOtherwise(t *testing.T) {
-	_, ts := newTestServer(t)
-	a, _ := dial(t, ts, "?name=%20%20Ann%20%20Lee%20")
+	_, url := newTestServer(t)
+	a, _ := dial(t, url, "?name=%20%20Ann%20%20Lee%20")
 	if a.me.Name != "Ann Lee" {
 		t.Errorf("asked for \"  Ann  Lee \", got %q, want %q", a.me.Name, "Ann Lee")
 	}
-	b, _ := dial(t, ts, "?name=ann%20lee")
+	b, _ := dial(t, url, "?name=ann%20lee")
 	if b.me.Name != "ann lee-2" {
 		t.Errorf("second Ann Lee (other case) got %q, want %q", b.me.Name, "ann lee-2")
 	}
-	c, _ := dial(t, ts, "")
+	c, _ := dial(t, url, "")
 	if !regexp.MustCompile(`^[a-z]+-[a-z]+(-\d+)?$`).MatchString(c.me.Name) {
 		t.Errorf("random name %q is not adjective-animal", c.me.Name)
 	}
-	d, _ := dial(t, ts, "?name=evil%E2%80%AEname") // U+202E right-to-left override
+	d, _ := dial(t, url, "?name=evil%E2%80%AEname") // U+202E right-to-left override
 	if f := d.next(); f.Type != "error" || f.Code != errBadName {
 		t.Errorf("after a bad ?name, got %q %q, want a bad_name error", f.Type, f.Code)
 	}
@@ -681,9 +687,9 @@ func TestNamesAreTrimmedUniqueAndServerChosenOtherwise(t *testing.T) {
 }
 
 func TestRenameIsBroadcastAndKeptUnique(t *testing.T) {
-	_, ts := newTestServer(t)
-	a, _ := dial(t, ts, "?name=Ann")
-	b, _ := dial(t, ts, "?name=Bob")
+	_, url := newTestServer(t)
+	a, _ := dial(t, url, "?name=Ann")
+	b, _ := dial(t, url, "?name=Bob")
 	b.send(map[string]string{"type": "rename", "name": "ANN"})
 	f := a.await("rename")
 	if f.User.ID != b.me.ID || f.User.Name != "ANN-2" || f.Old != "Bob" {
@@ -696,12 +702,12 @@ func TestRenameIsBroadcastAndKeptUnique(t *testing.T) {
 }
 
 func TestHistoryKeepsTheLast50InOrder(t *testing.T) {
-	_, ts := newTestServer(t)
+	_, url := newTestServer(t)
 	const total = historySize + 10
 	// Several senders, each within its burst allowance.
 	var last int64
 	for sent := 0; sent < total; {
-		c, _ := dial(t, ts, "")
+		c, _ := dial(t, url, "")
 		for range rateBurst {
 			if sent == total {
 				break
@@ -711,7 +717,7 @@ func TestHistoryKeepsTheLast50InOrder(t *testing.T) {
 			sent++
 		}
 	}
-	_, w := dial(t, ts, "")
+	_, w := dial(t, url, "")
 	if len(w.History) != historySize {
 		t.Fatalf("history has %d messages, want %d", len(w.History), historySize)
 	}
@@ -726,15 +732,15 @@ func TestHistoryKeepsTheLast50InOrder(t *testing.T) {
 }
 
 func TestPresenceIsCoalesced(t *testing.T) {
-	_, ts := newTestServer(t)
-	watcher, _ := dial(t, ts, "")
+	_, url := newTestServer(t)
+	watcher, _ := dial(t, url, "")
 	watcher.awaitPresence(1, 0) // its own join
 	const n = 60
 	var wg sync.WaitGroup
 	conns := make([]*websocket.Conn, n)
 	for i := range n {
 		wg.Go(func() {
-			ws, err := websocket.Dial(wsURL(ts), "", ts.URL)
+			ws, err := websocket.Dial(wsURL(url), "", url)
 			if err != nil {
 				t.Error(err)
 				return
@@ -875,10 +881,10 @@ func (p *blipProxy) cut() []*rawConn {
 // and name), it gets exactly those three, the old connection is closed
 // with 4000, and nobody else hears of any of it.
 func TestResumeAfterABlipKeepsIdentityAndMissedMessages(t *testing.T) {
-	s, ts := newTestServer(t)
-	other, _ := dial(t, ts, "?name=Bea")
-	proxy := newBlipProxy(t, ts.Listener.Addr().String())
-	ada, w := dial(t, remoteServer(proxy.url), "?name=Ada")
+	s, url := newTestServer(t)
+	other, _ := dial(t, url, "?name=Bea")
+	proxy := newBlipProxy(t, hostport(url))
+	ada, w := dial(t, proxy.url, "?name=Ada")
 	if w.Resume == "" || w.Resumed || w.Missed != 0 {
 		t.Fatalf("first welcome: resume %q resumed %v missed %d, want a token, false, 0", w.Resume, w.Resumed, w.Missed)
 	}
@@ -890,7 +896,7 @@ func TestResumeAfterABlipKeepsIdentityAndMissedMessages(t *testing.T) {
 		other.say(text)
 		other.await("message")
 	}
-	ada2, w2 := dial(t, remoteServer(proxy.url), "?name=Ada&resume="+url.QueryEscape(w.Resume)+"&since=0")
+	ada2, w2 := dial(t, proxy.url, "?name=Ada&resume="+neturl.QueryEscape(w.Resume)+"&since=0")
 	if !w2.Resumed || w2.You != ada.me || w2.Missed != 0 || w2.Online != 2 {
 		t.Errorf("resumed welcome: you %+v resumed %v missed %d online %d, want %+v, true, 0, 2", w2.You, w2.Resumed, w2.Missed, w2.Online, ada.me)
 	}
@@ -928,9 +934,9 @@ func TestResumeAfterABlipKeepsIdentityAndMissedMessages(t *testing.T) {
 func TestResumeCountsMissedAndExpires(t *testing.T) {
 	srv := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
 	srv.chat.resumeWindow = 500 * time.Millisecond
-	_, ts := serveTest(t, srv)
-	watcher, _ := dial(t, ts, "")
-	ada, w := dial(t, ts, "?name=Ada")
+	_, url := serveTest(t, srv)
+	watcher, _ := dial(t, url, "")
+	ada, w := dial(t, url, "?name=Ada")
 	watcher.awaitJoinOrLeave(ada.me.ID, "joined")
 	ada.ws.Close()
 	watcher.awaitJoinOrLeave(ada.me.ID, "left")
@@ -939,12 +945,12 @@ func TestResumeCountsMissedAndExpires(t *testing.T) {
 	var sender *chatClient
 	for i := range sent {
 		if i%rateBurst == 0 {
-			sender, _ = dial(t, ts, "")
+			sender, _ = dial(t, url, "")
 		}
 		sender.say("m" + strconv.Itoa(i))
 		watcher.await("message")
 	}
-	_, w2 := dial(t, ts, "?resume="+w.Resume+"&since=0")
+	_, w2 := dial(t, url, "?resume="+w.Resume+"&since=0")
 	if !w2.Resumed || w2.You != ada.me {
 		t.Fatalf("resume after a clean close: you %+v resumed %v, want %+v, true", w2.You, w2.Resumed, ada.me)
 	}
@@ -957,11 +963,11 @@ func TestResumeCountsMissedAndExpires(t *testing.T) {
 	}
 
 	// Now past the window: a fresh identity, and no error.
-	ada3, w3 := dial(t, ts, "?resume="+w.Resume)
+	ada3, w3 := dial(t, url, "?resume="+w.Resume)
 	ada3.ws.Close()
 	watcher.awaitJoinOrLeave(ada.me.ID, "left")
 	time.Sleep(srv.chat.resumeWindow + 100*time.Millisecond) // the absence under test
-	_, w4 := dial(t, ts, "?resume="+w3.Resume)
+	_, w4 := dial(t, url, "?resume="+w3.Resume)
 	if w4.Resumed || w4.You.ID == ada.me.ID {
 		t.Errorf("resume after the window: you %+v resumed %v, want a new id, false", w4.You, w4.Resumed)
 	}
@@ -971,15 +977,15 @@ func TestResumeCountsMissedAndExpires(t *testing.T) {
 // connection: every earlier one is closed with 4000, and online counts the
 // session once.
 func TestOneLiveConnectionPerSession(t *testing.T) {
-	s, ts := newTestServer(t)
-	first, w := dialRaw(t, ts, "?name=Ada")
+	s, url := newTestServer(t)
+	first, w := dialRaw(t, url, "?name=Ada")
 	welcome := first.readText(t)
 	var seen []*rawConn
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	for range 5 {
 		wg.Go(func() {
-			c, code := dialRaw(t, ts, "?resume="+welcome.Resume)
+			c, code := dialRaw(t, url, "?resume="+welcome.Resume)
 			if code != 101 {
 				t.Errorf("resume handshake = %d", code)
 				return
@@ -1022,12 +1028,12 @@ func TestOneLiveConnectionPerSession(t *testing.T) {
 // A token that is wrong, malformed or from another run is no error: the
 // client starts afresh.
 func TestBadResumeTokensStartAfresh(t *testing.T) {
-	_, ts := newTestServer(t)
-	_, w := dial(t, ts, "?name=Ada")
+	_, url := newTestServer(t)
+	_, w := dial(t, url, "?name=Ada")
 	id, secret, _ := strings.Cut(w.Resume, ".")
 	wrong := secret[:len(secret)-1] + string(secret[len(secret)-1]^1)
 	for _, token := range []string{"", "nonsense", id, id + ".", id + "." + wrong, id + "." + secret + "x", "otherrun-1." + secret} {
-		c, got := dial(t, ts, "?name=Bea&resume="+url.QueryEscape(token)+"&since=x")
+		c, got := dial(t, url, "?name=Bea&resume="+neturl.QueryEscape(token)+"&since=x")
 		if got.Resumed || got.You.ID == w.You.ID || got.Resume == w.Resume || got.You.Name != "Bea" {
 			t.Errorf("token %q: you %+v resumed %v, want a new session named Bea", token, got.You, got.Resumed)
 		}
@@ -1046,7 +1052,7 @@ func TestParseJoin(t *testing.T) {
 		{"since=1e3", joinRequest{since: -1}},
 		{"since=99999999999999999999", joinRequest{since: -1}},
 	} {
-		q, _ := url.ParseQuery(tc.query)
+		q, _ := neturl.ParseQuery(tc.query)
 		if got := parseJoin(q); got != tc.want {
 			t.Errorf("parseJoin(%q) = %+v, want %+v", tc.query, got, tc.want)
 		}
@@ -1104,9 +1110,9 @@ func BenchmarkJoinSameName(b *testing.B) {
 }
 
 func TestRateLimitRefusesBurstsAndClosesFlooders(t *testing.T) {
-	_, ts := newTestServer(t)
-	watcher, _ := dial(t, ts, "")
-	a, _ := dial(t, ts, "")
+	_, url := newTestServer(t)
+	watcher, _ := dial(t, url, "")
+	a, _ := dial(t, url, "")
 	const burst = 3 * rateBurst
 	for i := range burst {
 		a.say("flood " + strconv.Itoa(i))
@@ -1125,7 +1131,7 @@ func TestRateLimitRefusesBurstsAndClosesFlooders(t *testing.T) {
 		t.Errorf("a burst of %d: %d delivered, %d refused; want about %d delivered", burst, delivered, limited, rateBurst)
 	}
 
-	raw, _ := dialRaw(t, ts, "")
+	raw, _ := dialRaw(t, url, "")
 	for range rateBurst + floodStrikes + 5 {
 		raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"flood"}`))
 	}
@@ -1143,9 +1149,9 @@ func TestRateLimitRefusesBurstsAndClosesFlooders(t *testing.T) {
 // client within the rate is never refused.
 func TestPersistentFloodingIsClosedSteadyClientIsNot(t *testing.T) {
 	t.Parallel()
-	_, ts := newTestServer(t)
-	steady, _ := dial(t, ts, "")
-	flooder, _ := dialRaw(t, ts, "")
+	_, url := newTestServer(t)
+	steady, _ := dial(t, url, "")
+	flooder, _ := dialRaw(t, url, "")
 	flooder.readText(t) // welcome
 
 	closed := make(chan int, 1)
@@ -1208,8 +1214,8 @@ func TestPersistentFloodingIsClosedSteadyClientIsNot(t *testing.T) {
 func TestPingAfterSilenceGetsPong(t *testing.T) {
 	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
 	s.chat.writeWait = 100 * time.Millisecond
-	_, ts := serveTest(t, s)
-	raw, _ := dialRaw(t, ts, "")
+	_, url := serveTest(t, s)
+	raw, _ := dialRaw(t, url, "")
 	raw.readText(t)                  // the welcome: the server's last write
 	time.Sleep(2 * s.chat.writeWait) // the silence under test, not a synchronisation
 	raw.writeFrame(websocket.PingFrame, []byte("still there?"))
@@ -1227,8 +1233,8 @@ func TestPingAfterSilenceGetsPong(t *testing.T) {
 func TestClientThatPingsOnItsOwnScheduleStays(t *testing.T) {
 	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
 	s.chat.writeWait = 100 * time.Millisecond
-	_, ts := serveTest(t, s)
-	raw, _ := dialRaw(t, ts, "")
+	_, url := serveTest(t, s)
+	raw, _ := dialRaw(t, url, "")
 	raw.readText(t) // welcome
 	every := time.NewTicker(s.chat.writeWait * 3 / 4)
 	defer every.Stop()
@@ -1250,9 +1256,9 @@ func TestClientThatPingsOnItsOwnScheduleStays(t *testing.T) {
 }
 
 func TestOversizedFrameClosesWith1009(t *testing.T) {
-	_, ts := newTestServer(t)
-	watcher, _ := dial(t, ts, "")
-	raw, _ := dialRaw(t, ts, "")
+	_, url := newTestServer(t)
+	watcher, _ := dial(t, url, "")
+	raw, _ := dialRaw(t, url, "")
 	raw.readText(t) // welcome
 	big := `{"type":"message","text":"` + strings.Repeat("x", maxFrameBytes) + `"}`
 	raw.writeFrame(websocket.TextFrame, []byte(big))
@@ -1266,9 +1272,9 @@ func TestOversizedFrameClosesWith1009(t *testing.T) {
 }
 
 func TestInvalidUTF8IsNeverRelayed(t *testing.T) {
-	_, ts := newTestServer(t)
-	watcher, _ := dial(t, ts, "")
-	raw, _ := dialRaw(t, ts, "")
+	_, url := newTestServer(t)
+	watcher, _ := dial(t, url, "")
+	raw, _ := dialRaw(t, url, "")
 	raw.readText(t) // welcome
 	raw.writeFrame(websocket.TextFrame, []byte("{\"type\":\"message\",\"text\":\"bad \xff\xfe bytes\"}"))
 	if f := raw.readText(t); f.Type != "error" || f.Code != errBadJSON {
@@ -1285,11 +1291,11 @@ func TestInvalidUTF8IsNeverRelayed(t *testing.T) {
 // A client that stops reading fills its queue and is dropped; a client that
 // reads gets every message meanwhile, in order.
 func TestClientThatStopsReadingIsDropped(t *testing.T) {
-	_, ts := newTestServer(t)
-	watcher, _ := dial(t, ts, "")
-	dialStuck(t, ts, "stuck")
+	_, url := newTestServer(t)
+	watcher, _ := dial(t, url, "")
+	dialStuck(t, url, "stuck")
 	var last int64
-	sendUntilDropped(t, ts, watcher, "stuck", func(f frame, want string) {
+	sendUntilDropped(t, url, watcher, "stuck", func(f frame, want string) {
 		if f.Seq != last+1 || f.Text != want {
 			t.Fatalf("watcher got seq %d %.10q..., want seq %d, %.10q...", f.Seq, f.Text, last+1, want)
 		}
@@ -1299,12 +1305,12 @@ func TestClientThatStopsReadingIsDropped(t *testing.T) {
 
 // dialStuck connects a client named name that never reads, with a tiny
 // receive buffer so that the server's writes to it back up quickly.
-func dialStuck(t testing.TB, ts *httptest.Server, name string) {
+func dialStuck(t testing.TB, url string, name string) {
 	t.Helper()
 	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
 		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
 	}}
-	dialRawWith(t, small, ts, "?name="+name)
+	dialRawWith(t, small, url, "?name="+name)
 }
 
 // sendUntilDropped sends long messages one at a time, each once watcher has
@@ -1312,7 +1318,7 @@ func dialStuck(t testing.TB, ts *httptest.Server, name string) {
 // sees the client named stuck leave: its outbox filled, which happens only
 // while its writer is blocked in a write. Each message watcher gets is
 // passed to check with the text that was sent.
-func sendUntilDropped(t *testing.T, ts *httptest.Server, watcher *chatClient, stuck string, check func(f frame, want string)) {
+func sendUntilDropped(t *testing.T, url string, watcher *chatClient, stuck string, check func(f frame, want string)) {
 	t.Helper()
 	text := strings.Repeat("🙂", maxTextChars-10) // 4 bytes each: the frame stays under maxFrameBytes
 	var sender *chatClient
@@ -1321,7 +1327,7 @@ func sendUntilDropped(t *testing.T, ts *httptest.Server, watcher *chatClient, st
 			t.Fatal("2000 messages sent and the client that never reads is still in the room")
 		}
 		if sent%rateBurst == 0 {
-			sender, _ = dial(t, ts, "")
+			sender, _ = dial(t, url, "")
 		}
 		want := text + strconv.Itoa(sent)
 		sender.say(want)
@@ -1346,9 +1352,9 @@ func TestChatWriteBlockedPastWriteWaitDropsTheClient(t *testing.T) {
 	var logs syncBuffer
 	s := newServer(config{maxClients: defaultMaxClients}, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	s.chat.writeWait = 50 * time.Millisecond
-	_, ts := serveTest(t, s)
-	watcher, _ := dial(t, ts, "")
-	dialStuck(t, ts, "stuck")
+	_, url := serveTest(t, s)
+	watcher, _ := dial(t, url, "")
+	dialStuck(t, url, "stuck")
 	watcher.awaitPresence(2, 0)
 
 	ctx, cancel := context.WithCancel(t.Context())
@@ -1360,7 +1366,7 @@ func TestChatWriteBlockedPastWriteWaitDropsTheClient(t *testing.T) {
 		var sender *websocket.Conn
 		for i := 0; ctx.Err() == nil; i++ {
 			if i%rateBurst == 0 {
-				ws, err := websocket.Dial(wsURL(ts), "", ts.URL)
+				ws, err := websocket.Dial(wsURL(url), "", url)
 				if err != nil {
 					return
 				}
@@ -1386,9 +1392,9 @@ func TestChatWriteBlockedPastWriteWaitDropsTheClient(t *testing.T) {
 // In a large room a welcome lists welcomeUsers users, the newcomer first,
 // and counts everyone.
 func TestWelcomeListsAtMostWelcomeUsers(t *testing.T) {
-	_, ts := newTestServer(t)
-	cs, _ := connectAll(t, ts.Listener.Addr().String(), welcomeUsers+5)
-	_, w := dial(t, ts, "?name=Newcomer")
+	_, url := newTestServer(t)
+	cs, _ := connectAll(t, hostport(url), welcomeUsers+5)
+	_, w := dial(t, url, "?name=Newcomer")
 	if len(w.Users) != welcomeUsers || w.Users[0] != w.You || w.Online != len(cs)+1 {
 		t.Errorf("welcome lists %d users (first %+v) of %d online, want %d, the newcomer first, of %d",
 			len(w.Users), w.Users[0], w.Online, welcomeUsers, len(cs)+1)
@@ -1400,9 +1406,9 @@ func TestWelcomeListsAtMostWelcomeUsers(t *testing.T) {
 func TestVanishedPeerIsRemovedLiveOneStays(t *testing.T) {
 	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
 	s.chat.pingEvery, s.chat.readIdle = 100*time.Millisecond, time.Second
-	_, ts := serveTest(t, s)
-	watcher, _ := dial(t, ts, "")
-	dialRaw(t, ts, "?name=ghost") // handshakes, then never reads or writes
+	_, url := serveTest(t, s)
+	watcher, _ := dial(t, url, "")
+	dialRaw(t, url, "?name=ghost") // handshakes, then never reads or writes
 	for {
 		f := watcher.await("presence")
 		if len(f.Left) == 1 && f.Left[0].Name == "ghost" {
@@ -1417,15 +1423,15 @@ func TestVanishedPeerIsRemovedLiveOneStays(t *testing.T) {
 }
 
 func TestNoGoroutineOutlivesItsConnection(t *testing.T) {
-	_, ts := newTestServer(t)
+	_, url := newTestServer(t)
 	before := runtime.NumGoroutine()
 	for range 10 {
-		c, _ := dial(t, ts, "")
+		c, _ := dial(t, url, "")
 		c.say("hi")
 		c.await("message")
 		c.ws.Close()
 	}
-	resp, err := http.Get(ts.URL + "/events")
+	resp, err := http.Get(url + "/events")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1467,9 +1473,9 @@ func readEvent(t *testing.T, br *bufio.Reader) (id string, data []byte) {
 	}
 }
 
-func openEvents(t *testing.T, ts *httptest.Server) (*http.Response, *bufio.Reader) {
+func openEvents(t *testing.T, url string) (*http.Response, *bufio.Reader) {
 	t.Helper()
-	req, _ := http.NewRequestWithContext(t.Context(), "GET", ts.URL+"/events", nil)
+	req, _ := http.NewRequestWithContext(t.Context(), "GET", url+"/events", nil)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -1485,13 +1491,13 @@ func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
 	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
 	s.stats.sampleEvery = time.Millisecond // fill the stuck socket fast
 	s.stats.writeTimeout = 200 * time.Millisecond
-	_, ts := serveTest(t, s)
-	_, br := openEvents(t, ts)
+	_, url := serveTest(t, s)
+	_, br := openEvents(t, url)
 	readEvent(t, br)
 	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
 		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
 	}}
-	stuck, err := small.Dial("tcp", ts.Listener.Addr().String())
+	stuck, err := small.Dial("tcp", hostport(url))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1520,8 +1526,8 @@ func TestSilentStreamGetsAKeepAliveComment(t *testing.T) {
 	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
 	s.stats.sampleEvery = time.Hour // one tick at the start, then silence
 	s.stats.keepAlive = 50 * time.Millisecond
-	_, ts := serveTest(t, s)
-	_, br := openEvents(t, ts)
+	_, url := serveTest(t, s)
+	_, br := openEvents(t, url)
 	readEvent(t, br)
 	for {
 		line, err := br.ReadString('\n')
@@ -1538,9 +1544,9 @@ func TestSilentStreamGetsAKeepAliveComment(t *testing.T) {
 }
 
 func TestEventsStreamHeadersAndFirstEventAtOnce(t *testing.T) {
-	_, ts := newTestServer(t)
+	_, url := newTestServer(t)
 	start := time.Now()
-	resp, br := openEvents(t, ts)
+	resp, br := openEvents(t, url)
 	for h, want := range map[string]string{
 		"Content-Type":      "text/event-stream",
 		"Cache-Control":     "no-cache",
@@ -1571,7 +1577,7 @@ func TestEventsStreamHeadersAndFirstEventAtOnce(t *testing.T) {
 }
 
 func TestOneSamplerServesEverySubscriber(t *testing.T) {
-	s, ts := newTestServer(t)
+	s, url := newTestServer(t)
 	const subs, events = 10, 3
 	type seen struct {
 		id   string
@@ -1580,7 +1586,7 @@ func TestOneSamplerServesEverySubscriber(t *testing.T) {
 	got := make([][]seen, subs)
 	var wg sync.WaitGroup
 	for i := range subs {
-		_, br := openEvents(t, ts)
+		_, br := openEvents(t, url)
 		wg.Go(func() {
 			for range events {
 				id, data := readEvent(t, br)
@@ -1615,19 +1621,19 @@ func samplerRunning(b *broadcaster) bool {
 }
 
 func TestSamplerStopsWhenNobodyListens(t *testing.T) {
-	s, ts := newTestServer(t)
+	s, url := newTestServer(t)
 	if samplerRunning(s.stats) {
 		t.Fatal("sampler running before anyone subscribed")
 	}
-	resp, br := openEvents(t, ts)
+	resp, br := openEvents(t, url)
 	readEvent(t, br)
 	resp.Body.Close()
 	eventually(t, "sampler stopped", func() bool { return !samplerRunning(s.stats) })
 }
 
 func TestStatsEndpointReturnsOneSnapshot(t *testing.T) {
-	s, ts := newTestServer(t)
-	resp, err := http.Get(ts.URL + "/stats")
+	s, url := newTestServer(t)
+	resp, err := http.Get(url + "/stats")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1849,7 +1855,7 @@ func FuzzResumeQuery(f *testing.F) {
 		f.Add(seed)
 	}
 	f.Fuzz(func(t *testing.T, query string) {
-		q, _ := url.ParseQuery(query)
+		q, _ := neturl.ParseQuery(query)
 		req := parseJoin(q)
 		if req.since < -1 {
 			t.Fatalf("parseJoin(%q).since = %d", query, req.since)
@@ -1964,13 +1970,12 @@ func startRun(t *testing.T, args ...string) (url string, cancel context.CancelFu
 
 func TestShutdownClosesChatWith1001EndsStreamsAndReturns(t *testing.T) {
 	url, cancel, done := startRun(t)
-	ts := remoteServer(url)
-	raw, code := dialRaw(t, ts, "")
+	raw, code := dialRaw(t, url, "")
 	if code != 101 {
 		t.Fatalf("handshake = %d", code)
 	}
 	raw.readText(t) // welcome
-	resp, br := openEvents(t, ts)
+	resp, br := openEvents(t, url)
 	readEvent(t, br)
 
 	start := time.Now()
@@ -2017,7 +2022,7 @@ func TestDrainAnswers503WhileStillServing(t *testing.T) {
 		t.Fatalf("during the drain, GET / = %v %v, want 200", resp, err)
 	}
 	resp.Body.Close()
-	c, _ := dial(t, remoteServer(url), "")
+	c, _ := dial(t, url, "")
 	c.say("still serving")
 	if m := c.await("message"); m.Text != "still serving" {
 		t.Errorf("chat during the drain echoed %q", m.Text)
@@ -2085,24 +2090,6 @@ func scanURL(r io.Reader) <-chan string {
 	}()
 	return urls
 }
-
-// remoteServer describes a pollfree running elsewhere (through run, or in
-// another process) as an httptest.Server, for the helpers that take one.
-func remoteServer(url string) *httptest.Server {
-	return &httptest.Server{URL: url, Listener: dummyListener(strings.TrimPrefix(url, "http://"))}
-}
-
-// dummyListener carries an address for helpers that take an httptest.Server.
-type dummyListener string
-
-func (dummyListener) Accept() (net.Conn, error) { return nil, errors.New("not a listener") }
-func (dummyListener) Close() error              { return nil }
-func (l dummyListener) Addr() net.Addr          { return addrString(l) }
-
-type addrString string
-
-func (addrString) Network() string  { return "tcp" }
-func (a addrString) String() string { return string(a) }
 
 // -------------------------------------------------------- real browser --
 
@@ -2706,7 +2693,7 @@ func buildStatic(tb testing.TB) string {
 // startProcess starts cmd, a pollfree listening on 127.0.0.1:0, and waits
 // for it to log its URL. stop sends SIGTERM and waits for the exit; the
 // test's cleanup calls it too, and fails the test unless the exit was clean.
-func startProcess(tb testing.TB, cmd *exec.Cmd) (ts *httptest.Server, stop func() error) {
+func startProcess(tb testing.TB, cmd *exec.Cmd) (url string, stop func() error) {
 	tb.Helper()
 	logs, err := cmd.StderrPipe()
 	if err != nil {
@@ -2731,11 +2718,11 @@ func startProcess(tb testing.TB, cmd *exec.Cmd) (ts *httptest.Server, stop func(
 	})
 	select {
 	case url := <-scanURL(logs):
-		return remoteServer(url), stop
+		return url, stop
 	case <-time.After(wait):
 		tb.Fatal("pollfree logged no URL")
 	}
-	return nil, nil
+	return "", nil
 }
 
 // getStats fetches /stats from url.
@@ -2754,9 +2741,9 @@ func getStats(t testing.TB, url string) snapshot {
 }
 
 // checkServes exercises every endpoint of a pollfree.
-func checkServes(t *testing.T, ts *httptest.Server) {
+func checkServes(t *testing.T, url string) {
 	t.Helper()
-	resp, err := http.Get(ts.URL + "/")
+	resp, err := http.Get(url + "/")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -2765,12 +2752,12 @@ func checkServes(t *testing.T, ts *httptest.Server) {
 	if resp.StatusCode != 200 || !bytes.Equal(body, page) {
 		t.Errorf("GET / = %d with %d bytes, want 200 and the page", resp.StatusCode, len(body))
 	}
-	a, _ := dial(t, ts, "")
+	a, _ := dial(t, url, "")
 	a.say("hello from a scratch container")
 	if m := a.await("message"); m.Text != "hello from a scratch container" {
 		t.Errorf("chat echoed %q", m.Text)
 	}
-	_, br := openEvents(t, ts)
+	_, br := openEvents(t, url)
 	if _, data := readEvent(t, br); !json.Valid(data) {
 		t.Errorf("event data is not JSON: %s", data)
 	}
@@ -2796,13 +2783,13 @@ func TestStaticBinaryRunsAloneLikeScratch(t *testing.T) {
 		t.Fatal(err)
 	}
 	const nobody = 65534
-	start := func(t *testing.T) *httptest.Server {
+	start := func(t *testing.T) string {
 		cmd := exec.Command("/pollfree", "-addr", "127.0.0.1:0")
 		cmd.Env = []string{} // no $USER: the uid must stand in for the name
 		cmd.Dir = "/"
 		cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: root, Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
-		ts, _ := startProcess(t, cmd)
-		return ts
+		url, _ := startProcess(t, cmd)
+		return url
 	}
 
 	t.Run("with /proc", func(t *testing.T) {
@@ -2814,9 +2801,9 @@ func TestStaticBinaryRunsAloneLikeScratch(t *testing.T) {
 			exec.Command("umount", "-l", root+"/proc").Run()
 			os.Remove(root + "/proc")
 		})
-		ts := start(t)
-		checkServes(t, ts)
-		s := getStats(t, ts.URL)
+		url := start(t)
+		checkServes(t, url)
+		s := getStats(t, url)
 		if s.Host.User != strconv.Itoa(nobody) {
 			t.Errorf("host.user = %q, want the uid %d (no passwd file)", s.Host.User, nobody)
 		}
@@ -2825,9 +2812,9 @@ func TestStaticBinaryRunsAloneLikeScratch(t *testing.T) {
 		}
 	})
 	t.Run("without /proc", func(t *testing.T) {
-		ts := start(t)
-		checkServes(t, ts)
-		s := getStats(t, ts.URL)
+		url := start(t)
+		checkServes(t, url)
+		s := getStats(t, url)
 		if s.Memory.Source != "runtime" || s.Memory.TotalBytes == 0 || s.Host.User != strconv.Itoa(nobody) {
 			t.Errorf("without /proc: memory %+v, user %q; want runtime figures and the uid", s.Memory, s.Host.User)
 		}
@@ -2867,11 +2854,11 @@ func TestRealCgroupLimitIsShown(t *testing.T) {
 	}
 
 	cmd := exec.Command(buildStatic(t), "-addr", "127.0.0.1:0")
-	ts, _ := startProcess(t, cmd)
+	url, _ := startProcess(t, cmd)
 	if err := os.WriteFile(cg+"/cgroup.procs", []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
 		t.Fatalf("moving pollfree into the cgroup: %v", err)
 	}
-	s := getStats(t, ts.URL) // the sampler starts now, inside the cgroup
+	s := getStats(t, url) // the sampler starts now, inside the cgroup
 	if s.Memory.Source != "cgroup" || s.Memory.LimitBytes != limit || s.Memory.TotalBytes != limit ||
 		s.Memory.CgroupUsedBytes == 0 || s.Memory.CgroupUsedBytes > limit {
 		t.Errorf("memory in a %d-byte cgroup = %+v, want the cgroup's view", limit, s.Memory)
@@ -3046,8 +3033,8 @@ func text(fin bool, s string) []byte {
 // Frame-level abuse over a raw connection: each gets a close or an error
 // frame, never a crash, a hang, or a message relayed to others.
 func TestFrameAbuse(t *testing.T) {
-	_, ts := newTestServer(t)
-	watcher, _ := dial(t, ts, "")
+	_, url := newTestServer(t)
+	watcher, _ := dial(t, url, "")
 	msg := `{"type":"message","text":"sneaky"}`
 	for _, tc := range []struct {
 		name  string
@@ -3069,7 +3056,7 @@ func TestFrameAbuse(t *testing.T) {
 		{"bytes after the close", append(frameBytes(true, 0, websocket.CloseFrame, true, 2, []byte{3, 232}), text(true, msg)...), closeNormal, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			raw, _ := dialRaw(t, ts, "")
+			raw, _ := dialRaw(t, url, "")
 			raw.readText(t) // welcome
 			if _, err := raw.Write(tc.send); err != nil {
 				t.Fatal(err)
@@ -3096,7 +3083,7 @@ func TestFrameAbuse(t *testing.T) {
 		{"ping with a 126-byte payload", frameBytes(true, 0, websocket.PingFrame, true, 126, bytes.Repeat([]byte("p"), 126))},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			raw, _ := dialRaw(t, ts, "")
+			raw, _ := dialRaw(t, url, "")
 			raw.readText(t) // welcome
 			raw.Write(tc.send)
 			raw.writeFrame(websocket.TextFrame, []byte(`{"type":"ping"}`))
@@ -3118,23 +3105,23 @@ func TestFrameAbuse(t *testing.T) {
 	}
 }
 
-// attack runs a mix of hostile clients against ts for d: a flooder, a client
+// attack runs a mix of hostile clients against url for d: a flooder, a client
 // renaming in a loop, connections opened and closed in a loop, and a storm of
 // clients that connect at once, stay a second and leave. Meanwhile ten
 // ordinary speakers each say something every 250 ms, within the rate limit.
 // It fails tb if any speaker misses a speaker's message or sees one out of
 // seq order, and returns how long each speaker's own messages took to come
 // back to it, and the most presence frames one storm client received.
-func attack(tb testing.TB, ts *httptest.Server, d time.Duration, storm int) (latencies []time.Duration, presence int) {
+func attack(tb testing.TB, url string, d time.Duration, storm int) (latencies []time.Duration, presence int) {
 	const speakers, every = 10, 250 * time.Millisecond
 	cs := make([]*chatClient, speakers)
 	for i := range cs {
-		cs[i], _ = dial(tb, ts, "")
+		cs[i], _ = dial(tb, url, "")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
 	cfg := func() *websocket.Config {
-		cfg, _ := websocket.NewConfig(wsURL(ts), ts.URL)
+		cfg, _ := websocket.NewConfig(wsURL(url), url)
 		return cfg
 	}
 	var attackers sync.WaitGroup
@@ -3241,9 +3228,9 @@ func attack(tb testing.TB, ts *httptest.Server, d time.Duration, storm int) (lat
 }
 
 func TestHostileClientsDoNotHurtOthers(t *testing.T) {
-	_, ts := newTestServer(t)
+	_, url := newTestServer(t)
 	storm := 1000 // the race detector allows 8128 goroutines; the benchmark storms with 5000
-	lat, presence := attack(t, ts, 3*time.Second, storm)
+	lat, presence := attack(t, url, 3*time.Second, storm)
 	// attack checked that every speaker's message reached every speaker, in
 	// order; here, that the speakers spoke at all.
 	if len(lat) < 10 {
@@ -3263,9 +3250,9 @@ func TestHostileClientsDoNotHurtOthers(t *testing.T) {
 func BenchmarkDeliveryUnderAttack(b *testing.B) {
 	raiseFileLimit(b)
 	for b.Loop() {
-		ts, proc, _ := serverProcess(b)
+		url, proc, _ := serverProcess(b)
 		cpu0 := procCPU(b, proc.Pid)
-		lat, presence := attack(b, ts, 10*time.Second, 5000)
+		lat, presence := attack(b, url, 10*time.Second, 5000)
 		b.ReportMetric((procCPU(b, proc.Pid) - cpu0).Seconds(), "server-cpu-s")
 		slices.Sort(lat)
 		b.ReportMetric(float64(presence), "presence-frames-max")
@@ -3316,7 +3303,7 @@ func procStatusBytes(tb testing.TB, pid int, field string) uint64 {
 
 // serverProcess starts pollfree in a process of its own (see TestMain), with
 // startProcess; it also returns the process, for /proc/PID figures.
-func serverProcess(tb testing.TB, args ...string) (ts *httptest.Server, proc *os.Process, stop func() error) {
+func serverProcess(tb testing.TB, args ...string) (url string, proc *os.Process, stop func() error) {
 	tb.Helper()
 	exe, err := os.Executable()
 	if err != nil {
@@ -3324,8 +3311,8 @@ func serverProcess(tb testing.TB, args ...string) (ts *httptest.Server, proc *os
 	}
 	cmd := exec.Command(exe)
 	cmd.Env = append(os.Environ(), "POLLFREE_SERVE="+strings.Join(append([]string{"-addr", "127.0.0.1:0"}, args...), " "))
-	ts, stop = startProcess(tb, cmd)
-	return ts, cmd.Process, stop
+	url, stop = startProcess(tb, cmd)
+	return url, cmd.Process, stop
 }
 
 // raiseFileLimit lifts the open-file limit to its hard maximum, for tests
@@ -3377,12 +3364,12 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 		t.Skip("no SIGTERM")
 	}
 	raiseFileLimit(t)
-	ts, _, stop := serverProcess(t)
+	url, _, stop := serverProcess(t)
 	const chats, streams = 1000, 1000
 
 	codes := make(chan int, chats)
 	for range chats {
-		raw, status := dialRaw(t, ts, "")
+		raw, status := dialRaw(t, url, "")
 		if status != 101 {
 			t.Fatalf("handshake = %d", status)
 		}
@@ -3403,7 +3390,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	}
 	ended := make(chan error, streams)
 	for range streams {
-		conn, err := net.Dial("tcp", ts.Listener.Addr().String())
+		conn, err := net.Dial("tcp", hostport(url))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -3417,7 +3404,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	}
 	talkers := make([]*chatClient, 5)
 	for i := range talkers {
-		talkers[i], _ = dial(t, ts, "")
+		talkers[i], _ = dial(t, url, "")
 	}
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
@@ -3458,9 +3445,9 @@ func TestSIGTERMWithAStuckClientExitsInTime(t *testing.T) {
 		t.Skip("no SIGTERM")
 	}
 	t.Parallel()
-	ts, _, stop := serverProcess(t)
-	watcher, _ := dial(t, ts, "")
-	other, _ := dialRaw(t, ts, "")
+	url, _, stop := serverProcess(t)
+	watcher, _ := dial(t, url, "")
+	other, _ := dialRaw(t, url, "")
 	closeCode := make(chan int, 1)
 	go func() { // reads all the time, as a browser does
 		for {
@@ -3475,8 +3462,8 @@ func TestSIGTERMWithAStuckClientExitsInTime(t *testing.T) {
 			}
 		}
 	}()
-	dialStuck(t, ts, "stuck")
-	sendUntilDropped(t, ts, watcher, "stuck", func(frame, string) {})
+	dialStuck(t, url, "stuck")
+	sendUntilDropped(t, url, watcher, "stuck", func(frame, string) {})
 
 	start := time.Now()
 	if err := stop(); err != nil {
@@ -3504,13 +3491,13 @@ func TestSoak(t *testing.T) {
 		t.Skip("runs only with -soak DURATION")
 	}
 	raiseFileLimit(t)
-	ts, proc, _ := serverProcess(t)
+	url, proc, _ := serverProcess(t)
 
-	churn(t, ts, 2*time.Second) // warm-up: the baseline includes what the churn leaves behind by design
-	base, baseRSS := settled(t, ts, 0), procRSS(t, proc.Pid)
-	sent, received := churn(t, ts, *soak)
+	churn(t, url, 2*time.Second) // warm-up: the baseline includes what the churn leaves behind by design
+	base, baseRSS := settled(t, url, 0), procRSS(t, proc.Pid)
+	sent, received := churn(t, url, *soak)
 	peakRSS := procRSS(t, proc.Pid)
-	after := settled(t, ts, base.Process.Goroutines)
+	after := settled(t, url, base.Process.Goroutines)
 	t.Logf("soak %v: %d messages sent, %d came back; goroutines %d -> %d; heap %d KB -> %d KB; RSS %d KB, %d KB at the end, %d KB after",
 		*soak, sent, received, base.Process.Goroutines, after.Process.Goroutines,
 		base.Process.HeapBytes>>10, after.Process.HeapBytes>>10, baseRSS>>10, peakRSS>>10, procRSS(t, proc.Pid)>>10)
@@ -3521,12 +3508,12 @@ func TestSoak(t *testing.T) {
 
 // settled polls /stats until no client is connected (but the poller) and, if
 // goroutines > 0, the server runs at most that many goroutines.
-func settled(t *testing.T, ts *httptest.Server, goroutines int) snapshot {
+func settled(t *testing.T, url string, goroutines int) snapshot {
 	t.Helper()
 	// Closing connections take up to closeGrace, and a snapshot is up to a tick old.
 	deadline := time.Now().Add(6 * wait)
 	for {
-		s := getStats(t, ts.URL)
+		s := getStats(t, url)
 		if s.Clients.Chat == 0 && s.Clients.SSE <= 1 && (goroutines == 0 || s.Process.Goroutines <= goroutines) {
 			return s
 		}
@@ -3541,7 +3528,7 @@ func settled(t *testing.T, ts *httptest.Server, goroutines int) snapshot {
 // churn runs 300 clients for d: nine in ten join, say something, wait for it
 // to come back and leave, again and again; one in ten opens the event stream,
 // reads an event and closes it. It returns the messages sent and received.
-func churn(t *testing.T, ts *httptest.Server, d time.Duration) (sent, received int64) {
+func churn(t *testing.T, url string, d time.Duration) (sent, received int64) {
 	ctx, cancel := context.WithTimeout(t.Context(), d)
 	defer cancel()
 	const workers = 300
@@ -3551,7 +3538,7 @@ func churn(t *testing.T, ts *httptest.Server, d time.Duration) (sent, received i
 		wg.Go(func() {
 			for n := 0; ctx.Err() == nil; n++ {
 				if w%10 == 0 {
-					req, _ := http.NewRequestWithContext(ctx, "GET", ts.URL+"/events", nil)
+					req, _ := http.NewRequestWithContext(ctx, "GET", url+"/events", nil)
 					if resp, err := http.DefaultClient.Do(req); err == nil {
 						br := bufio.NewReader(resp.Body)
 						for range 3 {
@@ -3561,7 +3548,7 @@ func churn(t *testing.T, ts *httptest.Server, d time.Duration) (sent, received i
 					}
 					continue
 				}
-				ws, err := websocket.Dial(wsURL(ts), "", ts.URL)
+				ws, err := websocket.Dial(wsURL(url), "", url)
 				if err != nil {
 					continue
 				}
@@ -3692,11 +3679,11 @@ func percentile(sorted []time.Duration, p int) time.Duration {
 func BenchmarkCapacityChat(b *testing.B) { forSizes(b, "clients", benchChat) }
 
 func benchChat(b *testing.B, n int) {
-	ts, proc, _ := serverProcess(b, "-max-clients", strconv.Itoa(2*n))
+	url, proc, _ := serverProcess(b, "-max-clients", strconv.Itoa(2*n))
 	idleRSS := procRSS(b, proc.Pid)
-	cs, took := connectAll(b, ts.Listener.Addr().String(), n)
-	sender, _ := dialRaw(b, ts, "")
-	settle(b, ts, n+1)
+	cs, took := connectAll(b, hostport(url), n)
+	sender, _ := dialRaw(b, url, "")
+	settle(b, url, n+1)
 	heldRSS := procRSS(b, proc.Pid)
 
 	const msgs = 25
@@ -3761,10 +3748,10 @@ func benchIndex(p []byte) int {
 
 // settle waits until the server counts chat clients online and the last
 // presence window has closed, so that measurements start from a quiet room.
-func settle(tb testing.TB, ts *httptest.Server, chat int) {
+func settle(tb testing.TB, url string, chat int) {
 	tb.Helper()
 	deadline := time.Now().Add(6 * wait)
-	for getStats(tb, ts.URL).Clients.Chat < chat {
+	for getStats(tb, url).Clients.Chat < chat {
 		if time.Now().After(deadline) {
 			tb.Fatalf("fewer than %d chat clients online after %v", chat, 6*wait)
 		}
@@ -3852,8 +3839,8 @@ func benchFloor(b *testing.B, n int) {
 func BenchmarkCapacitySSE(b *testing.B) { forSizes(b, "subscribers", benchSSE) }
 
 func benchSSE(b *testing.B, n int) {
-	ts, proc, _ := serverProcess(b)
-	addr := ts.Listener.Addr().String()
+	url, proc, _ := serverProcess(b)
+	addr := hostport(url)
 	idleRSS := procRSS(b, proc.Pid)
 	const seconds = 10
 	type receipt struct {
@@ -3957,8 +3944,8 @@ func BenchmarkPollVersusPush(b *testing.B) {
 
 func benchPollOrPush(b *testing.B, n int, push bool) {
 	const window = 10 * time.Second
-	ts, proc, _ := serverProcess(b)
-	addr := ts.Listener.Addr().String()
+	url, proc, _ := serverProcess(b)
+	addr := hostport(url)
 	var onWire, requests, ages, figures atomic.Int64
 	dial := func() (net.Conn, error) {
 		c, err := net.Dial("tcp", addr)
@@ -4116,8 +4103,8 @@ func BenchmarkCapacityBoth(b *testing.B) {
 	raiseFileLimit(b)
 	const chats, streams, seconds = 9900, 9900, 30
 	for b.Loop() {
-		ts, proc, _ := serverProcess(b, "-max-clients", strconv.Itoa(2*chats))
-		addr := ts.Listener.Addr().String()
+		url, proc, _ := serverProcess(b, "-max-clients", strconv.Itoa(2*chats))
+		addr := hostport(url)
 		cs, _ := connectAll(b, addr, chats)
 		ticks := make([]int, streams)
 		running := make(chan struct{}) // closed when the run is over
@@ -4151,9 +4138,9 @@ func BenchmarkCapacityBoth(b *testing.B) {
 				}
 			})
 		}
-		sender, _ := dialRaw(b, ts, "")
+		sender, _ := dialRaw(b, url, "")
 		go io.Copy(io.Discard, sender)
-		settle(b, ts, chats+1)
+		settle(b, url, chats+1)
 
 		const msgs = seconds * ratePerSecond
 		var delivered atomic.Int64
