@@ -1,3 +1,34 @@
+// pollfree's tests, in the order the README tells of the behaviours: the
+// program, its endpoints, why two transports, the chat protocol, resuming,
+// the stats stream, the limits, capacity, deployment, and the page in a
+// real browser; then the helpers, and the browser driver last.
+//
+//	go test -race ./...                  everything, as CI runs it (about 70 s here)
+//	go test -short ./...                 without the 1000-client, slowloris, storm, container and browser tests (about 20 s)
+//	go test -run '^$' -bench Capacity -benchtime 1x    the capacity figures (server in a process of its own)
+//	go test -run Soak -soak 10m -v       the soak
+//	go test -run '^$' -fuzz FuzzDecodeFrame -fuzztime 5m
+//
+// POLLFREE_BROWSER=required makes a missing Chromium a failure rather than a
+// skip (CI sets it); POLLFREE_SCREENSHOTS=DIR keeps the browser tests'
+// screenshots; POLLFREE_SERVER_CPUPROFILE=FILE profiles a benchmark's server.
+//
+// Where each behaviour is proved:
+//
+//	flags, $PORT, -drain, panics   TestHelpListsEveryFlag, TestAddressFromFlagOrPORT, TestDrainAnswers503WhileStillServing, TestHandlerPanicIsLoggedAsError
+//	shutdown                       TestShutdownClosesChatWith1001EndsStreamsAndReturns, TestSIGTERMUnderLoad, TestSIGTERMWithAStuckClientExitsInTime
+//	the page, /healthz             TestIndexServesEmbeddedPage, TestPageLoadsNothingFromElsewhere, TestHealthz
+//	HTTP/1.1's six connections     TestBrowserSevenStreamsNeedHTTP2
+//	polling against pushing        BenchmarkPollVersusPush
+//	welcome, order, identity       TestWelcome, TestEveryClientGetsEveryMessageInSeqOrder, TestCannotSpeakAsSomeoneElse
+//	names, presence, history       TestNamesAreTrimmedUniqueAndServerChosenOtherwise, TestPresenceIsCoalesced, TestHistoryKeepsTheLast50InOrder
+//	resuming a session             TestResumeAfterABlipKeepsIdentityAndMissedMessages, TestResumeCountsMissedAndExpires, TestOneLiveConnectionPerSession
+//	the event stream               Example_formatEvent, TestEventsStreamHeadersAndFirstEventAtOnce, TestOneSamplerServesEverySubscriber
+//	/proc and cgroups              TestProcHostWithoutMemoryLimit, TestProcCgroupV2ContainerShowsItsLimit, TestRealCgroupLimitIsShown
+//	each row of the limits table   the test the README's table names, in the limits section below
+//	a scratch container, TLS       TestStaticBinaryRunsAloneLikeScratch, TestTLSServesHTTP2StreamsAndWebSocket
+//	the page in a browser          TestBrowserTwoPeopleChatAndWatchStats, TestBrowserShowsTheWireAndSpeaksChinese
+
 package main
 
 import (
@@ -89,7 +120,3222 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// ------------------------------------------------------------- helpers --
+// ------------------------- the program: flags, run, drain, shutdown, logs --
+
+func TestHelpListsEveryFlag(t *testing.T) {
+	var out bytes.Buffer
+	err := run(t.Context(), []string{"-h"}, func(string) string { return "" }, &out)
+	if !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("run -h = %v, want flag.ErrHelp", err)
+	}
+	for _, name := range []string{"-addr", "-allow-origin", "-max-clients", "-tls-cert", "-tls-key", "-drain", "-log-level"} {
+		if !strings.Contains(out.String(), name) {
+			t.Errorf("-h output lacks %s:\n%s", name, out.String())
+		}
+	}
+}
+
+func TestAddressFromFlagOrPORT(t *testing.T) {
+	env := func(port string) func(string) string {
+		return func(k string) string {
+			if k == "PORT" {
+				return port
+			}
+			return ""
+		}
+	}
+	for _, tc := range []struct {
+		args []string
+		port string
+		want string
+	}{
+		{nil, "", ":3000"},
+		{nil, "8080", ":8080"},
+		{[]string{"-addr", "127.0.0.1:9"}, "8080", "127.0.0.1:9"},
+	} {
+		cfg, err := parseConfig(tc.args, env(tc.port), io.Discard)
+		if err != nil || cfg.addr != tc.want {
+			t.Errorf("args %v PORT=%q: addr %q (%v), want %q", tc.args, tc.port, cfg.addr, err, tc.want)
+		}
+	}
+	if _, err := parseConfig([]string{"-tls-cert", "c.pem"}, env(""), io.Discard); err == nil {
+		t.Error("-tls-cert without -tls-key accepted")
+	}
+}
+
+// With -drain, a stopping server answers /healthz with 503 for that long
+// while it still serves everything else.
+func TestDrainAnswers503WhileStillServing(t *testing.T) {
+	t.Parallel()
+	url, cancel, done := startRun(t, "-drain", "1s")
+	cancel()
+	for start := time.Now(); ; {
+		resp, err := http.Get(url + "/healthz")
+		if err != nil {
+			t.Fatalf("during the drain, /healthz: %v", err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusServiceUnavailable {
+			break
+		}
+		if time.Since(start) > wait {
+			t.Fatalf("/healthz still %d after SIGTERM", resp.StatusCode)
+		}
+	}
+	resp, err := http.Get(url + "/")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("during the drain, GET / = %v %v, want 200", resp, err)
+	}
+	resp.Body.Close()
+	c, _ := dial(t, url, "")
+	c.say("still serving")
+	if m := c.await("message"); m.Text != "still serving" {
+		t.Errorf("chat during the drain echoed %q", m.Text)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("run after the drain = %v, want nil", err)
+	}
+}
+
+func TestShutdownClosesChatWith1001EndsStreamsAndReturns(t *testing.T) {
+	t.Parallel()
+	url, cancel, done := startRun(t)
+	raw, code := dialRaw(t, url, "")
+	if code != 101 {
+		t.Fatalf("handshake = %d", code)
+	}
+	raw.readText(t) // welcome
+	resp, br := openEvents(t, url)
+	readEvent(t, br)
+
+	start := time.Now()
+	cancel()
+	if code, _ := raw.readClose(t); code != closeGoingAway {
+		t.Errorf("chat closed with %d on shutdown, want %d", code, closeGoingAway)
+	}
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		t.Errorf("event stream did not end cleanly: %v", err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("run returned %v, want nil", err)
+		}
+	case <-time.After(shutdownTimeout + time.Second):
+		t.Fatal("run did not return after shutdown")
+	}
+	if d := time.Since(start); d > shutdownTimeout {
+		t.Errorf("shutdown took %v, want under %v", d, shutdownTimeout)
+	}
+}
+
+// A panic in a handler is logged at error level, with its stack, and the
+// server goes on serving.
+func TestHandlerPanicIsLoggedAsError(t *testing.T) {
+	var logs syncBuffer
+	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	mux := http.NewServeMux()
+	mux.HandleFunc("/boom", func(http.ResponseWriter, *http.Request) { panic("kaboom") })
+	mux.HandleFunc("/ok", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") })
+	ts := httptest.NewUnstartedServer(nil)
+	ts.Config = newHTTPServer(mux, log)
+	ts.Start()
+	defer ts.Close()
+	if _, err := http.Get(ts.URL + "/boom"); err == nil {
+		t.Error("a panicking handler answered")
+	}
+	resp, err := http.Get(ts.URL + "/ok")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("after a panic, GET /ok = %v %v", resp, err)
+	}
+	resp.Body.Close()
+	eventually(t, wait, "the panic logged", func() bool { return strings.Contains(logs.String(), "kaboom") })
+	if out := logs.String(); !strings.Contains(out, "level=ERROR") || !strings.Contains(out, "goroutine") {
+		t.Errorf("panic logged as:\n%s\nwant level=ERROR with the stack", out)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger and a test to share.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// -------------------------------------------------------------- endpoints --
+
+func TestIndexServesEmbeddedPage(t *testing.T) {
+	_, url := newTestServer(t)
+	resp, err := http.Get(url + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("GET / = %d, want 200", resp.StatusCode)
+	}
+	if got, want := resp.Header.Get("Content-Type"), "text/html; charset=utf-8"; got != want {
+		t.Errorf("Content-Type = %q, want %q", got, want)
+	}
+	if !bytes.Equal(body, page) {
+		t.Errorf("GET / body is not the embedded page (%d bytes, want %d)", len(body), len(page))
+	}
+	if resp.Header.Get("Content-Security-Policy") == "" {
+		t.Error("page served without a Content-Security-Policy")
+	}
+	for _, path := range []string{"/index.html", "/nope", "/ws/x"} {
+		resp, err := http.Get(url + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 404 {
+			t.Errorf("GET %s = %d, want 404", path, resp.StatusCode)
+		}
+	}
+}
+
+func TestPageLoadsNothingFromElsewhere(t *testing.T) {
+	if m := regexp.MustCompile(`(?i)(src|href)\s*=\s*["']?(https?:)?//`).Find(page); m != nil {
+		t.Errorf("index.html refers to an external asset: %s", m)
+	}
+	if bytes.Contains(page, []byte("innerHTML")) {
+		t.Error("index.html uses innerHTML; all text must go in with textContent")
+	}
+}
+
+func TestHealthz(t *testing.T) {
+	s, url := newTestServer(t)
+	get := func() (int, string) {
+		resp, err := http.Get(url + "/healthz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get(); code != 200 || body != "ok\n" {
+		t.Errorf("GET /healthz = %d %q, want 200 \"ok\\n\"", code, body)
+	}
+	s.beginShutdown()
+	if code, _ := get(); code != 503 {
+		t.Errorf("GET /healthz after shutdown began = %d, want 503", code)
+	}
+}
+
+func TestPlainGETOnWebSocketEndpointIs400(t *testing.T) {
+	_, url := newTestServer(t)
+	resp, err := http.Get(url + "/ws")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 400 {
+		t.Errorf("plain GET /ws = %d, want 400", resp.StatusCode)
+	}
+}
+
+// ----------------------------------------------------- why two transports --
+
+// A browser opens at most six HTTP/1.1 connections to one host, and an
+// EventSource holds one for good: of seven streams on one page, six get
+// events and the seventh waits. Over HTTPS the page's streams share one
+// HTTP/2 connection, and all seven get events.
+func TestBrowserSevenStreamsNeedHTTP2(t *testing.T) {
+	b := startBrowser(t)
+	b.call(t, "", "Security.setIgnoreCertificateErrors", map[string]any{"ignore": true}, nil) // the test's own certificate
+	certFile, keyFile, _ := selfSignedCert(t)
+	const seven = `(() => {
+		window.got = Array(7).fill(0);
+		for (let i = 0; i < 7; i++) new EventSource("/events").addEventListener("stats", () => got[i]++);
+	})()`
+	for _, tc := range []struct {
+		name      string
+		args      []string
+		receiving int
+	}{
+		{"http1", nil, 6},
+		{"http2", []string{"-tls-cert", certFile, "-tls-key", keyFile}, 7},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			url, _, _ := startRun(t, tc.args...)
+			p := b.newPage(t, "seven-"+tc.name, url+"/healthz") // a page that opens nothing itself
+			p.waitFor("the page", `document.body && document.body.textContent.includes("ok")`)
+			p.eval(seven, nil)
+			p.waitFor("the first streams' events", `got.filter(n => n > 0).length >= `+strconv.Itoa(tc.receiving))
+			p.waitFor("three more ticks", `Math.max(...got) >= 4`)
+			if n := p.count(`got.filter(n => n > 0).length`); n != tc.receiving {
+				t.Errorf("%d of 7 streams received events over %s, want %d", n, tc.name, tc.receiving)
+			}
+		})
+	}
+}
+
+// BenchmarkPollVersusPush is what polling would cost. N pages follow the
+// stats for 10 s, first by polling GET /stats once a second (each page on
+// a keep-alive connection of its own, at a phase of its own), then by one
+// event stream each. Reported side by side: the server's CPU per second,
+// bytes on the wire per page per minute (both ways, headers included),
+// requests per second, and how old a figure is when it reaches the page.
+//
+//	go test -run '^$' -bench PollVersusPush -benchtime 1x
+func BenchmarkPollVersusPush(b *testing.B) {
+	for _, n := range []int{100, 1000} {
+		for _, mode := range []string{"poll", "push"} {
+			b.Run("pages="+strconv.Itoa(n)+"/"+mode, func(b *testing.B) {
+				raiseFileLimit(b)
+				for b.Loop() {
+					benchPollOrPush(b, n, mode == "push")
+				}
+				b.ReportMetric(0, "ns/op")
+			})
+		}
+	}
+}
+
+func benchPollOrPush(b *testing.B, n int, push bool) {
+	const window = 10 * time.Second
+	url, proc, _ := serverProcess(b)
+	addr := hostport(url)
+	var onWire, requests, ages, figures atomic.Int64
+	dial := func() (net.Conn, error) {
+		c, err := net.Dial("tcp", addr)
+		return countingConn{c, &onWire}, err
+	}
+	age := func(data []byte) { // data holds a snapshot: "time" is when it was taken
+		_, rest, _ := bytes.Cut(data, []byte(`"time":"`))
+		if len(rest) < 24 {
+			b.Errorf("no time in %.60q", data)
+			return
+		}
+		if t, err := time.Parse(time.RFC3339Nano, string(rest[:24])); err == nil {
+			ages.Add(int64(time.Since(t)))
+			figures.Add(1)
+		}
+	}
+
+	ctx, cancel := context.WithCancel(b.Context())
+	defer cancel()
+	ready, start := make(chan struct{}, n), make(chan struct{})
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			conn, err := dial()
+			if err != nil {
+				b.Error(err)
+				ready <- struct{}{}
+				return
+			}
+			defer conn.Close()
+			context.AfterFunc(ctx, func() { conn.Close() })
+			br := bufio.NewReader(conn)
+			if push {
+				io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
+				resp, err := http.ReadResponse(br, nil)
+				ready <- struct{}{}
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				body := bufio.NewReader(resp.Body)
+				<-start
+				for {
+					line, err := body.ReadBytes('\n')
+					if err != nil {
+						return
+					}
+					if data, ok := bytes.CutPrefix(line, []byte("data: ")); ok {
+						age(data)
+					}
+				}
+			}
+			ready <- struct{}{}
+			<-start
+			time.Sleep(mrand.N(time.Second)) // pages poll out of step
+			tick := time.NewTicker(time.Second)
+			defer tick.Stop()
+			for {
+				io.WriteString(conn, "GET /stats HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
+				requests.Add(1)
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					return
+				}
+				data, err := io.ReadAll(resp.Body)
+				if err != nil {
+					return
+				}
+				age(data)
+				select {
+				case <-tick.C:
+				case <-ctx.Done():
+					return
+				}
+			}
+		})
+	}
+	for range n {
+		<-ready
+	}
+	onWire.Store(0)
+	cpu0 := procCPU(b, proc.Pid)
+	t0 := time.Now()
+	close(start)
+	time.Sleep(window) // the measurement window, not a synchronisation
+	elapsed := time.Since(t0)
+	cpu := procCPU(b, proc.Pid) - cpu0
+	wireBytes, reqs := onWire.Load(), requests.Load()
+	cancel()
+	wg.Wait()
+	if figures.Load() == 0 {
+		b.Fatal("no page got a figure")
+	}
+	b.ReportMetric(cpu.Seconds()*1000/elapsed.Seconds(), "cpu-ms/s")
+	b.ReportMetric(float64(wireBytes)/float64(n)/elapsed.Minutes()/1024, "KB-wire/page/min")
+	b.ReportMetric(float64(reqs)/elapsed.Seconds(), "requests/s")
+	b.ReportMetric(float64(ages.Load())/float64(figures.Load())/1e6, "ms-age")
+}
+
+// countingConn counts the bytes a connection carries, both ways, into n.
+type countingConn struct {
+	net.Conn
+	n *atomic.Int64
+}
+
+func (c countingConn) Read(p []byte) (int, error) {
+	k, err := c.Conn.Read(p)
+	c.n.Add(int64(k))
+	return k, err
+}
+
+func (c countingConn) Write(p []byte) (int, error) {
+	k, err := c.Conn.Write(p)
+	c.n.Add(int64(k))
+	return k, err
+}
+
+// ------------------------------------------------------ the chat protocol --
+
+func TestWelcome(t *testing.T) {
+	_, url := newTestServer(t)
+	a, _ := dial(t, url, "?name=Ann")
+	a.say("before b")
+	a.await("message")
+	_, w := dial(t, url, "?name=Bea")
+	if w.You.Name != "Bea" || w.You.ID == "" || w.You.ID == a.me.ID {
+		t.Errorf("welcome.you = %+v, want name Bea and an id of its own", w.You)
+	}
+	if w.Online != 2 {
+		t.Errorf("welcome.online = %d, want 2", w.Online)
+	}
+	if len(w.Users) != 2 || w.Users[0] != w.You {
+		t.Errorf("welcome.users = %+v, want 2 users, Bea first", w.Users)
+	}
+	if len(w.History) != 1 || w.History[0].Text != "before b" || w.History[0].From != a.me {
+		t.Errorf("welcome.history = %+v, want Ann's one message", w.History)
+	}
+	if w.Run == "" {
+		t.Error("welcome.run is empty")
+	}
+	if _, err := time.Parse(time.RFC3339, w.Time); err != nil {
+		t.Errorf("welcome.time %q is not RFC 3339: %v", w.Time, err)
+	}
+}
+
+func TestEveryClientGetsEveryMessageInSeqOrder(t *testing.T) {
+	_, url := newTestServer(t)
+	const clients, each = 8, 5
+	cs := make([]*chatClient, clients)
+	for i := range cs {
+		cs[i], _ = dial(t, url, "")
+	}
+	var wg sync.WaitGroup
+	for i, c := range cs {
+		wg.Go(func() {
+			for j := range each {
+				websocket.JSON.Send(c.ws, map[string]string{"type": "message", "text": fmt.Sprintf("m-%d-%d", i, j)})
+			}
+		})
+	}
+	wg.Wait()
+	for i, c := range cs {
+		seen := make(map[string]bool)
+		var last int64
+		for len(seen) < clients*each {
+			f := c.await("message")
+			if f.Seq <= last {
+				t.Fatalf("client %d: seq %d after %d, want strictly increasing", i, f.Seq, last)
+			}
+			if seen[f.Text] {
+				t.Fatalf("client %d: %q delivered twice", i, f.Text)
+			}
+			last = f.Seq
+			seen[f.Text] = true
+		}
+	}
+}
+
+func TestSenderSeesOwnMessageWithServerTime(t *testing.T) {
+	_, url := newTestServer(t)
+	a, _ := dial(t, url, "")
+	a.say("  hello  ")
+	m := a.await("message")
+	if m.Text != "hello" || m.From != a.me || m.Seq < 1 {
+		t.Errorf("got %+v, want trimmed text from %v with a seq", m, a.me)
+	}
+	if tm, err := time.Parse(time.RFC3339, m.Time); err != nil || tm.Location() != time.UTC {
+		t.Errorf("message time %q is not RFC 3339 UTC", m.Time)
+	}
+}
+
+func TestCannotSpeakAsSomeoneElse(t *testing.T) {
+	_, url := newTestServer(t)
+	victim, _ := dial(t, url, "?name=admin")
+	mallory, _ := dial(t, url, "?name=mallory")
+	mallory.send(map[string]any{"type": "message", "text": "hi", "from": victim.me, "name": "admin", "id": victim.me.ID})
+	m := victim.await("message")
+	if m.From != mallory.me {
+		t.Errorf("message from = %+v, want mallory's own identity %+v", m.From, mallory.me)
+	}
+}
+
+func TestPingGetsPong(t *testing.T) {
+	_, url := newTestServer(t)
+	a, _ := dial(t, url, "")
+	a.send(map[string]string{"type": "ping"})
+	if f := a.next(); f.Type != "pong" {
+		t.Errorf("answer to ping = %q, want pong", f.Type)
+	}
+}
+
+func TestNamesAreTrimmedUniqueAndServerChosenOtherwise(t *testing.T) {
+	_, url := newTestServer(t)
+	a, _ := dial(t, url, "?name=%20%20Ann%20%20Lee%20")
+	if a.me.Name != "Ann Lee" {
+		t.Errorf("asked for \"  Ann  Lee \", got %q, want %q", a.me.Name, "Ann Lee")
+	}
+	b, _ := dial(t, url, "?name=ann%20lee")
+	if b.me.Name != "ann lee-2" {
+		t.Errorf("second Ann Lee (other case) got %q, want %q", b.me.Name, "ann lee-2")
+	}
+	c, _ := dial(t, url, "")
+	if !regexp.MustCompile(`^[a-z]+-[a-z]+(-\d+)?$`).MatchString(c.me.Name) {
+		t.Errorf("random name %q is not adjective-animal", c.me.Name)
+	}
+	d, _ := dial(t, url, "?name=evil%E2%80%AEname") // U+202E right-to-left override
+	if f := d.next(); f.Type != "error" || f.Code != errBadName {
+		t.Errorf("after a bad ?name, got %q %q, want a bad_name error", f.Type, f.Code)
+	}
+	if strings.Contains(d.me.Name, "evil") {
+		t.Errorf("bad ?name was used: %q", d.me.Name)
+	}
+}
+
+func TestRenameIsBroadcastAndKeptUnique(t *testing.T) {
+	_, url := newTestServer(t)
+	a, _ := dial(t, url, "?name=Ann")
+	b, _ := dial(t, url, "?name=Bob")
+	b.send(map[string]string{"type": "rename", "name": "ANN"})
+	f := a.await("rename")
+	if f.User.ID != b.me.ID || f.User.Name != "ANN-2" || f.Old != "Bob" {
+		t.Errorf("rename = user %+v old %q, want %s renamed from Bob to ANN-2", f.User, f.Old, b.me.ID)
+	}
+	b.say("as ANN-2")
+	if m := a.await("message"); m.From.Name != "ANN-2" {
+		t.Errorf("message after rename from %q, want ANN-2", m.From.Name)
+	}
+}
+
+func TestHistoryKeepsTheLast50InOrder(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	const total = historySize + 10
+	// Several senders, each within its burst allowance.
+	var last int64
+	for sent := 0; sent < total; {
+		c, _ := dial(t, url, "")
+		for range rateBurst {
+			if sent == total {
+				break
+			}
+			c.say("m" + strconv.Itoa(sent))
+			last = c.await("message").Seq
+			sent++
+		}
+	}
+	_, w := dial(t, url, "")
+	if len(w.History) != historySize {
+		t.Fatalf("history has %d messages, want %d", len(w.History), historySize)
+	}
+	for i, m := range w.History {
+		if want := "m" + strconv.Itoa(total-historySize+i); m.Text != want {
+			t.Fatalf("history[%d] = %q, want %q", i, m.Text, want)
+		}
+	}
+	if w.History[historySize-1].Seq != last {
+		t.Errorf("newest history seq = %d, want %d", w.History[historySize-1].Seq, last)
+	}
+}
+
+func TestPresenceIsCoalesced(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	watcher, _ := dial(t, url, "")
+	watcher.awaitPresence(1, 0) // its own join
+	const n = 60
+	var wg sync.WaitGroup
+	conns := make([]*websocket.Conn, n)
+	for i := range n {
+		wg.Go(func() {
+			ws, err := websocket.Dial(wsURL(url), "", url)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			conns[i] = ws
+		})
+	}
+	wg.Wait()
+	joins := watcher.awaitPresence(n, 0)
+	// 60 joins arrive within a few 250 ms windows: a few frames, not 60.
+	if len(joins) > n/4 {
+		t.Errorf("%d joins took %d presence frames, want a few", n, len(joins))
+	}
+	for _, f := range joins {
+		if len(f.Joined) > presenceNames || len(f.Joined) > f.JoinedCount {
+			t.Errorf("presence lists %d joined for a count of %d (at most %d names)", len(f.Joined), f.JoinedCount, presenceNames)
+		}
+	}
+	if last := joins[len(joins)-1]; last.Online != n+1 {
+		t.Errorf("presence online = %d, want %d", last.Online, n+1)
+	}
+	for _, ws := range conns {
+		if ws != nil {
+			ws.Close()
+		}
+	}
+	leaves := watcher.awaitPresence(0, n)
+	if len(leaves) > n/4 {
+		t.Errorf("%d leaves took %d presence frames, want a few", n, len(leaves))
+	}
+	if last := leaves[len(leaves)-1]; last.Online != 1 {
+		t.Errorf("presence online after all left = %d, want 1", last.Online)
+	}
+}
+
+// A join and a leave inside one presence window cancel out. Driven through
+// the hub directly, flushing by hand, so the window is exactly the test's.
+func TestJoinAndLeaveInOneWindowAppearInNeither(t *testing.T) {
+	h := newHub(slog.New(slog.DiscardHandler), 10, nil)
+	watcher := detachedClient(t)
+	h.join(watcher, joinRequest{name: "watcher", since: -1})
+	h.flushPresence()
+	if frames, _, _, _ := watcher.out.take(); len(frames) != 2 {
+		t.Fatalf("watcher has %d frames, want its welcome and its own join", len(frames))
+	}
+
+	brief, stays := detachedClient(t), detachedClient(t)
+	h.join(brief, joinRequest{name: "brief", since: -1})
+	h.join(stays, joinRequest{name: "stays", since: -1})
+	h.drop(brief, closeNormal, "")
+	h.flushPresence()
+	frames, _, _, _ := watcher.out.take()
+	if len(frames) != 1 {
+		t.Fatalf("watcher has %d frames after the window, want 1", len(frames))
+	}
+	var f frame
+	f.raw = frames[0]
+	json.Unmarshal(f.raw, &f)
+	if f.Type != "presence" || f.JoinedCount != 1 || f.LeftCount != 0 || len(f.Joined) != 1 || f.Joined[0].ID != stays.s.id {
+		t.Errorf("presence = %s, want only %s joined", f.raw, stays.s.id)
+	}
+}
+
+// detachedClient is a client with no real connection behind it (its wire
+// writes into a pipe), for tests that drive the hub directly.
+func detachedClient(t testing.TB) *client {
+	c := newClient()
+	conn, peer := net.Pipe()
+	t.Cleanup(func() { conn.Close(); peer.Close() })
+	c.wire = &wire{conn: conn, wait: writeWait}
+	return c
+}
+
+// --------------------------------------------------- reconnect and resume --
+
+// blipProxy carries TCP connections to a server and can cut them as a
+// network blip does: the client's side goes, but the server's side stays
+// open and silent, so the server does not notice for a while.
+type blipProxy struct {
+	url   string // http://ADDR of the proxy
+	mu    sync.Mutex
+	pairs [][2]net.Conn // client side, server side
+}
+
+func newBlipProxy(t *testing.T, target string) *blipProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &blipProxy{url: "http://" + ln.Addr().String()}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.pairs = append(p.pairs, [2]net.Conn{c, s})
+			p.mu.Unlock()
+			go io.Copy(s, c)
+			go io.Copy(c, s)
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, pair := range p.pairs {
+			pair[0].Close()
+			pair[1].Close()
+		}
+	})
+	return p
+}
+
+// cut closes the client side of every connection and stops carrying the
+// server's bytes; it returns the server sides, still open, to read from.
+func (p *blipProxy) cut() []*rawConn {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var open []*rawConn
+	for _, pair := range p.pairs {
+		pair[1].SetReadDeadline(time.Now()) // stops the copy to the client
+		pair[0].Close()
+		open = append(open, &rawConn{Conn: pair[1], br: bufio.NewReader(pair[1])})
+	}
+	p.pairs = nil
+	return open
+}
+
+// A blip: the page's connection is lost while the server still holds it,
+// three messages go by, and the page resumes. It is the same person (id
+// and name), it gets exactly those three, the old connection is closed
+// with 4000, and nobody else hears of any of it.
+func TestResumeAfterABlipKeepsIdentityAndMissedMessages(t *testing.T) {
+	t.Parallel()
+	s, url := newTestServer(t)
+	other, _ := dial(t, url, "?name=Bea")
+	proxy := newBlipProxy(t, hostport(url))
+	ada, w := dial(t, proxy.url, "?name=Ada")
+	if w.Resume == "" || w.Resumed || w.Missed != 0 {
+		t.Fatalf("first welcome: resume %q resumed %v missed %d, want a token, false, 0", w.Resume, w.Resumed, w.Missed)
+	}
+	other.awaitJoinOrLeave(ada.me.ID, "joined")
+
+	held := proxy.cut()
+	sent := []string{"one", "two", "three"}
+	for _, text := range sent {
+		other.say(text)
+		other.await("message")
+	}
+	ada2, w2 := dial(t, proxy.url, "?name=Ada&resume="+neturl.QueryEscape(w.Resume)+"&since=0")
+	if !w2.Resumed || w2.You != ada.me || w2.Missed != 0 || w2.Online != 2 {
+		t.Errorf("resumed welcome: you %+v resumed %v missed %d online %d, want %+v, true, 0, 2", w2.You, w2.Resumed, w2.Missed, w2.Online, ada.me)
+	}
+	var got []string
+	for _, m := range w2.History {
+		got = append(got, m.Text)
+	}
+	if !slices.Equal(got, sent) {
+		t.Errorf("resumed history = %q, want exactly %q", got, sent)
+	}
+	if code, _ := held[0].readClose(t); code != closeReplaced {
+		t.Errorf("the old connection closed with %d, want %d", code, closeReplaced)
+	}
+
+	// Nobody heard of the blip: no presence frame names Ada, and the token
+	// never reached anyone else.
+	s.chat.flushPresence()
+	other.say("marker")
+	for f := other.next(); f.Type != "message" || f.Text != "marker"; f = other.next() {
+		if f.Type == "presence" {
+			t.Errorf("the other client saw a presence frame during a blip: %s", f.raw)
+		}
+		if bytes.Contains(f.raw, []byte(w.Resume)) {
+			t.Errorf("another client got Ada's token: %s", f.raw)
+		}
+	}
+	ada2.say("back")
+	if m := other.await("message"); m.From != ada.me || m.Text != "back" {
+		t.Errorf("after the resume, other got %+v %q, want Ada's message under her id", m.From, m.Text)
+	}
+}
+
+// A page away for longer than the history holds learns how many messages it
+// lost; a clean close resumes within the window, and not after it.
+func TestResumeCountsMissedAndExpires(t *testing.T) {
+	t.Parallel()
+	srv := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	srv.chat.resumeWindow = 500 * time.Millisecond
+	_, url := serveTest(t, srv)
+	watcher, _ := dial(t, url, "")
+	ada, w := dial(t, url, "?name=Ada")
+	watcher.awaitJoinOrLeave(ada.me.ID, "joined")
+	ada.ws.Close()
+	watcher.awaitJoinOrLeave(ada.me.ID, "left")
+
+	const sent = historySize + 7
+	var sender *chatClient
+	for i := range sent {
+		if i%rateBurst == 0 {
+			sender, _ = dial(t, url, "")
+		}
+		sender.say("m" + strconv.Itoa(i))
+		watcher.await("message")
+	}
+	_, w2 := dial(t, url, "?resume="+w.Resume+"&since=0")
+	if !w2.Resumed || w2.You != ada.me {
+		t.Fatalf("resume after a clean close: you %+v resumed %v, want %+v, true", w2.You, w2.Resumed, ada.me)
+	}
+	if w2.Missed != sent-historySize || len(w2.History) != historySize || w2.History[0].Text != "m7" {
+		t.Errorf("resumed with %d in history (first %q) and missed %d, want %d, \"m7\", %d",
+			len(w2.History), w2.History[0].Text, w2.Missed, historySize, sent-historySize)
+	}
+	if u := watcher.awaitJoinOrLeave(ada.me.ID, "joined"); u != ada.me {
+		t.Errorf("after a resume of an ended session, %+v joined, want Ada as she was", u)
+	}
+
+	// Now past the window: a fresh identity, and no error.
+	ada3, w3 := dial(t, url, "?resume="+w.Resume)
+	ada3.ws.Close()
+	watcher.awaitJoinOrLeave(ada.me.ID, "left")
+	time.Sleep(srv.chat.resumeWindow + 100*time.Millisecond) // the absence under test
+	_, w4 := dial(t, url, "?resume="+w3.Resume)
+	if w4.Resumed || w4.You.ID == ada.me.ID {
+		t.Errorf("resume after the window: you %+v resumed %v, want a new id, false", w4.You, w4.Resumed)
+	}
+}
+
+// Whatever a client does with its token, a session has one live
+// connection: every earlier one is closed with 4000, and online counts the
+// session once.
+func TestOneLiveConnectionPerSession(t *testing.T) {
+	t.Parallel()
+	s, url := newTestServer(t)
+	first, w := dialRaw(t, url, "?name=Ada")
+	welcome := first.readText(t)
+	var seen []*rawConn
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	for range 5 {
+		wg.Go(func() {
+			c, code := dialRaw(t, url, "?resume="+welcome.Resume)
+			if code != 101 {
+				t.Errorf("resume handshake = %d", code)
+				return
+			}
+			mu.Lock()
+			seen = append(seen, c)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	_ = w
+	live := 0
+	for _, c := range append(seen, first) {
+		for {
+			op, p, err := c.readFrameWithin(time.Second)
+			if err != nil { // no close frame: still open
+				live++
+				break
+			}
+			if op == websocket.CloseFrame {
+				if code := binary.BigEndian.Uint16(p); code != closeReplaced {
+					t.Errorf("a replaced connection closed with %d, want %d", code, closeReplaced)
+				}
+				break
+			}
+			if op == websocket.TextFrame {
+				var f frame
+				json.Unmarshal(p, &f)
+				if f.Type == "welcome" && (!f.Resumed && c != first || f.You.ID != welcome.You.ID) {
+					t.Errorf("a resume got welcome %s, want the same session", p)
+				}
+			}
+		}
+	}
+	if live != 1 || s.chat.online() != 1 {
+		t.Errorf("%d connections open, %d online, want 1 and 1", live, s.chat.online())
+	}
+}
+
+// A token that is wrong, malformed or from another run is no error: the
+// client starts afresh.
+func TestBadResumeTokensStartAfresh(t *testing.T) {
+	_, url := newTestServer(t)
+	_, w := dial(t, url, "?name=Ada")
+	id, secret, _ := strings.Cut(w.Resume, ".")
+	wrong := secret[:len(secret)-1] + string(secret[len(secret)-1]^1)
+	for _, token := range []string{"", "nonsense", id, id + ".", id + "." + wrong, id + "." + secret + "x", "otherrun-1." + secret} {
+		c, got := dial(t, url, "?name=Bea&resume="+neturl.QueryEscape(token)+"&since=x")
+		// Bea, or Bea-2 while the last iteration's Bea is still leaving.
+		if got.Resumed || got.You.ID == w.You.ID || got.Resume == w.Resume || !strings.HasPrefix(got.You.Name, "Bea") {
+			t.Errorf("token %q: you %+v resumed %v, want a new session named Bea", token, got.You, got.Resumed)
+		}
+		c.ws.Close()
+	}
+}
+
+func TestParseJoin(t *testing.T) {
+	for _, tc := range []struct {
+		query string
+		want  joinRequest
+	}{
+		{"", joinRequest{since: -1}},
+		{"name=Ada&resume=a.b&since=7", joinRequest{"Ada", "a.b", 7}},
+		{"since=-3", joinRequest{since: -1}},
+		{"since=1e3", joinRequest{since: -1}},
+		{"since=99999999999999999999", joinRequest{since: -1}},
+	} {
+		q, _ := neturl.ParseQuery(tc.query)
+		if got := parseJoin(q); got != tc.want {
+			t.Errorf("parseJoin(%q) = %+v, want %+v", tc.query, got, tc.want)
+		}
+	}
+}
+
+// BenchmarkEndedSession reports the memory an ended session holds until
+// its resume window closes.
+func BenchmarkEndedSession(b *testing.B) {
+	const n = 10_000
+	var held, forgotten runtime.MemStats
+	var perSession float64
+	for b.Loop() {
+		h := newHub(slog.New(slog.DiscardHandler), n, nil)
+		for range n {
+			c := detachedClient(b)
+			h.join(c, joinRequest{since: -1})
+			h.drop(c, closeNormal, "")
+		}
+		h.flushPresence() // the leaves are announced
+		if h.ended.Len() != n {
+			b.Fatalf("%d ended sessions kept, want %d", h.ended.Len(), n)
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&held)
+		h.mu.Lock()
+		h.forgetEndedLocked(time.Now().Add(2 * h.resumeWindow)) // as when the window has closed
+		h.mu.Unlock()
+		runtime.GC()
+		runtime.ReadMemStats(&forgotten)
+		perSession = float64(int64(held.HeapAlloc)-int64(forgotten.HeapAlloc)) / n
+		runtime.KeepAlive(h)
+	}
+	b.ReportMetric(perSession, "B/ended-session")
+	b.ReportMetric(0, "ns/op")
+}
+
+// ------------------------------------------------------- the stats stream --
+
+func Example_formatEvent() {
+	fmt.Printf("%s", formatEvent(42, []byte(`{"time":"2026-01-02T03:04:05.000Z"}`)))
+	// Output:
+	// id: 42
+	// event: stats
+	// data: {"time":"2026-01-02T03:04:05.000Z"}
+}
+
+func TestEventsStreamHeadersAndFirstEventAtOnce(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	start := time.Now()
+	resp, br := openEvents(t, url)
+	for h, want := range map[string]string{
+		"Content-Type":      "text/event-stream",
+		"Cache-Control":     "no-cache",
+		"X-Accel-Buffering": "no",
+	} {
+		if got := resp.Header.Get(h); got != want {
+			t.Errorf("%s = %q, want %q", h, got, want)
+		}
+	}
+	if line, _ := br.ReadString('\n'); line != "retry: 2000\n" {
+		t.Errorf("first line = %q, want retry: 2000", line)
+	}
+	_, data := readEvent(t, br)
+	if d := time.Since(start); d >= sampleEvery {
+		t.Errorf("first event after %v, want it at once (before the first tick)", d)
+	}
+	var s snapshot
+	if err := json.Unmarshal(data, &s); err != nil {
+		t.Fatalf("event data is not a snapshot: %v", err)
+	}
+	if s.Host.OS != runtime.GOOS || s.Host.User == "" || s.CPU.Cores < 1 || s.Memory.TotalBytes == 0 ||
+		s.Process.GoVersion != runtime.Version() || s.Process.Goroutines < 1 || s.Clients.SSE != 1 {
+		t.Errorf("snapshot lacks figures: %s", data)
+	}
+	if s.Memory.UsedBytes != s.Memory.TotalBytes-s.Memory.AvailableBytes {
+		t.Errorf("usedBytes %d != totalBytes %d - availableBytes %d", s.Memory.UsedBytes, s.Memory.TotalBytes, s.Memory.AvailableBytes)
+	}
+}
+
+func TestOneSamplerServesEverySubscriber(t *testing.T) {
+	t.Parallel()
+	s, url := newTestServer(t)
+	const subs, events = 10, 3
+	type seen struct {
+		id   string
+		data []byte
+	}
+	got := make([][]seen, subs)
+	var wg sync.WaitGroup
+	for i := range subs {
+		_, br := openEvents(t, url)
+		wg.Go(func() {
+			for range events {
+				id, data := readEvent(t, br)
+				got[i] = append(got[i], seen{id, data})
+			}
+		})
+	}
+	wg.Wait()
+	byID := make(map[string][]byte)
+	for i := range got {
+		for _, e := range got[i] {
+			if prev, ok := byID[e.id]; ok && !bytes.Equal(prev, e.data) {
+				t.Fatalf("two subscribers got different data for event %s: one sampler encodes each tick once", e.id)
+			}
+			byID[e.id] = e.data
+		}
+	}
+	// Ten samplers would make ten events a second; one makes one.
+	if len(byID) > events+1 {
+		t.Errorf("%d subscribers reading %d events saw %d distinct events, want at most %d", subs, events, len(byID), events+1)
+	}
+	if !samplerRunning(s.stats) {
+		t.Error("sampler not running while subscribers are connected")
+	}
+}
+
+// samplerRunning reports whether b's sampler is running.
+func samplerRunning(b *broadcaster) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.running
+}
+
+func TestSamplerStopsWhenNobodyListens(t *testing.T) {
+	t.Parallel()
+	s, url := newTestServer(t)
+	if samplerRunning(s.stats) {
+		t.Fatal("sampler running before anyone subscribed")
+	}
+	resp, br := openEvents(t, url)
+	readEvent(t, br)
+	resp.Body.Close()
+	eventually(t, wait, "sampler stopped", func() bool { return !samplerRunning(s.stats) })
+}
+
+func TestStatsEndpointReturnsOneSnapshot(t *testing.T) {
+	t.Parallel()
+	s, url := newTestServer(t)
+	resp, err := http.Get(url + "/stats")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var snap snapshot
+	if err := json.NewDecoder(resp.Body).Decode(&snap); err != nil {
+		t.Fatalf("GET /stats: %v", err)
+	}
+	if resp.Header.Get("Content-Type") != "application/json" || snap.Host.OS != runtime.GOOS || snap.Time == "" {
+		t.Errorf("GET /stats = %s %+v, want a JSON snapshot", resp.Header.Get("Content-Type"), snap)
+	}
+	eventually(t, wait, "sampler stopped after /stats", func() bool { return !samplerRunning(s.stats) })
+}
+
+// subscribers counts b's subscribers.
+func subscribers(b *broadcaster) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.subs)
+}
+
+func readFixture(t *testing.T, dir string) snapshot {
+	t.Helper()
+	if runtime.GOOS != "linux" {
+		t.Skip("/proc parsing is Linux only")
+	}
+	fsys := os.DirFS(dir)
+	var s snapshot
+	var cpu cpuTimes
+	info := readHostInfo(fsys)
+	s.Host.Kernel, s.Host.Hostname, s.CPU.Model = info.kernel, info.hostname, info.cpuModel
+	readSystem(fsys, info, &s, &cpu)
+	return s
+}
+
+func TestProcHostWithoutMemoryLimit(t *testing.T) {
+	s := readFixture(t, "testdata/host")
+	if s.Memory.Source != "host" || s.Memory.LimitBytes != 0 {
+		t.Errorf("memory source %q limit %d, want host with no limit (v1 limit is the no-limit value)", s.Memory.Source, s.Memory.LimitBytes)
+	}
+	if s.Memory.TotalBytes != 24683656*1024 || s.Memory.AvailableBytes != 24372920*1024 {
+		t.Errorf("memory = %+v, want MemTotal and MemAvailable from the fixture, in bytes", s.Memory)
+	}
+	if s.Memory.UsedBytes != s.Memory.TotalBytes-s.Memory.AvailableBytes {
+		t.Errorf("used %d, want total - available", s.Memory.UsedBytes)
+	}
+	if !strings.HasPrefix(s.Host.Kernel, "Linux ") || s.Host.Hostname == "" || s.CPU.Model == "" {
+		t.Errorf("host = %+v / cpu model %q, want kernel, hostname and model", s.Host, s.CPU.Model)
+	}
+	if len(s.Host.Load) != 3 || s.Host.UptimeSeconds <= 0 || s.Process.RSSBytes == 0 {
+		t.Errorf("load %v uptime %v rss %d, want all three", s.Host.Load, s.Host.UptimeSeconds, s.Process.RSSBytes)
+	}
+}
+
+func TestProcCgroupV2ContainerShowsItsLimit(t *testing.T) {
+	s := readFixture(t, "testdata/cgroup2")
+	want := memoryStats{
+		TotalBytes: 512 << 20, AvailableBytes: 312 << 20, FreeBytes: 312 << 20, UsedBytes: 200 << 20,
+		UsedPercent: 39, Source: "cgroup", LimitBytes: 512 << 20, CgroupUsedBytes: 200 << 20,
+	}
+	if s.Memory != want {
+		t.Errorf("memory =\n %+v\nwant\n %+v", s.Memory, want)
+	}
+	if s.Host.Hostname != "app-7d9f" {
+		t.Errorf("hostname = %q, want the fixture's", s.Host.Hostname)
+	}
+}
+
+func TestProcCgroupV1ContainerShowsItsLimit(t *testing.T) {
+	s := readFixture(t, "testdata/cgroup1")
+	if s.Memory.Source != "cgroup" || s.Memory.LimitBytes != 256<<20 || s.Memory.CgroupUsedBytes != 96<<20 || s.Memory.UsedPercent != 37.5 {
+		t.Errorf("memory = %+v, want cgroup 96 MiB used of 256 MiB", s.Memory)
+	}
+}
+
+func TestNoProcFallsBackToRuntime(t *testing.T) {
+	b := newBroadcaster(slog.New(slog.DiscardHandler), fstest.MapFS{}, func() int { return 3 })
+	s := b.snapshot()
+	if s.Memory.Source != "runtime" || s.Memory.TotalBytes == 0 || s.Process.HeapBytes == 0 || s.Clients.Chat != 3 {
+		t.Errorf("snapshot without /proc = %+v, want runtime memory figures", s)
+	}
+	if s.Host.User == "" {
+		t.Error("host.user is empty; want a name or the uid")
+	}
+}
+
+// countingFS counts how often each file is opened. (The map is a field, not
+// embedded, so that fs.ReadFile cannot go around Open.)
+type countingFS struct {
+	files  fstest.MapFS
+	mu     sync.Mutex
+	opened map[string]int
+}
+
+func (c *countingFS) Open(name string) (fs.File, error) {
+	c.mu.Lock()
+	c.opened[name]++
+	c.mu.Unlock()
+	return c.files.Open(name)
+}
+
+// The sampler stops when nobody listens. Starting again, it does not read
+// what cannot change (here /proc/cpuinfo) again, and its first CPU figure
+// covers the pause since its last sample, not the time since boot.
+func TestSamplerRunsShareHostInfoAndCPUBaseline(t *testing.T) {
+	t.Parallel()
+	if runtime.GOOS != "linux" {
+		t.Skip("/proc parsing is Linux only")
+	}
+	fsys := &countingFS{files: fstest.MapFS{
+		"proc/cpuinfo": {Data: []byte("model name\t: Test CPU\n")},
+		"proc/stat":    {Data: []byte("cpu  100 0 100 700 100 0 0 0 0 0\n")},
+	}, opened: make(map[string]int)}
+	b := newBroadcaster(slog.New(slog.DiscardHandler), fsys, func() int { return 0 })
+	defer b.shutdown()
+	run := func() snapshot {
+		sub := b.subscribe(nil)
+		tk := <-sub
+		b.unsubscribe(sub, nil)
+		eventually(t, wait, "sampler stopped", func() bool { return !samplerRunning(b) })
+		var s snapshot
+		json.Unmarshal(tk.json, &s)
+		return s
+	}
+	run()
+	// Since the first sample: 300 busy ticks of 500, 60 %. Since boot: 500 of 1500, 33 %.
+	fsys.files["proc/stat"] = &fstest.MapFile{Data: []byte("cpu  250 0 250 800 200 0 0 0 0 0\n")}
+	s := run()
+	if s.CPU.UsedPercent != 60 {
+		t.Errorf("first CPU figure of a new run = %v %%, want 60 (since the last sample)", s.CPU.UsedPercent)
+	}
+	if n := fsys.opened["proc/cpuinfo"]; n != 1 {
+		t.Errorf("/proc/cpuinfo read %d times over two sampler runs, want 1", n)
+	}
+}
+
+func TestCPUPercentFromTwoSamples(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("/proc parsing is Linux only")
+	}
+	fsys := fstest.MapFS{"proc/stat": {Data: []byte("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3 4\n")}}
+	var s snapshot
+	var cpu cpuTimes
+	readSystem(fsys, hostInfo{}, &s, &cpu)
+	// 300 busy ticks later, with 100 more idle and 100 more iowait: 60 % busy.
+	fsys["proc/stat"] = &fstest.MapFile{Data: []byte("cpu  250 0 250 800 200 0 0 0 0 0\n")}
+	readSystem(fsys, hostInfo{}, &s, &cpu)
+	if s.CPU.UsedPercent != 60 {
+		t.Errorf("cpu usedPercent = %v, want 60", s.CPU.UsedPercent)
+	}
+}
+
+// -------------------- limits and failure behaviour, in the README's order --
+
+func TestOversizedFrameClosesWith1009(t *testing.T) {
+	_, url := newTestServer(t)
+	watcher, _ := dial(t, url, "")
+	raw, _ := dialRaw(t, url, "")
+	raw.readText(t) // welcome
+	big := `{"type":"message","text":"` + strings.Repeat("x", maxFrameBytes) + `"}`
+	raw.writeFrame(websocket.TextFrame, []byte(big))
+	if code, _ := raw.readClose(t); code != closeTooBig {
+		t.Errorf("oversized frame: close %d, want %d", code, closeTooBig)
+	}
+	watcher.say("unaffected")
+	if m := watcher.await("message"); m.Text != "unaffected" {
+		t.Errorf("watcher got %q, want its own message", m.Text)
+	}
+}
+
+func TestRefusedFramesGetAnErrorAndTheConnectionStays(t *testing.T) {
+	_, url := newTestServer(t)
+	for _, tc := range []struct {
+		frame string
+		code  string
+	}{
+		{`not json`, errBadJSON},
+		{`[1,2]`, errBadJSON},
+		{`{"type":"message","text":42}`, errBadJSON},
+		{`{"type":"shout","text":"hi"}`, errUnknownType},
+		{`{}`, errUnknownType},
+		{`{"type":"message","text":"   "}`, errEmpty},
+		{`{"type":"message","text":"` + strings.Repeat("é", maxTextChars+1) + `"}`, errTooLong},
+		{`{"type":"rename","name":"a\u0007b"}`, errBadName},
+		{`{"type":"rename","name":"` + strings.Repeat("n", maxNameChars+1) + `"}`, errBadName},
+		{`{"type":"rename","name":"   "}`, errBadName},
+	} {
+		a, _ := dial(t, url, "")
+		if err := websocket.Message.Send(a.ws, tc.frame); err != nil {
+			t.Fatal(err)
+		}
+		if f := a.await("error"); f.Code != tc.code || f.Error == "" {
+			t.Errorf("frame %.40q: got error %q (%q), want code %q with a message", tc.frame, f.Code, f.Error, tc.code)
+		}
+		a.say(strings.Repeat("é", maxTextChars)) // still connected; exactly at the limit
+		if m := a.await("message"); utf8.RuneCountInString(m.Text) != maxTextChars {
+			t.Errorf("after %.40q: message of %d characters came back with %d", tc.frame, maxTextChars, utf8.RuneCountInString(m.Text))
+		}
+	}
+}
+
+func TestInvalidUTF8IsNeverRelayed(t *testing.T) {
+	_, url := newTestServer(t)
+	watcher, _ := dial(t, url, "")
+	raw, _ := dialRaw(t, url, "")
+	raw.readText(t) // welcome
+	raw.writeFrame(websocket.TextFrame, []byte("{\"type\":\"message\",\"text\":\"bad \xff\xfe bytes\"}"))
+	if f := raw.readText(t); f.Type != "error" || f.Code != errBadJSON {
+		t.Errorf("invalid UTF-8 got %s, want a bad_json error", f.raw)
+	}
+	// A lone surrogate escape is valid JSON; it must arrive as valid UTF-8.
+	raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"half \ud800 pair"}`))
+	m := watcher.await("message")
+	if !utf8.Valid(m.raw) || !utf8.ValidString(m.Text) || !strings.HasPrefix(m.Text, "half ") {
+		t.Errorf("relayed %q, want valid UTF-8 of the second message only", m.raw)
+	}
+}
+
+// Frame-level abuse over a raw connection: each gets a close or an error
+// frame, never a crash, a hang, or a message relayed to others.
+func TestFrameAbuse(t *testing.T) {
+	_, url := newTestServer(t)
+	watcher, _ := dial(t, url, "")
+	msg := `{"type":"message","text":"sneaky"}`
+	for _, tc := range []struct {
+		name  string
+		send  []byte
+		close int    // the close code wanted, or 0 for an error frame
+		code  string // the error code wanted, when close is 0
+	}{
+		{"fragmented text (not reassembled)", append(text(false, msg[:10]), frameBytes(true, 0, websocket.ContinuationFrame, true, uint64(len(msg)-10), []byte(msg[10:]))...), 0, errBadJSON},
+		{"length claims 2^63-1 bytes", frameBytes(true, 0, websocket.TextFrame, true, 1<<63-1, []byte(msg)), closeTooBig, ""},
+		// The top bit of a 64-bit length must be 0; x/net drops it, so this frame
+		// claims 0 bytes and what follows is read as an (unmasked) frame.
+		{"length with the top bit set", frameBytes(true, 0, websocket.TextFrame, true, 1<<63, []byte(msg)), closeProtocolError, ""},
+		{"reserved data opcode 3", frameBytes(true, 0, 3, true, uint64(len(msg)), []byte(msg)), closeProtocolError, ""},
+		{"reserved control opcode 11", frameBytes(true, 0, 11, true, uint64(len(msg)), []byte(msg)), closeProtocolError, ""},
+		{"binary frame", frameBytes(true, 0, websocket.BinaryFrame, true, uint64(len(msg)), []byte(msg)), closeUnsupported, ""},
+		{"unmasked client frame", frameBytes(true, 0, websocket.TextFrame, false, uint64(len(msg)), []byte(msg)), closeProtocolError, ""},
+		{"close frame mid-message", append(text(false, msg[:10]), frameBytes(true, 0, websocket.CloseFrame, true, 2, []byte{3, 232})...), closeNormal, ""},
+		{"second handshake on the connection", []byte("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n"), closeProtocolError, ""},
+		{"bytes after the close", append(frameBytes(true, 0, websocket.CloseFrame, true, 2, []byte{3, 232}), text(true, msg)...), closeNormal, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			raw, _ := dialRaw(t, url, "")
+			raw.readText(t) // welcome
+			if _, err := raw.Write(tc.send); err != nil {
+				t.Fatal(err)
+			}
+			if tc.close == 0 {
+				if f := raw.readText(t); f.Type != "error" || f.Code != tc.code {
+					t.Errorf("got %s, want a %s error frame", f.raw, tc.code)
+				}
+				return
+			}
+			if code, _ := raw.readClose(t); code != tc.close {
+				t.Errorf("closed with %d, want %d", code, tc.close)
+			}
+		})
+	}
+	// Two violations x/net lets through and does not report: RSV bits, and
+	// a ping over 125 bytes (answered with a pong of the first 125). The frame
+	// is handled like any other; what goes out is the server's own encoding.
+	for _, tc := range []struct {
+		name string
+		send []byte
+	}{
+		{"RSV1 set on a text frame", frameBytes(true, 4, websocket.TextFrame, true, 2, []byte("{}"))},
+		{"ping with a 126-byte payload", frameBytes(true, 0, websocket.PingFrame, true, 126, bytes.Repeat([]byte("p"), 126))},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			raw, _ := dialRaw(t, url, "")
+			raw.readText(t) // welcome
+			raw.Write(tc.send)
+			raw.writeFrame(websocket.TextFrame, []byte(`{"type":"ping"}`))
+			for raw.readText(t).Type != "pong" {
+			}
+		})
+	}
+
+	// Nothing reached the watcher but presence, and it still chats.
+	watcher.say("after the abuse")
+	for {
+		f := watcher.next()
+		if f.Type == "message" {
+			if f.Text != "after the abuse" {
+				t.Fatalf("watcher got %q relayed from an abusive frame", f.Text)
+			}
+			break
+		}
+	}
+}
+
+// frameBytes builds one client frame by hand: fin, rsv bits, opcode, masked
+// or not, with a length field that may claim more than the payload.
+func frameBytes(fin bool, rsv, opcode byte, masked bool, claim uint64, payload []byte) []byte {
+	b0 := rsv<<4 | opcode
+	if fin {
+		b0 |= 0x80
+	}
+	out := []byte{b0}
+	var maskBit byte
+	if masked {
+		maskBit = 0x80
+	}
+	switch {
+	case claim < 126:
+		out = append(out, maskBit|byte(claim))
+	case claim < 1<<16:
+		out = binary.BigEndian.AppendUint16(append(out, maskBit|126), uint16(claim))
+	default:
+		out = binary.BigEndian.AppendUint64(append(out, maskBit|127), claim)
+	}
+	if !masked {
+		return append(out, payload...)
+	}
+	key := []byte{9, 8, 7, 6}
+	out = append(out, key...)
+	for i, c := range payload {
+		out = append(out, c^key[i%4])
+	}
+	return out
+}
+
+func text(fin bool, s string) []byte {
+	return frameBytes(fin, 0, websocket.TextFrame, true, uint64(len(s)), []byte(s))
+}
+
+func TestRateLimitRefusesBurstsAndClosesFlooders(t *testing.T) {
+	_, url := newTestServer(t)
+	watcher, _ := dial(t, url, "")
+	a, _ := dial(t, url, "")
+	const burst = 3 * rateBurst
+	for i := range burst {
+		a.say("flood " + strconv.Itoa(i))
+	}
+	delivered, limited := 0, 0
+	for delivered+limited < burst {
+		switch f := a.next(); {
+		case f.Type == "message":
+			delivered++
+		case f.Type == "error" && f.Code == errRateLimited:
+			limited++
+		}
+	}
+	// The bucket refills at ratePerSecond while the burst is read, so allow a few more.
+	if delivered < rateBurst || delivered > rateBurst+ratePerSecond || limited == 0 {
+		t.Errorf("a burst of %d: %d delivered, %d refused; want about %d delivered", burst, delivered, limited, rateBurst)
+	}
+
+	raw, _ := dialRaw(t, url, "")
+	for range rateBurst + floodStrikes + 5 {
+		raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"flood"}`))
+	}
+	if code, _ := raw.readClose(t); code != closePolicyViolation {
+		t.Errorf("flooder closed with %d, want %d", code, closePolicyViolation)
+	}
+	// The watcher kept receiving throughout.
+	watcher.say("still here")
+	for watcher.await("message").Text != "still here" {
+	}
+}
+
+// Refusals are counted in a window, not in a row: a flooder whose frames
+// get through now and then, as the rate bucket refills, is still closed. A
+// client within the rate is never refused.
+func TestPersistentFloodingIsClosedSteadyClientIsNot(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	steady, _ := dial(t, url, "")
+	flooder, _ := dialRaw(t, url, "")
+	flooder.readText(t) // welcome
+
+	closed := make(chan int, 1)
+	go func() {
+		for {
+			op, p, err := flooder.readFrameWithin(floodWindow + wait)
+			if err != nil {
+				closed <- 0
+				return
+			}
+			if op == websocket.CloseFrame && len(p) >= 2 {
+				closed <- int(binary.BigEndian.Uint16(p))
+				return
+			}
+		}
+	}()
+	start := time.Now()
+	flood := time.NewTicker(10 * time.Millisecond) // 100 frames a second
+	defer flood.Stop()
+	pace := time.NewTicker(250 * time.Millisecond) // 4 a second, under ratePerSecond
+	defer pace.Stop()
+	sent := 0
+	for code := -1; code == -1; {
+		select {
+		case <-flood.C:
+			flooder.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"flood"}`))
+		case <-pace.C:
+			steady.say("steady " + strconv.Itoa(sent))
+			sent++
+		case code = <-closed:
+			if code != closePolicyViolation {
+				t.Fatalf("flooder closed with %d, want %d", code, closePolicyViolation)
+			}
+		}
+		if time.Since(start) > floodWindow {
+			t.Fatalf("100 frames a second for %v and the flooder is still connected", floodWindow)
+		}
+	}
+	t.Logf("flooder closed after %v", time.Since(start).Round(time.Millisecond))
+	// Keep the steady client going for a while longer: it is never refused.
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); sent++ {
+		<-pace.C
+		steady.say("steady " + strconv.Itoa(sent))
+	}
+	for got := 0; got < sent; {
+		switch f := steady.next(); f.Type {
+		case "message":
+			if f.From.ID == steady.me.ID {
+				got++
+			}
+		case "error":
+			t.Fatalf("a client at 4 frames a second got %s", f.raw)
+		}
+	}
+}
+
+// BenchmarkJoinSameName: a join asking for a name that N people online
+// already asked for costs the same whatever N.
+func BenchmarkJoinSameName(b *testing.B) {
+	for _, n := range []int{100, 10_000} {
+		b.Run("holders="+strconv.Itoa(n), func(b *testing.B) {
+			h := newHub(slog.New(slog.DiscardHandler), 2*n, nil)
+			for range n {
+				h.join(detachedClient(b), joinRequest{name: "ann", since: -1})
+			}
+			c := detachedClient(b)
+			for b.Loop() {
+				h.join(c, joinRequest{name: "ann", since: -1})
+				h.drop(c, closeNormal, "")
+				c.out = outbox{wake: make(chan struct{}, 1)}
+			}
+		})
+	}
+}
+
+func TestCrossOriginHandshakeIs403(t *testing.T) {
+	_, url := newTestServer(t, func(cfg *config) {
+		cfg.allowOrigins = []string{"https://friend.example"}
+	})
+	for _, tc := range []struct {
+		origin string
+		want   int
+	}{
+		{"", 101}, // no Origin: a non-browser client
+		{"Origin: " + url, 101},
+		{"Origin: https://friend.example", 101},
+		{"Origin: http://evil.example", 403},
+		{"Origin: null", 403},
+		{"Origin: http://" + hostport(url) + ".evil.example", 403},
+	} {
+		var hdr []string
+		if tc.origin != "" {
+			hdr = append(hdr, tc.origin)
+		}
+		if _, got := dialRaw(t, url, "", hdr...); got != tc.want {
+			t.Errorf("handshake with %q = %d, want %d", tc.origin, got, tc.want)
+		}
+	}
+}
+
+func TestMaxClientsAnswers503BeforeUpgrade(t *testing.T) {
+	_, url := newTestServer(t, func(cfg *config) { cfg.maxClients = 2 })
+	dial(t, url, "")
+	dial(t, url, "")
+	if _, code := dialRaw(t, url, ""); code != 503 {
+		t.Fatalf("third connection with -max-clients 2 = %d, want 503", code)
+	}
+}
+
+// In a large room a welcome lists welcomeUsers users, the newcomer first,
+// and counts everyone.
+func TestWelcomeListsAtMostWelcomeUsers(t *testing.T) {
+	_, url := newTestServer(t)
+	cs, _ := connectAll(t, hostport(url), welcomeUsers+5)
+	_, w := dial(t, url, "?name=Newcomer")
+	if len(w.Users) != welcomeUsers || w.Users[0] != w.You || w.Online != len(cs)+1 {
+		t.Errorf("welcome lists %d users (first %+v) of %d online, want %d, the newcomer first, of %d",
+			len(w.Users), w.Users[0], w.Online, welcomeUsers, len(cs)+1)
+	}
+}
+
+// A client that stops reading fills its queue and is dropped; a client that
+// reads gets every message meanwhile, in order.
+func TestClientThatStopsReadingIsDropped(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	watcher, _ := dial(t, url, "")
+	dialStuck(t, url, "stuck")
+	var last int64
+	sendUntilDropped(t, url, watcher, "stuck", func(f frame, want string) {
+		if f.Seq != last+1 || f.Text != want {
+			t.Fatalf("watcher got seq %d %.10q..., want seq %d, %.10q...", f.Seq, f.Text, last+1, want)
+		}
+		last = f.Seq
+	})
+}
+
+// A write to a client that stays blocked for writeWait drops the client,
+// long before its outbox would fill (which the hub logs as "outbound queue
+// full").
+func TestChatWriteBlockedPastWriteWaitDropsTheClient(t *testing.T) {
+	t.Parallel()
+	var logs syncBuffer
+	s := newServer(config{maxClients: defaultMaxClients}, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	s.chat.writeWait = 50 * time.Millisecond
+	_, url := serveTest(t, s)
+	watcher, _ := dial(t, url, "")
+	dialStuck(t, url, "stuck")
+	watcher.awaitPresence(2, 0)
+
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	go func() { // 200 long messages a second, from rotating senders
+		text := strings.Repeat("🙂", maxTextChars-10)
+		pace := time.NewTicker(5 * time.Millisecond)
+		defer pace.Stop()
+		var sender *websocket.Conn
+		for i := 0; ctx.Err() == nil; i++ {
+			if i%rateBurst == 0 {
+				ws, err := websocket.Dial(wsURL(url), "", url)
+				if err != nil {
+					return
+				}
+				go io.Copy(io.Discard, ws)
+				defer ws.Close()
+				sender = ws
+			}
+			websocket.JSON.Send(sender, map[string]string{"type": "message", "text": text})
+			<-pace.C
+		}
+	}()
+	for {
+		f := watcher.await("presence")
+		if slices.ContainsFunc(f.Left, func(u user) bool { return u.Name == "stuck" }) {
+			break
+		}
+	}
+	if strings.Contains(logs.String(), "outbound queue full") {
+		t.Error("the stuck client was dropped for a full outbox, not by the write timeout")
+	}
+}
+
+// dialStuck connects a client named name that never reads, with a tiny
+// receive buffer so that the server's writes to it back up quickly.
+func dialStuck(t testing.TB, url string, name string) {
+	t.Helper()
+	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
+	}}
+	dialRawWith(t, small, url, "?name="+name)
+}
+
+// sendUntilDropped sends long messages one at a time, each once watcher has
+// it, from rotating senders to stay within the rate limit, until watcher
+// sees the client named stuck leave: its outbox filled, which happens only
+// while its writer is blocked in a write. Each message watcher gets is
+// passed to check with the text that was sent.
+func sendUntilDropped(t *testing.T, url string, watcher *chatClient, stuck string, check func(f frame, want string)) {
+	t.Helper()
+	text := strings.Repeat("🙂", maxTextChars-10) // 4 bytes each: the frame stays under maxFrameBytes
+	var sender *chatClient
+	for sent := 0; ; sent++ {
+		if sent == 2000 {
+			t.Fatal("2000 messages sent and the client that never reads is still in the room")
+		}
+		if sent%rateBurst == 0 {
+			sender, _ = dial(t, url, "")
+		}
+		want := text + strconv.Itoa(sent)
+		sender.say(want)
+		for {
+			f := watcher.next()
+			if f.Type == "presence" && len(f.Left) == 1 && f.Left[0].Name == stuck {
+				return
+			}
+			if f.Type == "message" {
+				check(f, want)
+				break
+			}
+		}
+	}
+}
+
+// A client that pings long after the server last wrote to it gets its pong:
+// x/net writes the pong, and must not write it under a deadline the writer
+// set for its own last write.
+func TestPingAfterSilenceGetsPong(t *testing.T) {
+	t.Parallel()
+	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s.chat.writeWait = 100 * time.Millisecond
+	_, url := serveTest(t, s)
+	raw, _ := dialRaw(t, url, "")
+	raw.readText(t)                  // the welcome: the server's last write
+	time.Sleep(2 * s.chat.writeWait) // the silence under test, not a synchronisation
+	raw.writeFrame(websocket.PingFrame, []byte("still there?"))
+	op, p, err := raw.readFrame()
+	for err == nil && op == websocket.TextFrame { // the presence frame of its own join
+		op, p, err = raw.readFrame()
+	}
+	if err != nil || op != websocket.PongFrame || string(p) != "still there?" {
+		t.Fatalf("ping after %v of silence: opcode %d %q (%v), want a pong with the ping's payload", 2*s.chat.writeWait, op, p, err)
+	}
+}
+
+// A client that pings on its own schedule (Python's websockets does, every
+// 20 s) in a room where nobody speaks stays connected for many writeWaits.
+func TestClientThatPingsOnItsOwnScheduleStays(t *testing.T) {
+	t.Parallel()
+	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s.chat.writeWait = 100 * time.Millisecond
+	_, url := serveTest(t, s)
+	raw, _ := dialRaw(t, url, "")
+	raw.readText(t) // welcome
+	every := time.NewTicker(s.chat.writeWait * 3 / 4)
+	defer every.Stop()
+	for i := range 12 { // 9 writeWaits
+		<-every.C
+		raw.writeFrame(websocket.PingFrame, []byte(strconv.Itoa(i)))
+		op, p, err := raw.readFrame()
+		for err == nil && op == websocket.TextFrame { // the presence frame of its own join
+			op, p, err = raw.readFrame()
+		}
+		if err != nil || op != websocket.PongFrame || string(p) != strconv.Itoa(i) {
+			t.Fatalf("ping %d: opcode %d %q (%v), want its pong", i, op, p, err)
+		}
+	}
+	raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"still here"}`))
+	if f := raw.readText(t); f.Type != "message" || f.Text != "still here" {
+		t.Errorf("after pinging: got %s, want its own message back", f.raw)
+	}
+}
+
+// A peer that vanishes without closing is found by keep-alive; a peer that
+// answers pings stays, however long it is silent itself.
+func TestVanishedPeerIsRemovedLiveOneStays(t *testing.T) {
+	t.Parallel()
+	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s.chat.pingEvery, s.chat.readIdle = 100*time.Millisecond, time.Second
+	_, url := serveTest(t, s)
+	watcher, _ := dial(t, url, "")
+	dialRaw(t, url, "?name=ghost") // handshakes, then never reads or writes
+	for {
+		f := watcher.await("presence")
+		if len(f.Left) == 1 && f.Left[0].Name == "ghost" {
+			break
+		}
+	}
+	// The watcher was as silent as the ghost, but answered pings.
+	watcher.say("alive")
+	if m := watcher.await("message"); m.Text != "alive" {
+		t.Errorf("watcher got %q after the ghost left, want its message", m.Text)
+	}
+}
+
+func TestSlowSubscriberSkipsTicksWithoutSlowingOthers(t *testing.T) {
+	t.Parallel()
+	b := newBroadcaster(slog.New(slog.DiscardHandler), fstest.MapFS{}, func() int { return 0 })
+	slow, fast := b.subscribe(nil), b.subscribe(nil)
+	defer b.shutdown()
+	<-fast // the first tick
+	// slow never reads: its one-slot channel is full, so later ticks skip it.
+	for range 3 {
+		b.publish([]byte(`{}`))
+		select {
+		case <-fast:
+		case <-time.After(wait):
+			t.Fatal("fast subscriber starved by a slow one")
+		}
+	}
+	if n := len(slow); n != 1 {
+		t.Errorf("slow subscriber holds %d ticks, want 1 (the rest skipped)", n)
+	}
+}
+
+// A subscriber that stops reading skips ticks while its socket has room;
+// once a write to it blocks for the write timeout, its stream ends. A
+// subscriber that reads goes on receiving throughout.
+func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
+	t.Parallel()
+	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s.stats.sampleEvery = time.Millisecond // fill the stuck socket fast
+	s.stats.writeTimeout = 200 * time.Millisecond
+	_, url := serveTest(t, s)
+	_, br := openEvents(t, url)
+	readEvent(t, br)
+	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
+	}}
+	stuck, err := small.Dial("tcp", hostport(url))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stuck.Close()
+	io.WriteString(stuck, "GET /events HTTP/1.1\r\nHost: x\r\n\r\n") // and never reads
+	eventually(t, wait, "two subscribers", func() bool { return subscribers(s.stats) == 2 })
+	for subscribers(s.stats) == 2 { // the reader keeps up meanwhile
+		readEvent(t, br)
+	}
+	if n := subscribers(s.stats); n != 1 {
+		t.Fatalf("%d subscribers after the stuck stream ended, want 1", n)
+	}
+	readEvent(t, br)
+}
+
+// A stream with no event for the keep-alive time gets a comment line, so
+// that proxies do not take it for dead.
+func TestSilentStreamGetsAKeepAliveComment(t *testing.T) {
+	t.Parallel()
+	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s.stats.sampleEvery = time.Hour // one tick at the start, then silence
+	s.stats.keepAlive = 50 * time.Millisecond
+	_, url := serveTest(t, s)
+	_, br := openEvents(t, url)
+	readEvent(t, br)
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("no keep-alive comment: %v", err)
+		}
+		if line == ": keep-alive\n" {
+			break
+		}
+		if line != "\n" {
+			t.Fatalf("got %q during the silence, want a keep-alive comment", line)
+		}
+	}
+}
+
+// Request headers that trickle in, a line at a time, are cut off by
+// ReadHeaderTimeout however long the trickle lasts.
+func TestSlowHeadersAreCut(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits for ReadHeaderTimeout (-short)")
+	}
+	t.Parallel()
+	url, _, _ := startRun(t)
+	conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	start := time.Now()
+	go func() { // one more header line every half second, until the server hangs up
+		io.WriteString(conn, "GET / HTTP/1.1\r\nHost: x\r\n")
+		for conn.SetWriteDeadline(time.Now().Add(wait)) == nil {
+			if _, err := io.WriteString(conn, "X-Slow: 1\r\n"); err != nil {
+				return
+			}
+			time.Sleep(500 * time.Millisecond) // the attack's pace, not a synchronisation
+		}
+	}()
+	conn.SetReadDeadline(time.Now().Add(readHeaderTimeout + wait))
+	io.Copy(io.Discard, conn) // returns when the server closes the connection
+	if d := time.Since(start); d < readHeaderTimeout-time.Second || d > readHeaderTimeout+2*time.Second {
+		t.Errorf("slow headers cut after %v, want about %v", d.Round(time.Millisecond), readHeaderTimeout)
+	}
+}
+
+// SIGTERM with 1000 chat clients, 1000 event streams and messages in flight:
+// every chat client gets close 1001, every stream ends, and the process
+// exits with status 0 within shutdownTimeout.
+func TestSIGTERMUnderLoad(t *testing.T) {
+	if testing.Short() {
+		t.Skip("1000 clients (-short)")
+	}
+	if runtime.GOOS == "windows" {
+		t.Skip("no SIGTERM")
+	}
+	raiseFileLimit(t)
+	url, _, stop := serverProcess(t)
+	const chats, streams = 1000, 1000
+
+	codes := make(chan int, chats)
+	for range chats {
+		raw, status := dialRaw(t, url, "")
+		if status != 101 {
+			t.Fatalf("handshake = %d", status)
+		}
+		go func() { // read until the close frame, answer it as a browser would
+			for {
+				op, p, err := raw.readFrameWithin(2 * shutdownTimeout)
+				if err != nil {
+					codes <- 0
+					return
+				}
+				if op == websocket.CloseFrame && len(p) >= 2 {
+					raw.writeFrame(websocket.CloseFrame, p[:2])
+					codes <- int(binary.BigEndian.Uint16(p))
+					return
+				}
+			}
+		}()
+	}
+	ended := make(chan error, streams)
+	for range streams {
+		conn, err := net.Dial("tcp", hostport(url))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+		go func() {
+			conn.SetReadDeadline(time.Now().Add(4 * shutdownTimeout))
+			_, err := io.Copy(io.Discard, conn)
+			ended <- err
+		}()
+	}
+	talkers := make([]*chatClient, 5)
+	for i := range talkers {
+		talkers[i], _ = dial(t, url, "")
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	for _, c := range talkers { // messages in flight while the server stops
+		go func() {
+			for i := 0; ctx.Err() == nil && websocket.JSON.Send(c.ws, map[string]string{"type": "message", "text": strconv.Itoa(i)}) == nil; i++ {
+				time.Sleep(200 * time.Millisecond) // within the rate limit
+			}
+		}()
+	}
+	talkers[0].await("message") // traffic is flowing
+
+	start := time.Now()
+	if err := stop(); err != nil {
+		t.Errorf("exit after SIGTERM: %v, want status 0", err)
+	}
+	t.Logf("exit %v after SIGTERM", time.Since(start).Round(time.Millisecond))
+	if d := time.Since(start); d > shutdownTimeout {
+		t.Errorf("exit took %v, want under %v", d, shutdownTimeout)
+	}
+	for range chats {
+		if code := <-codes; code != closeGoingAway {
+			t.Fatalf("a chat client got close %d, want %d", code, closeGoingAway)
+		}
+	}
+	for range streams {
+		if err := <-ended; err != nil {
+			t.Fatalf("an event stream did not end cleanly: %v", err)
+		}
+	}
+}
+
+// SIGTERM while a client has stopped reading, its socket full and its
+// writer blocked in a write: the server cuts that write short and exits 0
+// within shutdownTimeout, and every other client still gets its 1001.
+func TestSIGTERMWithAStuckClientExitsInTime(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("no SIGTERM")
+	}
+	t.Parallel()
+	url, _, stop := serverProcess(t)
+	watcher, _ := dial(t, url, "")
+	other, _ := dialRaw(t, url, "")
+	closeCode := make(chan int, 1)
+	go func() { // reads all the time, as a browser does
+		for {
+			op, p, err := other.readFrameWithin(2 * shutdownTimeout)
+			if err != nil {
+				closeCode <- 0
+				return
+			}
+			if op == websocket.CloseFrame && len(p) >= 2 {
+				closeCode <- int(binary.BigEndian.Uint16(p))
+				return
+			}
+		}
+	}()
+	dialStuck(t, url, "stuck")
+	sendUntilDropped(t, url, watcher, "stuck", func(frame, string) {})
+
+	start := time.Now()
+	if err := stop(); err != nil {
+		t.Errorf("exit after SIGTERM: %v, want status 0", err)
+	}
+	if d := time.Since(start); d > shutdownTimeout {
+		t.Errorf("exit took %v, want under %v", d, shutdownTimeout)
+	}
+	t.Logf("exit %v after SIGTERM", time.Since(start).Round(time.Millisecond))
+	if code := <-closeCode; code != closeGoingAway {
+		t.Errorf("a reading client got close %d, want %d", code, closeGoingAway)
+	}
+}
+
+func TestNoGoroutineOutlivesItsConnection(t *testing.T) {
+	_, url := newTestServer(t)
+	before := runtime.NumGoroutine()
+	for range 10 {
+		c, _ := dial(t, url, "")
+		c.say("hi")
+		c.await("message")
+		c.ws.Close()
+	}
+	resp, err := http.Get(url + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bufio.NewReader(resp.Body).ReadString('\n')
+	resp.Body.Close()
+	http.DefaultClient.CloseIdleConnections()
+	eventually(t, wait, "goroutines back to where they were", func() bool {
+		return runtime.NumGoroutine() <= before
+	})
+}
+
+func TestHostileClientsDoNotHurtOthers(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a storm of 5000 clients (-short)")
+	}
+	_, url := newTestServer(t)
+	storm := 1000 // the race detector allows 8128 goroutines; the benchmark storms with 5000
+	lat, presence := attack(t, url, 3*time.Second, storm)
+	// attack checked that every speaker's message reached every speaker, in
+	// order; here, that the speakers spoke at all.
+	if len(lat) < 10 {
+		t.Errorf("only %d of the speakers' messages came back to them", len(lat))
+	}
+	// Without coalescing, a storm client would get a frame for each of the
+	// joins after its own: hundreds. (TestPresenceIsCoalesced pins the window.)
+	if presence > storm/20 {
+		t.Errorf("a storm client got %d presence frames in its second in a storm of %d, want a few", presence, storm)
+	}
+}
+
+// BenchmarkDeliveryUnderAttack reports ordinary clients' delivery times
+// while hostile clients flood, rename, churn and storm (5000 at once) for 10 s.
+//
+//	go test -run '^$' -bench DeliveryUnderAttack -benchtime 1x
+func BenchmarkDeliveryUnderAttack(b *testing.B) {
+	raiseFileLimit(b)
+	for b.Loop() {
+		url, proc, _ := serverProcess(b)
+		cpu0 := procCPU(b, proc.Pid)
+		lat, presence := attack(b, url, 10*time.Second, 5000)
+		b.ReportMetric((procCPU(b, proc.Pid) - cpu0).Seconds(), "server-cpu-s")
+		slices.Sort(lat)
+		b.ReportMetric(float64(presence), "presence-frames-max")
+		b.ReportMetric(ms(lat[len(lat)/2]), "ms-p50")
+		b.ReportMetric(ms(lat[len(lat)*99/100]), "ms-p99")
+		b.ReportMetric(float64(len(lat)), "deliveries")
+	}
+	b.ReportMetric(0, "ns/op")
+}
+
+// attack runs a mix of hostile clients against url for d: a flooder, a client
+// renaming in a loop, connections opened and closed in a loop, and a storm of
+// clients that connect at once, stay a second and leave. Meanwhile ten
+// ordinary speakers each say something every 250 ms, within the rate limit.
+// It fails tb if any speaker misses a speaker's message or sees one out of
+// seq order, and returns how long each speaker's own messages took to come
+// back to it, and the most presence frames one storm client received.
+func attack(tb testing.TB, url string, d time.Duration, storm int) (latencies []time.Duration, presence int) {
+	const speakers, every = 10, 250 * time.Millisecond
+	cs := make([]*chatClient, speakers)
+	for i := range cs {
+		cs[i], _ = dial(tb, url, "")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	cfg := func() *websocket.Config {
+		cfg, _ := websocket.NewConfig(wsURL(url), url)
+		return cfg
+	}
+	var attackers sync.WaitGroup
+	attackers.Go(func() { // flooder: sends as fast as it can; reconnects when closed
+		for ctx.Err() == nil {
+			if ws, err := websocket.DialConfig(cfg()); err == nil {
+				go io.Copy(io.Discard, ws)
+				for ctx.Err() == nil && websocket.Message.Send(ws, `{"type":"message","text":"flood"}`) == nil {
+				}
+				ws.Close()
+			}
+		}
+	})
+	attackers.Go(func() { // renamer
+		for ctx.Err() == nil {
+			if ws, err := websocket.DialConfig(cfg()); err == nil {
+				go io.Copy(io.Discard, ws)
+				for i := 0; ctx.Err() == nil && websocket.Message.Send(ws, `{"type":"rename","name":"r`+strconv.Itoa(i)+`"}`) == nil; i++ {
+				}
+				ws.Close()
+			}
+		}
+	})
+	attackers.Go(func() { // churn: a thousand connections opened and closed
+		for i := 0; i < 1000 && ctx.Err() == nil; i++ {
+			if ws, err := websocket.DialConfig(cfg()); err == nil {
+				ws.Close()
+			}
+		}
+	})
+	var mostPresence atomic.Int64
+	for range storm { // the storm: all at once; each stays a second, counting presence frames
+		attackers.Go(func() {
+			ws, err := websocket.DialConfig(cfg())
+			if err != nil {
+				tb.Errorf("storm: %v", err)
+				return
+			}
+			defer ws.Close()
+			ws.SetReadDeadline(time.Now().Add(time.Second))
+			n := int64(0)
+			for {
+				var f frame
+				if websocket.JSON.Receive(ws, &f) != nil {
+					break
+				}
+				if f.Type == "presence" {
+					n++
+				}
+			}
+			for old := mostPresence.Load(); n > old && !mostPresence.CompareAndSwap(old, n); old = mostPresence.Load() {
+			}
+		})
+	}
+
+	var sentAt sync.Map // text -> time.Time
+	var sent atomic.Int64
+	var talking sync.WaitGroup
+	for i, c := range cs {
+		talking.Go(func() {
+			tick := time.NewTicker(every)
+			defer tick.Stop()
+			for n := 0; ctx.Err() == nil; n++ {
+				text := fmt.Sprintf("speaker %d #%d", i, n)
+				sentAt.Store(text, time.Now())
+				if err := websocket.JSON.Send(c.ws, map[string]string{"type": "message", "text": text}); err != nil {
+					tb.Errorf("speaker %d: %v", i, err)
+					return
+				}
+				sent.Add(1)
+				select {
+				case <-tick.C:
+				case <-ctx.Done():
+				}
+			}
+		})
+	}
+	talking.Wait()
+	attackers.Wait()
+
+	for i, c := range cs {
+		own := fmt.Sprintf("speaker %d #", i)
+		var last int64
+		for seen := int64(0); seen < sent.Load(); {
+			f := c.next()
+			if f.Type == "error" {
+				tb.Fatalf("speaker %d: a message was refused: %s", i, f.raw)
+			}
+			if f.Type != "message" || !strings.HasPrefix(f.Text, "speaker ") {
+				continue // an attacker's message that got through the rate limit
+			}
+			if f.Seq <= last {
+				tb.Fatalf("speaker %d: seq %d after %d", i, f.Seq, last)
+			}
+			last = f.Seq
+			seen++
+			if strings.HasPrefix(f.Text, own) {
+				t0, _ := sentAt.Load(f.Text)
+				latencies = append(latencies, f.at.Sub(t0.(time.Time)))
+			}
+		}
+	}
+	return latencies, int(mostPresence.Load())
+}
+
+// --------------------------------------------------------------- capacity --
+
+// The capacity benchmarks run the server in a process of its own and hold
+// thousands of lean clients in this one: raw RFC 6455 over TCP, reading
+// frames without decoding JSON on the hot path. Run them with -benchtime 1x:
+//
+//	go test -run '^$' -bench 'Capacity|Floor' -benchtime 1x -timeout 30m
+
+// BenchmarkCapacityChat: N clients connected, one sender says 25 messages at
+// 5 a second, every client receives every message. Reports delivery
+// latency, server CPU per delivery, server RSS per connection and the time
+// N clients take to connect.
+func BenchmarkCapacityChat(b *testing.B) { forSizes(b, "clients", benchChat) }
+
+func benchChat(b *testing.B, n int) {
+	url, proc, _ := serverProcess(b, "-max-clients", strconv.Itoa(2*n))
+	idleRSS := procRSS(b, proc.Pid)
+	cs, took := connectAll(b, hostport(url), n)
+	sender, _ := dialRaw(b, url, "")
+	settle(b, url, n+1)
+	heldRSS := procRSS(b, proc.Pid)
+
+	const msgs = 25
+	var sentAt [msgs]time.Time
+	got := make([][msgs]time.Time, n)
+	var wg sync.WaitGroup
+	for i, c := range cs {
+		wg.Go(func() {
+			for seen := 0; seen < msgs; {
+				op, p, err := c.readFrameWithin(4 * wait)
+				if err != nil {
+					b.Errorf("client %d: %v after %d messages", i, err, seen)
+					return
+				}
+				if k := benchIndex(p); op == websocket.TextFrame && k >= 0 && got[i][k].IsZero() {
+					got[i][k] = time.Now()
+					seen++
+				}
+			}
+		})
+	}
+	go io.Copy(io.Discard, sender) // the sender's own copies
+	cpu0 := procCPU(b, proc.Pid)
+	for k := range msgs {
+		sentAt[k] = time.Now()
+		sender.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"bench-`+strconv.Itoa(k)+`"}`))
+		time.Sleep(time.Second / ratePerSecond) // the pace the rate limit allows
+	}
+	wg.Wait()
+	cpu := procCPU(b, proc.Pid) - cpu0
+
+	lat := make([]time.Duration, 0, n*msgs)
+	for i := range got {
+		for k, at := range got[i] {
+			if !at.IsZero() {
+				lat = append(lat, at.Sub(sentAt[k]))
+			}
+		}
+	}
+	slices.Sort(lat)
+	b.ReportMetric(ms(percentile(lat, 50)), "ms-p50")
+	b.ReportMetric(ms(percentile(lat, 99)), "ms-p99")
+	b.ReportMetric(float64(cpu.Microseconds())/float64(len(lat)), "cpu-µs/delivery")
+	b.ReportMetric(float64(heldRSS-idleRSS)/float64(n)/1024, "KB-rss/client")
+	b.ReportMetric(took.Seconds(), "s-to-connect")
+}
+
+// benchIndex returns K from a message frame whose text is "bench-K", or -1.
+func benchIndex(p []byte) int {
+	_, rest, ok := bytes.Cut(p, []byte(`"text":"bench-`))
+	if !ok {
+		return -1
+	}
+	end := bytes.IndexByte(rest, '"')
+	k, err := strconv.Atoi(string(rest[:max(end, 0)]))
+	if err != nil {
+		return -1
+	}
+	return k
+}
+
+// settle waits until the server counts chat clients online and the last
+// presence window has closed, so that measurements start from a quiet room.
+func settle(tb testing.TB, url string, chat int) {
+	tb.Helper()
+	eventually(tb, 6*wait, strconv.Itoa(chat)+" chat clients online", func() bool { return getStats(tb, url).Clients.Chat >= chat })
+	time.Sleep(2 * presenceEvery) // the joins' last presence frame goes out; the server cannot say when
+}
+
+// BenchmarkFloorWrite is what no server can beat: the CPU, in a process of
+// its own, of writing one frame-sized buffer to each of N loopback TCP
+// connections in a plain loop. Compare cpu-µs/write with the chat's
+// cpu-µs/delivery.
+func BenchmarkFloorWrite(b *testing.B) { forSizes(b, "conns", benchFloor) }
+
+// floorFrameBytes is about the size of a short chat message frame.
+const floorFrameBytes = 120
+
+// serveFloor is the floor process (see TestMain): it accepts n connections,
+// then for each line "M" on stdin writes a floorFrameBytes buffer to every
+// connection M times over, and answers "done".
+func serveFloor(n int) error {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "url=http://%s/\n", ln.Addr())
+	conns := make([]net.Conn, n)
+	for i := range conns {
+		if conns[i], err = ln.Accept(); err != nil {
+			return err
+		}
+	}
+	buf := bytes.Repeat([]byte("x"), floorFrameBytes)
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		m, _ := strconv.Atoi(in.Text())
+		for range m {
+			for _, c := range conns {
+				if _, err := c.Write(buf); err != nil {
+					return err
+				}
+			}
+		}
+		fmt.Println("done")
+	}
+	return nil
+}
+
+func benchFloor(b *testing.B, n int) {
+	exe, _ := os.Executable()
+	cmd := exec.Command(exe)
+	cmd.Env = append(os.Environ(), "POLLFREE_FLOOR="+strconv.Itoa(n))
+	logs, _ := cmd.StderrPipe()
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() }()
+	url := <-scanURL(logs)
+	addr := strings.TrimSuffix(strings.TrimPrefix(url, "http://"), "/")
+	for range n {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer conn.Close()
+		go io.Copy(io.Discard, conn)
+	}
+	const rounds = 25
+	out := bufio.NewReader(stdout)
+	io.WriteString(stdin, "1\n") // warm up
+	out.ReadString('\n')
+	cpu0 := procCPU(b, cmd.Process.Pid)
+	io.WriteString(stdin, strconv.Itoa(rounds)+"\n")
+	out.ReadString('\n')
+	cpu := procCPU(b, cmd.Process.Pid) - cpu0
+	b.ReportMetric(float64(cpu.Microseconds())/float64(rounds*n), "cpu-µs/write")
+}
+
+// BenchmarkCapacitySSE: N subscribers to /events for 10 s. Reports how far
+// apart the first and last subscriber receive the same tick (p99 over
+// ticks), server CPU per second, RSS per subscriber, and the time from
+// request to first event (p99 over subscribers).
+func BenchmarkCapacitySSE(b *testing.B) { forSizes(b, "subscribers", benchSSE) }
+
+func benchSSE(b *testing.B, n int) {
+	url, proc, _ := serverProcess(b)
+	addr := hostport(url)
+	idleRSS := procRSS(b, proc.Pid)
+	const seconds = 10
+	type receipt struct {
+		id string
+		at time.Time
+	}
+	got := make([][]receipt, n)
+	first := make([]time.Duration, n)
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 256)
+	start := make(chan struct{})
+	for i := range n {
+		sem <- struct{}{}
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer conn.Close()
+		wg.Go(func() {
+			t0 := time.Now()
+			io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			<-sem
+			if err != nil {
+				b.Errorf("subscriber %d: %v", i, err)
+				return
+			}
+			br := bufio.NewReader(resp.Body)
+			if _, _, err := nextEvent(br); err != nil {
+				b.Errorf("subscriber %d: no first event: %v", i, err)
+				return
+			}
+			first[i] = time.Since(t0)
+			<-start
+			for range seconds {
+				id, _, err := nextEvent(br)
+				if err != nil {
+					b.Errorf("subscriber %d: %v", i, err)
+					return
+				}
+				got[i] = append(got[i], receipt{id, time.Now()})
+			}
+		})
+	}
+	for range cap(sem) { // every subscriber has its first event
+		sem <- struct{}{}
+	}
+	heldRSS := procRSS(b, proc.Pid)
+	cpu0 := procCPU(b, proc.Pid)
+	t0 := time.Now()
+	close(start)
+	wg.Wait()
+	cpuPerSecond := (procCPU(b, proc.Pid) - cpu0).Seconds() / time.Since(t0).Seconds()
+
+	byID := make(map[string][2]time.Time) // earliest and latest receipt of each tick
+	for _, rs := range got {
+		for _, r := range rs {
+			span, ok := byID[r.id]
+			if !ok || r.at.Before(span[0]) {
+				span[0] = r.at
+			}
+			if !ok || r.at.After(span[1]) {
+				span[1] = r.at
+			}
+			byID[r.id] = span
+		}
+	}
+	var spreads []time.Duration
+	for _, span := range byID {
+		spreads = append(spreads, span[1].Sub(span[0]))
+	}
+	slices.Sort(spreads)
+	slices.Sort(first)
+	b.ReportMetric(ms(percentile(spreads, 99)), "ms-spread-p99")
+	b.ReportMetric(cpuPerSecond*1000, "cpu-ms/s")
+	b.ReportMetric(float64(heldRSS-idleRSS)/float64(n)/1024, "KB-rss/subscriber")
+	b.ReportMetric(ms(percentile(first, 99)), "ms-first-event-p99")
+}
+
+// BenchmarkIdle reports the server's RSS with nobody connected and the CPU it
+// uses over 10 s with nobody connected (none: no sampler runs).
+func BenchmarkIdle(b *testing.B) {
+	for b.Loop() {
+		_, proc, _ := serverProcess(b)
+		cpu0 := procCPU(b, proc.Pid)
+		time.Sleep(10 * time.Second) // the measurement window
+		b.ReportMetric(float64((procCPU(b, proc.Pid) - cpu0).Milliseconds()), "cpu-ms/10s")
+		b.ReportMetric(float64(procRSS(b, proc.Pid))/(1<<20), "MB-rss")
+	}
+	b.ReportMetric(0, "ns/op")
+}
+
+// BenchmarkCapacityBoth holds 9900 chat clients and 9900 event-stream
+// subscribers for 30 s while one sender says 5 messages a second. Every chat
+// client must get every message and every stream must stay up; it reports
+// the fewest ticks one subscriber got (skipping is allowed, by design) and
+// the server's peak RSS. (9900, not 10 000: where a process may hold at most
+// 20 000 open files, as here, the server needs a few for itself.)
+func BenchmarkCapacityBoth(b *testing.B) {
+	raiseFileLimit(b)
+	const chats, streams, seconds = 9900, 9900, 30
+	for b.Loop() {
+		url, proc, _ := serverProcess(b, "-max-clients", strconv.Itoa(2*chats))
+		addr := hostport(url)
+		cs, _ := connectAll(b, addr, chats)
+		ticks := make([]int, streams)
+		running := make(chan struct{}) // closed when the run is over
+		var subConns []net.Conn
+		var subs sync.WaitGroup
+		for i := range streams {
+			conn, err := net.Dial("tcp", addr)
+			if err != nil {
+				b.Fatal(err)
+			}
+			subConns = append(subConns, conn)
+			io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
+			subs.Go(func() {
+				resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+				if err != nil {
+					b.Errorf("subscriber %d: %v", i, err)
+					return
+				}
+				br := bufio.NewReader(resp.Body)
+				conn.SetReadDeadline(time.Now().Add(4 * seconds * time.Second)) // a backstop: the run closes it
+				// ticks starts at -1: the first event comes at once, not on a tick.
+				for ticks[i] = -1; ; ticks[i]++ {
+					if _, _, err := nextEvent(br); err != nil {
+						select {
+						case <-running: // closed by the benchmark after the run
+						default:
+							b.Errorf("subscriber %d: stream ended during the run: %v", i, err)
+						}
+						return
+					}
+				}
+			})
+		}
+		sender, _ := dialRaw(b, url, "")
+		go io.Copy(io.Discard, sender)
+		settle(b, url, chats+1)
+
+		const msgs = seconds * ratePerSecond
+		var delivered atomic.Int64
+		var wg sync.WaitGroup
+		for i, c := range cs {
+			wg.Go(func() {
+				seen := make([]bool, msgs)
+				for n := 0; n < msgs; {
+					op, p, err := c.readFrameWithin((seconds + 20) * time.Second)
+					if err != nil {
+						b.Errorf("chat client %d: %v after %d of %d messages", i, err, n, msgs)
+						return
+					}
+					if k := benchIndex(p); op == websocket.TextFrame && k >= 0 && !seen[k] {
+						seen[k] = true
+						n++
+						delivered.Add(1)
+					}
+				}
+			})
+		}
+		for k := range msgs {
+			sender.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"bench-`+strconv.Itoa(k)+`"}`))
+			time.Sleep(time.Second / ratePerSecond)
+		}
+		wg.Wait()
+		peak := procPeakRSS(b, proc.Pid)
+		close(running)
+		for _, c := range subConns {
+			c.Close()
+		}
+		subs.Wait()
+		b.ReportMetric(float64(delivered.Load())/float64(chats*msgs)*100, "%-delivered")
+		b.ReportMetric(float64(slices.Min(ticks)), "ticks-min")
+		b.ReportMetric(float64(peak)/(1<<20), "MB-peak-rss")
+	}
+	b.ReportMetric(0, "ns/op")
+}
+
+// forSizes runs bench as sub-benchmarks for 1000, 5000 and 10 000
+// connections, each once per b.Loop.
+func forSizes(b *testing.B, label string, bench func(b *testing.B, n int)) {
+	for _, n := range []int{1000, 5000, 10000} {
+		b.Run(label+"="+strconv.Itoa(n), func(b *testing.B) {
+			raiseFileLimit(b)
+			for b.Loop() {
+				bench(b, n)
+			}
+			b.ReportMetric(0, "ns/op") // the figures that matter are the ones reported
+		})
+	}
+}
+
+// connectAll connects n load clients, 256 at a time, and returns them and
+// how long it took.
+func connectAll(tb testing.TB, addr string, n int) ([]*rawConn, time.Duration) {
+	tb.Helper()
+	cs := make([]*rawConn, n)
+	start := time.Now()
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 256)
+	for i := range cs {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			c, err := dialLoad(addr)
+			if err != nil {
+				tb.Errorf("client %d: %v", i, err)
+				return
+			}
+			cs[i] = c
+		})
+	}
+	wg.Wait()
+	if tb.Failed() {
+		tb.FailNow()
+	}
+	tb.Cleanup(func() {
+		for _, c := range cs {
+			c.Close()
+		}
+	})
+	return cs, time.Since(start)
+}
+
+// dialLoad opens a lean chat connection for a load test and reads up to
+// its welcome.
+func dialLoad(addr string) (*rawConn, error) {
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	c, status, err := handshake(conn, "")
+	if err == nil && status != 101 {
+		err = fmt.Errorf("handshake: %d", status)
+	}
+	if err == nil {
+		_, _, err = c.readFrameWithin(4 * wait) // the welcome
+	}
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// percentile returns the p-th percentile (0 to 100) of sorted durations.
+func percentile(sorted []time.Duration, p int) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	return sorted[min(len(sorted)-1, len(sorted)*p/100)]
+}
+
+// --------------------- deploy: a static binary, a container's cgroup, TLS --
+
+// buildStatic builds pollfree as the Dockerfile does (static, stripped) into
+// a temporary directory of its own and returns the binary's path.
+func buildStatic(tb testing.TB) string {
+	tb.Helper()
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		tb.Skip("no go tool on PATH to build the static binary")
+	}
+	dir := tb.TempDir()
+	bin := dir + "/pollfree"
+	cmd := exec.Command(goTool, "build", "-trimpath", "-ldflags=-s -w", "-o", bin, ".")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		tb.Fatalf("static build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// The static binary alone in an empty directory, as in a scratch container:
+// no /etc, no passwd file, no shell, running as an unprivileged uid; first
+// with /proc mounted, as a container runtime does, then without it.
+func TestStaticBinaryRunsAloneLikeScratch(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the static binary (-short)")
+	}
+	if runtime.GOOS != "linux" || os.Geteuid() != 0 {
+		t.Skip("needs Linux and root, for chroot and mounting /proc")
+	}
+	bin := buildStatic(t)
+	root := t.TempDir()
+	if err := os.Chmod(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(root+"/pollfree", b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const nobody = 65534
+	start := func(t *testing.T) string {
+		cmd := exec.Command("/pollfree", "-addr", "127.0.0.1:0")
+		cmd.Env = []string{} // no $USER: the uid must stand in for the name
+		cmd.Dir = "/"
+		cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: root, Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
+		url, _ := startProcess(t, cmd)
+		return url
+	}
+
+	t.Run("with /proc", func(t *testing.T) {
+		os.Mkdir(root+"/proc", 0o555)
+		if out, err := exec.Command("mount", "-t", "proc", "proc", root+"/proc").CombinedOutput(); err != nil {
+			t.Skipf("cannot mount /proc in the chroot: %v %s", err, out)
+		}
+		t.Cleanup(func() {
+			exec.Command("umount", "-l", root+"/proc").Run()
+			os.Remove(root + "/proc")
+		})
+		url := start(t)
+		checkServes(t, url)
+		s := getStats(t, url)
+		if s.Host.User != strconv.Itoa(nobody) {
+			t.Errorf("host.user = %q, want the uid %d (no passwd file)", s.Host.User, nobody)
+		}
+		if s.Memory.Source == "runtime" || len(s.Host.Load) != 3 {
+			t.Errorf("with /proc: memory source %q, load %v; want figures from /proc", s.Memory.Source, s.Host.Load)
+		}
+	})
+	t.Run("without /proc", func(t *testing.T) {
+		url := start(t)
+		checkServes(t, url)
+		s := getStats(t, url)
+		if s.Memory.Source != "runtime" || s.Memory.TotalBytes == 0 || s.Host.User != strconv.Itoa(nobody) {
+			t.Errorf("without /proc: memory %+v, user %q; want runtime figures and the uid", s.Memory, s.Host.User)
+		}
+	})
+}
+
+// Inside a real memory cgroup with a limit, /stats reports the container's
+// memory, not the host's. Needs root and a writable memory cgroup (v1 or v2).
+func TestRealCgroupLimitIsShown(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a real cgroup (-short)")
+	}
+	if runtime.GOOS != "linux" || os.Geteuid() != 0 {
+		t.Skip("needs Linux and root, to create a cgroup")
+	}
+	self, _ := os.ReadFile("/proc/self/cgroup")
+	var dir, limitFile string
+	for line := range strings.Lines(string(self)) {
+		parts := strings.SplitN(strings.TrimSpace(line), ":", 3)
+		if len(parts) == 3 && slices.Contains(strings.Split(parts[1], ","), "memory") {
+			dir, limitFile = "/sys/fs/cgroup/memory"+parts[2], "memory.limit_in_bytes"
+		}
+		if len(parts) == 3 && parts[0] == "0" && dir == "" {
+			if c, err := os.ReadFile("/sys/fs/cgroup" + parts[2] + "/cgroup.subtree_control"); err == nil && strings.Contains(string(c), "memory") {
+				dir, limitFile = "/sys/fs/cgroup"+parts[2], "memory.max"
+			}
+		}
+	}
+	if dir == "" {
+		t.Skip("no memory cgroup to create a child in")
+	}
+	cg := strings.TrimSuffix(dir, "/") + "/pollfree-test-" + strconv.Itoa(os.Getpid())
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Skipf("cannot create a cgroup here: %v", err)
+	}
+	t.Cleanup(func() { eventually(t, wait, "test cgroup removed", func() bool { return os.Remove(cg) == nil }) })
+	const limit = 300 << 20
+	if err := os.WriteFile(cg+"/"+limitFile, []byte(strconv.Itoa(limit)), 0o644); err != nil {
+		t.Skipf("cannot set a memory limit: %v", err)
+	}
+
+	cmd := exec.Command(buildStatic(t), "-addr", "127.0.0.1:0")
+	url, _ := startProcess(t, cmd)
+	if err := os.WriteFile(cg+"/cgroup.procs", []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
+		t.Fatalf("moving pollfree into the cgroup: %v", err)
+	}
+	s := getStats(t, url) // the sampler starts now, inside the cgroup
+	if s.Memory.Source != "cgroup" || s.Memory.LimitBytes != limit || s.Memory.TotalBytes != limit ||
+		s.Memory.CgroupUsedBytes == 0 || s.Memory.CgroupUsedBytes > limit {
+		t.Errorf("memory in a %d-byte cgroup = %+v, want the cgroup's view", limit, s.Memory)
+	}
+}
+
+// selfSignedCert writes a certificate and key for 127.0.0.1 and returns
+// their paths and a pool that trusts the certificate.
+func selfSignedCert(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "pollfree test"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = dir+"/cert.pem", dir+"/key.pem"
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600)
+	cert, _ := x509.ParseCertificate(der)
+	pool = x509.NewCertPool()
+	pool.AddCert(cert)
+	return certFile, keyFile, pool
+}
+
+// Over HTTPS, event streams use HTTP/2 and share one connection; the
+// WebSocket still works (on HTTP/1.1).
+func TestTLSServesHTTP2StreamsAndWebSocket(t *testing.T) {
+	certFile, keyFile, pool := selfSignedCert(t)
+	url, _, _ := startRun(t, "-tls-cert", certFile, "-tls-key", keyFile)
+	if !strings.HasPrefix(url, "https://") {
+		t.Fatalf("logged URL %s, want https", url)
+	}
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true}}
+	t.Cleanup(client.CloseIdleConnections)
+
+	var conns sync.Map
+	for i := range 3 {
+		trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { conns.Store(info.Conn.LocalAddr().String(), true) }}
+		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(t.Context(), trace), "GET", url+"/events", nil)
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		if resp.ProtoMajor != 2 {
+			t.Fatalf("stream %d over %s, want HTTP/2", i, resp.Proto)
+		}
+		if _, data := readEvent(t, bufio.NewReader(resp.Body)); !json.Valid(data) {
+			t.Fatalf("stream %d: event data is not JSON", i)
+		}
+	}
+	n := 0
+	conns.Range(func(any, any) bool { n++; return true })
+	if n != 1 {
+		t.Errorf("3 open event streams used %d connections, want 1", n)
+	}
+
+	cfg, err := websocket.NewConfig("wss"+strings.TrimPrefix(url, "https")+"/ws", url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.TlsConfig = &tls.Config{RootCAs: pool}
+	ws, err := websocket.DialConfig(cfg)
+	if err != nil {
+		t.Fatalf("WebSocket over HTTPS: %v", err)
+	}
+	defer ws.Close()
+	var welcome frame
+	if err := websocket.JSON.Receive(ws, &welcome); err != nil || welcome.Type != "welcome" {
+		t.Fatalf("first frame over wss: %+v, %v", welcome, err)
+	}
+}
+
+// BenchmarkStaticBinary reports the stripped static binary's size and the
+// time from exec to the first 200 from /healthz.
+func BenchmarkStaticBinary(b *testing.B) {
+	bin := buildStatic(b)
+	fi, err := os.Stat(bin)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	var total time.Duration
+	for b.Loop() {
+		start := time.Now()
+		cmd := exec.Command(bin, "-addr", addr)
+		if err := cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		for {
+			resp, err := client.Get("http://" + addr + "/healthz")
+			if err == nil {
+				resp.Body.Close()
+				if resp.StatusCode == 200 {
+					break
+				}
+			}
+			if time.Since(start) > wait {
+				b.Fatal("no /healthz 200 within", wait)
+			}
+			time.Sleep(200 * time.Microsecond)
+		}
+		total += time.Since(start)
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+	}
+	b.ReportMetric(float64(fi.Size())/1e6, "MB-binary")
+	b.ReportMetric(total.Seconds()*1000/float64(b.N), "ms-to-ready")
+	b.ReportMetric(0, "ns/op")
+}
+
+// ----------------- testing: the page in a real browser, the soak, fuzzing --
+
+func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
+	b := startBrowser(t)
+	url, stop, done := startRun(t)
+	addr := strings.TrimPrefix(url, "http://")
+
+	var pages []*browserPage
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		dir, _ := os.MkdirTemp("", "pollfree-screenshots-")
+		for _, p := range pages {
+			p.screenshot(dir)
+		}
+		t.Logf("screenshots of every page in %s", dir)
+	})
+	open := func(name string) *browserPage {
+		p := b.newPage(t, name, url+"/")
+		pages = append(pages, p)
+		p.waitFor("chat connected", jsConnected)
+		return p
+	}
+
+	// B connecting shows a join notice on A.
+	a := open("a")
+	bob := open("b")
+	aName, bName := a.text(`chat.me.name`), bob.text(`chat.me.name`)
+	a.waitFor("join notice for B", jsNotice(bName+" joined"))
+	a.waitFor("two online", `document.getElementById("online").textContent.includes("2 online")`)
+
+	// A types and presses Enter: both show it, A on its own side, B under A's name.
+	a.typeAndEnter("hello from a")
+	a.waitFor("own message shown", jsShowsMessage("hello from a"))
+	bob.waitFor("A's message shown on B", jsShowsMessage("hello from a"))
+	if !a.eval2bool(jsMessages + `.find(li => li.textContent.includes("hello from a")).classList.contains("mine")`) {
+		t.Error("A's own message is not styled as its own on A")
+	}
+	if got := bob.text(jsMessages + `.find(li => li.textContent.includes("hello from a")).querySelector(".name").textContent`); got != aName {
+		t.Errorf("B shows A's message under %q, want %q", got, aName)
+	}
+	if bob.eval2bool(jsMessages + `.find(li => li.textContent.includes("hello from a")).classList.contains("mine")`) {
+		t.Error("A's message is styled as B's own on B")
+	}
+	aSide := a.text(`getComputedStyle(` + jsMessages + `.find(li => li.classList.contains("mine")).querySelector(".text")).backgroundColor`)
+	bSide := bob.text(`getComputedStyle(` + jsMessages + `[0].querySelector(".text")).backgroundColor`)
+	if aSide == bSide {
+		t.Errorf("own and others' messages have the same colour %s", aSide)
+	}
+
+	// Markup in a message is shown as text and runs nothing.
+	const markup = `<img src=x onerror="window.pwned=1"><b>x</b>`
+	a.typeAndEnter(markup)
+	for _, p := range []*browserPage{a, bob} {
+		p.waitFor("markup shown as text", jsShowsMessage(markup))
+		if p.eval2bool(`window.pwned === 1 || document.querySelector("#messages img, #messages b") !== null`) {
+			t.Errorf("%s: message markup was rendered", p.name)
+		}
+	}
+
+	// The stats numbers and the chart change within 3 s.
+	a.waitFor("first stats", `points.length > 0`)
+	before, chart := a.text(`document.getElementById("s-time").textContent`), a.text(`document.getElementById("chart").toDataURL()`)
+	a.waitFor("stats update", `document.getElementById("s-time").textContent !== `+jsString(before))
+	a.waitFor("chart redrawn", `document.getElementById("chart").toDataURL() !== `+jsString(chart))
+
+	// B closing shows a leave notice and a lower count on A.
+	b.call(t, "", "Target.closeTarget", map[string]any{"targetId": bob.target}, nil)
+	pages = slices.DeleteFunc(pages, func(p *browserPage) bool { return p == bob })
+	a.waitFor("leave notice for B", jsNotice(bName+" left"))
+	a.waitFor("one online", `document.getElementById("online").textContent.includes("1 online")`)
+
+	// A connection drop: A reconnects as itself and does not show its
+	// history twice.
+	aID := a.text(`chat.me.id`)
+	a.eval(`chat.ws.close()`, nil)
+	a.waitFor("reconnecting shown", `!(`+jsConnected+`)`)
+	a.waitFor("reconnected", jsConnected)
+	if n := a.count(jsMessages + `.filter(li => li.textContent.includes("hello from a")).length`); n != 1 {
+		t.Errorf("after reconnecting A shows its message %d times, want once", n)
+	}
+	// A drop the server has not noticed: the page reconnects while the old
+	// socket is still open. Same id, same name (no "-2"), nothing twice.
+	a.eval(`(() => { chat.ws = null; stopPing(); connect(); })()`, nil)
+	a.waitFor("reconnected past a half-open socket", jsConnected+` && chat.ws !== null`)
+	if id, name := a.text(`chat.me.id`), a.text(`chat.me.name`); id != aID || name != aName {
+		t.Errorf("after a drop A is %s %q, want %s %q", id, name, aID, aName)
+	}
+	a.typeAndEnter("after the drop")
+	a.waitFor("own message after the drop", jsShowsMessage("after the drop"))
+	if n := a.count(jsMessages + `.filter(li => li.textContent.includes("hello from a")).length`); n != 1 {
+		t.Errorf("after a half-open drop A shows its message %d times, want once", n)
+	}
+
+	// Reloading A: it reconnects, and a new message reaches a fresh page C.
+	a.call("Page.reload", map[string]any{}, nil)
+	a.waitFor("reconnected after reload", jsConnected)
+	c := open("c")
+	a.typeAndEnter("after reload")
+	c.waitFor("A's message reaches C", jsShowsMessage("after reload"))
+	if n := a.count(jsMessages + `.filter(li => li.textContent.includes("hello from a")).length`); n != 1 {
+		t.Errorf("after reload A shows its history message %d times, want once", n)
+	}
+	if !a.eval2bool(jsMessages + `.find(li => li.textContent.includes("hello from a")).classList.contains("mine")`) {
+		t.Error("after reload A shows its own earlier message as someone else's")
+	}
+
+	// The server stops and comes back on the same port: the page says so,
+	// then reconnects by itself and chat works again.
+	stop()
+	if err := <-done; err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	a.waitFor("reconnecting shown", `document.getElementById("chat-state").textContent.includes("reconnecting")`)
+	a.waitFor("the close code in words", jsNotice("The server is restarting."))
+	url2, _, _ := startRun(t, "-addr", addr)
+	if url2 != url {
+		t.Fatalf("restarted on %s, want %s", url2, url)
+	}
+	a.waitFor("reconnected to the new server", jsConnected)
+	c.waitFor("C reconnected to the new server", jsConnected)
+	a.typeAndEnter("after restart")
+	c.waitFor("chat works after restart", jsShowsMessage("after restart"))
+	// A stranger on the new server is never drawn as A's own.
+	d := open("d")
+	d.typeAndEnter("a stranger speaks")
+	a.waitFor("the stranger's message on A", jsShowsMessage("a stranger speaks"))
+	if a.eval2bool(jsMessages + `.find(li => li.textContent.includes("a stranger speaks")).classList.contains("mine")`) {
+		t.Error("after a restart A draws a stranger's message as its own")
+	}
+	a.waitFor("stats live again", `document.getElementById("stats-state").classList.contains("ok") && points.at(-1).t > Date.now() - 1500`)
+	if dir := os.Getenv("POLLFREE_SCREENSHOTS"); dir != "" {
+		for _, p := range pages {
+			p.screenshot(dir)
+		}
+		t.Logf("screenshots of every page in %s", dir)
+	}
+
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, p := range append(pages, bob) {
+		for _, problem := range b.problems[p.session] {
+			t.Errorf("page %s: %s", p.name, problem)
+		}
+	}
+}
+
+// The wire panel shows every frame and event as it passes, and costs
+// nothing while closed; the page speaks Chinese to a browser that prefers
+// it. Screenshots of both languages, light and dark, go to
+// POLLFREE_SCREENSHOTS (or a temporary directory the test names).
+func TestBrowserShowsTheWireAndSpeaksChinese(t *testing.T) {
+	b := startBrowser(t)
+	url, _, _ := startRun(t)
+	dir := os.Getenv("POLLFREE_SCREENSHOTS")
+	if dir == "" {
+		dir = t.TempDir()
+	}
+
+	en := b.newPage(t, "en-light", url+"/")
+	en.waitFor("chat connected", jsConnected)
+	en.eval(`document.getElementById("wire-toggle").click()`, nil)
+	en.typeAndEnter("over the wire")
+	lines := `[...document.querySelectorAll("#wire-log li")]`
+	line := func(class, transport, text string) string {
+		return lines + `.some(li => li.classList.contains(` + jsString(class) + `) && li.querySelector(".transport").textContent === ` +
+			jsString(transport) + ` && li.textContent.includes(` + jsString(text) + `))`
+	}
+	en.waitFor("the sent frame, ↑", line("up", "ws", `"text":"over the wire"`))
+	en.waitFor("the broadcast, ↓", line("down", "ws", `"text":"over the wire"`))
+	en.waitFor("a stats event, ↓", line("down", "sse", `"memory"`))
+	ticks := en.count(lines + `.filter(li => li.querySelector(".transport").textContent === "sse").length`)
+	en.waitFor("another tick", lines+`.filter(li => li.querySelector(".transport").textContent === "sse").length > `+strconv.Itoa(ticks))
+	en.screenshot(dir)
+
+	en.eval(`document.getElementById("wire-toggle").click()`, nil)
+	shown, points := en.count(lines+`.length`), en.count(`points.length`)
+	en.waitFor("two more ticks with the panel closed", `points.length >= `+strconv.Itoa(points+2))
+	if n := en.count(lines + `.length`); n != shown {
+		t.Errorf("with the panel closed, the wire grew from %d to %d lines", shown, n)
+	}
+	if expanded := en.text(`document.getElementById("wire-toggle").getAttribute("aria-expanded")`); expanded != "false" {
+		t.Errorf("closed panel's toggle has aria-expanded=%s", expanded)
+	}
+
+	dark := b.newPageWith(t, "en-dark", url+"/", func(p *browserPage) { p.scheme("dark") })
+	dark.waitFor("chat connected", jsConnected)
+	dark.waitFor("stats shown", `points.length > 1`)
+	dark.eval(`document.getElementById("wire-toggle").click()`, nil)
+	dark.waitFor("a stats event on the wire", line("down", "sse", `"memory"`))
+	dark.screenshot(dir)
+
+	for _, scheme := range []string{"light", "dark"} {
+		zh := b.newPageWith(t, "zh-"+scheme, url+"/", func(p *browserPage) { p.speak("zh-CN,zh"); p.scheme(scheme) })
+		zh.waitFor("chat connected", jsConnected)
+		zh.waitFor("stats shown", `points.length > 1`)
+		for expr, want := range map[string]string{
+			`document.documentElement.lang`:                          "zh-CN",
+			`document.getElementById("send").textContent`:            "发送",
+			`document.getElementById("text").placeholder`:            "请输入内容",
+			`document.querySelector("[data-t=memFree]").textContent`: "闲置内存",
+			`document.querySelector("[data-t=uptime]").textContent`:  "系统正常运行时间",
+			`document.querySelector("[data-t=user]").textContent`:    "用户名",
+		} {
+			if got := zh.text(expr); got != want {
+				t.Errorf("zh-%s: %s = %q, want %q", scheme, expr, got, want)
+			}
+		}
+		if scheme == "light" {
+			en.typeAndEnter("hello in English")
+			zh.waitFor("the message in the Chinese page", jsShowsMessage("hello in English"))
+		}
+		zh.screenshot(dir)
+	}
+	phone := b.newPageWith(t, "zh-phone", url+"/", func(p *browserPage) {
+		p.speak("zh-CN")
+		p.call("Emulation.setDeviceMetricsOverride", map[string]any{"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}, nil)
+	})
+	phone.waitFor("chat connected", jsConnected)
+	phone.eval(`document.getElementById("wire-toggle").click()`, nil)
+	phone.waitFor("a stats event on the wire", line("down", "sse", `"memory"`))
+	phone.screenshot(dir)
+	t.Logf("screenshots in %s", dir)
+}
+
+var soak = flag.Duration("soak", 0, "run TestSoak for this long (e.g. -soak 10m)")
+
+// TestSoak churns a few hundred clients for -soak: joining, chatting,
+// leaving, and watching the stats. Afterwards the server's goroutines return
+// to what they were after a short warm-up of the same churn; its memory
+// figures are logged.
+//
+//	go test -run Soak -soak 10m -v
+func TestSoak(t *testing.T) {
+	if *soak == 0 {
+		t.Skip("runs only with -soak DURATION")
+	}
+	raiseFileLimit(t)
+	url, proc, _ := serverProcess(t)
+
+	churn(t, url, 2*time.Second) // warm-up: the baseline includes what the churn leaves behind by design
+	base, baseRSS := settled(t, url, 0), procRSS(t, proc.Pid)
+	sent, received := churn(t, url, *soak)
+	peakRSS := procRSS(t, proc.Pid)
+	after := settled(t, url, base.Process.Goroutines)
+	t.Logf("soak %v: %d messages sent, %d came back; goroutines %d -> %d; heap %d KB -> %d KB; RSS %d KB, %d KB at the end, %d KB after",
+		*soak, sent, received, base.Process.Goroutines, after.Process.Goroutines,
+		base.Process.HeapBytes>>10, after.Process.HeapBytes>>10, baseRSS>>10, peakRSS>>10, procRSS(t, proc.Pid)>>10)
+	if sent != received {
+		t.Errorf("%d messages sent, %d came back", sent, received)
+	}
+}
+
+// settled waits until no client is connected (but the poller) and, if
+// goroutines > 0, the server runs at most that many goroutines. Closing
+// connections take up to closeGrace, and a snapshot is up to a tick old.
+func settled(t *testing.T, url string, goroutines int) (s snapshot) {
+	t.Helper()
+	eventually(t, 6*wait, "server back to idle", func() bool {
+		s = getStats(t, url)
+		return s.Clients.Chat == 0 && s.Clients.SSE <= 1 && (goroutines == 0 || s.Process.Goroutines <= goroutines)
+	})
+	return s
+}
+
+// churn runs 300 clients for d: nine in ten join, say something, wait for it
+// to come back and leave, again and again; one in ten opens the event stream,
+// reads an event and closes it. It returns the messages sent and received.
+func churn(t *testing.T, url string, d time.Duration) (sent, received int64) {
+	ctx, cancel := context.WithTimeout(t.Context(), d)
+	defer cancel()
+	const workers = 300
+	var nSent, nReceived atomic.Int64
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for n := 0; ctx.Err() == nil; n++ {
+				if w%10 == 0 {
+					req, _ := http.NewRequestWithContext(ctx, "GET", url+"/events", nil)
+					if resp, err := http.DefaultClient.Do(req); err == nil {
+						br := bufio.NewReader(resp.Body)
+						for range 3 {
+							br.ReadString('\n')
+						}
+						resp.Body.Close()
+					}
+					continue
+				}
+				ws, err := websocket.Dial(wsURL(url), "", url)
+				if err != nil {
+					continue
+				}
+				text := fmt.Sprintf("w%d-%d", w, n)
+				if websocket.JSON.Send(ws, map[string]string{"type": "message", "text": text}) == nil {
+					nSent.Add(1)
+					ws.SetReadDeadline(time.Now().Add(wait))
+					for {
+						var f frame
+						if websocket.JSON.Receive(ws, &f) != nil {
+							t.Errorf("worker %d: its own message did not come back", w)
+							break
+						}
+						if f.Type == "message" && f.Text == text {
+							nReceived.Add(1)
+							break
+						}
+					}
+				}
+				ws.Close()
+			}
+		})
+	}
+	wg.Wait()
+	http.DefaultClient.CloseIdleConnections()
+	return nSent.Load(), nReceived.Load()
+}
+
+func FuzzDecodeFrame(f *testing.F) {
+	for _, seed := range []string{
+		`{"type":"message","text":"hello"}`, `{"type":"rename","name":"Ann"}`, `{"type":"ping"}`,
+		`{"type":"message","text":"  "}`, `{"type":"message","text":"\ud800"}`, "{\"type\":\"message\",\"text\":\"\xff\"}",
+		`[]`, `null`, `{"type":1}`, ``,
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		in, ref := decodeFrame(data)
+		if ref != nil {
+			if ref.Code == "" || ref.Text == "" {
+				t.Fatalf("refusal without code or text: %+v", ref)
+			}
+			return
+		}
+		if in.Type == "message" {
+			if in.Text == "" || in.Text != strings.TrimSpace(in.Text) || utf8.RuneCountInString(in.Text) > maxTextChars || !utf8.ValidString(in.Text) {
+				t.Fatalf("accepted message text %q", in.Text)
+			}
+		}
+	})
+}
+
+func FuzzCleanName(f *testing.F) {
+	for _, seed := range []string{"Ann", "  Ann  Lee ", "a\u202eb", "zero\u200bwidth", "\x00", "\xff", "👩‍💻", strings.Repeat("n", 40)} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		name, ref := cleanName(s)
+		if ref != nil {
+			return
+		}
+		if name == "" || utf8.RuneCountInString(name) > maxNameChars || !utf8.ValidString(name) || name != strings.TrimSpace(name) {
+			t.Fatalf("cleanName(%q) = %q", s, name)
+		}
+		if again, _ := cleanName(name); again != name {
+			t.Fatalf("cleanName is not idempotent: %q then %q", name, again)
+		}
+	})
+}
+
+// FuzzResumeQuery feeds any handshake query to parseJoin and join: no
+// panic, since is -1 or a seq, and only the exact token resumes.
+func FuzzResumeQuery(f *testing.F) {
+	h := newHub(slog.New(slog.DiscardHandler), 100, nil)
+	first := detachedClient(f)
+	h.join(first, joinRequest{name: "Ada", since: -1})
+	token := first.s.id + "." + first.s.secret
+	for _, seed := range []string{"", "name=Ada", "resume=" + token + "&since=0", "resume=" + token[:len(token)-1] + "&since=-1",
+		"resume=%ff%fe&since=99999999999999999999", "since=1e3&name=%e2%80%ae", "resume=.&resume=" + token} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, query string) {
+		q, _ := neturl.ParseQuery(query)
+		req := parseJoin(q)
+		if req.since < -1 {
+			t.Fatalf("parseJoin(%q).since = %d", query, req.since)
+		}
+		h.mu.Lock()
+		known := h.sessions[first.s.id] != nil // not yet forgotten
+		h.mu.Unlock()
+		c := detachedClient(t)
+		if !h.join(c, req) {
+			t.Fatal("join refused while the hub is open")
+		}
+		if resumed := c.s == first.s; resumed != (known && req.resume == token) {
+			t.Fatalf("query %q: resumed %v with token %q", query, resumed, req.resume)
+		}
+		h.drop(c, closeNormal, "")
+	})
+}
+
+func FuzzProcFiles(f *testing.F) {
+	read := func(name string) []byte {
+		b, _ := os.ReadFile("testdata/host/proc/" + name)
+		return b
+	}
+	f.Add(read("meminfo"), read("stat"), read("loadavg"), read("self/cgroup"), []byte("536870912\n"))
+	f.Add([]byte("MemTotal: 10 kB\nMemFree: 20 kB\n"), []byte("cpu 1 2 3\n"), []byte("1 2"), []byte("0::/\n"), []byte("max\n"))
+	f.Fuzz(func(t *testing.T, meminfo, stat, loadavg, cgroup, limit []byte) {
+		if runtime.GOOS != "linux" {
+			t.Skip("/proc parsing is Linux only")
+		}
+		fsys := fstest.MapFS{
+			"proc/meminfo": {Data: meminfo}, "proc/stat": {Data: stat}, "proc/loadavg": {Data: loadavg},
+			"proc/self/cgroup": {Data: cgroup}, "sys/fs/cgroup/memory.max": {Data: limit},
+			"sys/fs/cgroup/memory.current": {Data: []byte("1000\n")},
+		}
+		var s snapshot
+		var cpu cpuTimes
+		readSystem(fsys, readHostInfo(fsys), &s, &cpu)
+		m := s.Memory
+		if m.UsedBytes > m.TotalBytes || m.UsedPercent < 0 || m.UsedPercent > 100 || s.CPU.UsedPercent < 0 || s.CPU.UsedPercent > 100 {
+			t.Fatalf("impossible figures: memory %+v cpu %v", m, s.CPU.UsedPercent)
+		}
+		if _, err := json.Marshal(s); err != nil {
+			t.Fatalf("snapshot does not encode: %v", err)
+		}
+	})
+}
+
+// --------------------------- helpers: servers, processes and test clients --
 
 // newTestServer runs pollfree's handler under httptest, with the config
 // edit may change, and shuts it down at the end of the test. It returns the
@@ -129,7 +3375,146 @@ func serveTest(t testing.TB, s *server) (*server, string) {
 func wsURL(url string) string { return "ws" + strings.TrimPrefix(url, "http") + "/ws" }
 
 // hostport is the server's address in url, for a raw TCP dial.
-func hostport(url string) string { return strings.TrimPrefix(strings.TrimPrefix(url, "http://"), "https://") }
+func hostport(url string) string {
+	return strings.TrimPrefix(strings.TrimPrefix(url, "http://"), "https://")
+}
+
+// startRun runs the real program on a free port and returns its URL; the
+// returned channel yields run's result after cancel.
+func startRun(t *testing.T, args ...string) (url string, cancel context.CancelFunc, done <-chan error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(t.Context())
+	logs, logw := io.Pipe()
+	result := make(chan error, 1)
+	go func() {
+		err := run(ctx, append([]string{"-addr", "127.0.0.1:0"}, args...), func(string) string { return "" }, logw)
+		logw.Close()
+		result <- err
+	}()
+	select {
+	case url = <-scanURL(logs):
+	case err := <-result:
+		t.Fatalf("run ended before listening: %v", err)
+	case <-time.After(wait):
+		t.Fatal("run logged no URL")
+	}
+	return url, cancel, result
+}
+
+// scanURL reads pollfree's log from r and sends the URL it listens on,
+// without its trailing slash; it keeps draining r after that.
+func scanURL(r io.Reader) <-chan string {
+	urls := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(r)
+		for sc.Scan() {
+			if m := regexp.MustCompile(`url=(\S+)`).FindStringSubmatch(sc.Text()); m != nil {
+				urls <- strings.TrimSuffix(m[1], "/")
+			}
+		}
+	}()
+	return urls
+}
+
+// startProcess starts cmd, a pollfree listening on 127.0.0.1:0, and waits
+// for it to log its URL. stop sends SIGTERM and waits for the exit; the
+// test's cleanup calls it too, and fails the test unless the exit was clean.
+func startProcess(tb testing.TB, cmd *exec.Cmd) (url string, stop func() error) {
+	tb.Helper()
+	logs, err := cmd.StderrPipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	var once sync.Once
+	var exit error
+	stop = func() error {
+		once.Do(func() {
+			cmd.Process.Signal(syscall.SIGTERM)
+			exit = cmd.Wait()
+		})
+		return exit
+	}
+	tb.Cleanup(func() {
+		if err := stop(); err != nil {
+			tb.Errorf("pollfree exited with %v after SIGTERM, want status 0", err)
+		}
+	})
+	select {
+	case url := <-scanURL(logs):
+		return url, stop
+	case <-time.After(wait):
+		tb.Fatal("pollfree logged no URL")
+	}
+	return "", nil
+}
+
+// serverProcess starts pollfree in a process of its own (see TestMain), with
+// startProcess; it also returns the process, for /proc/PID figures.
+func serverProcess(tb testing.TB, args ...string) (url string, proc *os.Process, stop func() error) {
+	tb.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cmd := exec.Command(exe)
+	cmd.Env = append(os.Environ(), "POLLFREE_SERVE="+strings.Join(append([]string{"-addr", "127.0.0.1:0"}, args...), " "))
+	url, stop = startProcess(tb, cmd)
+	return url, cmd.Process, stop
+}
+
+// getStats fetches /stats from url.
+func getStats(t testing.TB, url string) snapshot {
+	t.Helper()
+	resp, err := http.Get(url + "/stats")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var s snapshot
+	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
+		t.Fatalf("GET /stats: %v", err)
+	}
+	return s
+}
+
+// checkServes exercises every endpoint of a pollfree.
+func checkServes(t *testing.T, url string) {
+	t.Helper()
+	resp, err := http.Get(url + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !bytes.Equal(body, page) {
+		t.Errorf("GET / = %d with %d bytes, want 200 and the page", resp.StatusCode, len(body))
+	}
+	a, _ := dial(t, url, "")
+	a.say("hello from a scratch container")
+	if m := a.await("message"); m.Text != "hello from a scratch container" {
+		t.Errorf("chat echoed %q", m.Text)
+	}
+	_, br := openEvents(t, url)
+	if _, data := readEvent(t, br); !json.Valid(data) {
+		t.Errorf("event data is not JSON: %s", data)
+	}
+}
+
+// eventually polls cond until it holds, failing the test if within passes
+// first. It is the one way these tests wait for a state they cannot be told of.
+func eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v", what, within)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
 
 // frame is any server-to-client frame, decoded loosely.
 type frame struct {
@@ -410,1055 +3795,6 @@ func (c *rawConn) readText(t *testing.T) frame {
 	}
 }
 
-// eventually polls cond until it holds, failing the test if within passes
-// first. It is the one way these tests wait for a state they cannot be told of.
-func eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, within)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
-// -------------------------------------------------------- HTTP surface --
-
-func TestIndexServesEmbeddedPage(t *testing.T) {
-	_, url := newTestServer(t)
-	resp, err := http.Get(url + "/")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != 200 {
-		t.Fatalf("GET / = %d, want 200", resp.StatusCode)
-	}
-	if got, want := resp.Header.Get("Content-Type"), "text/html; charset=utf-8"; got != want {
-		t.Errorf("Content-Type = %q, want %q", got, want)
-	}
-	if !bytes.Equal(body, page) {
-		t.Errorf("GET / body is not the embedded page (%d bytes, want %d)", len(body), len(page))
-	}
-	if resp.Header.Get("Content-Security-Policy") == "" {
-		t.Error("page served without a Content-Security-Policy")
-	}
-	for _, path := range []string{"/index.html", "/nope", "/ws/x"} {
-		resp, err := http.Get(url + path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != 404 {
-			t.Errorf("GET %s = %d, want 404", path, resp.StatusCode)
-		}
-	}
-}
-
-func TestPageLoadsNothingFromElsewhere(t *testing.T) {
-	if m := regexp.MustCompile(`(?i)(src|href)\s*=\s*["']?(https?:)?//`).Find(page); m != nil {
-		t.Errorf("index.html refers to an external asset: %s", m)
-	}
-	if bytes.Contains(page, []byte("innerHTML")) {
-		t.Error("index.html uses innerHTML; all text must go in with textContent")
-	}
-}
-
-func TestHealthz(t *testing.T) {
-	s, url := newTestServer(t)
-	get := func() (int, string) {
-		resp, err := http.Get(url + "/healthz")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
-	if code, body := get(); code != 200 || body != "ok\n" {
-		t.Errorf("GET /healthz = %d %q, want 200 \"ok\\n\"", code, body)
-	}
-	s.beginShutdown()
-	if code, _ := get(); code != 503 {
-		t.Errorf("GET /healthz after shutdown began = %d, want 503", code)
-	}
-}
-
-// ------------------------------------------------------------ handshake --
-
-func TestPlainGETOnWebSocketEndpointIs400(t *testing.T) {
-	_, url := newTestServer(t)
-	resp, err := http.Get(url + "/ws")
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != 400 {
-		t.Errorf("plain GET /ws = %d, want 400", resp.StatusCode)
-	}
-}
-
-func TestCrossOriginHandshakeIs403(t *testing.T) {
-	_, url := newTestServer(t, func(cfg *config) {
-		cfg.allowOrigins = []string{"https://friend.example"}
-	})
-	for _, tc := range []struct {
-		origin string
-		want   int
-	}{
-		{"", 101}, // no Origin: a non-browser client
-		{"Origin: " + url, 101},
-		{"Origin: https://friend.example", 101},
-		{"Origin: http://evil.example", 403},
-		{"Origin: null", 403},
-		{"Origin: http://" + hostport(url) + ".evil.example", 403},
-	} {
-		var hdr []string
-		if tc.origin != "" {
-			hdr = append(hdr, tc.origin)
-		}
-		if _, got := dialRaw(t, url, "", hdr...); got != tc.want {
-			t.Errorf("handshake with %q = %d, want %d", tc.origin, got, tc.want)
-		}
-	}
-}
-
-func TestMaxClientsAnswers503BeforeUpgrade(t *testing.T) {
-	_, url := newTestServer(t, func(cfg *config) { cfg.maxClients = 2 })
-	dial(t, url, "")
-	dial(t, url, "")
-	if _, code := dialRaw(t, url, ""); code != 503 {
-		t.Fatalf("third connection with -max-clients 2 = %d, want 503", code)
-	}
-}
-
-// ------------------------------------------------------------- protocol --
-
-func TestWelcome(t *testing.T) {
-	_, url := newTestServer(t)
-	a, _ := dial(t, url, "?name=Ann")
-	a.say("before b")
-	a.await("message")
-	_, w := dial(t, url, "?name=Bea")
-	if w.You.Name != "Bea" || w.You.ID == "" || w.You.ID == a.me.ID {
-		t.Errorf("welcome.you = %+v, want name Bea and an id of its own", w.You)
-	}
-	if w.Online != 2 {
-		t.Errorf("welcome.online = %d, want 2", w.Online)
-	}
-	if len(w.Users) != 2 || w.Users[0] != w.You {
-		t.Errorf("welcome.users = %+v, want 2 users, Bea first", w.Users)
-	}
-	if len(w.History) != 1 || w.History[0].Text != "before b" || w.History[0].From != a.me {
-		t.Errorf("welcome.history = %+v, want Ann's one message", w.History)
-	}
-	if w.Run == "" {
-		t.Error("welcome.run is empty")
-	}
-	if _, err := time.Parse(time.RFC3339, w.Time); err != nil {
-		t.Errorf("welcome.time %q is not RFC 3339: %v", w.Time, err)
-	}
-}
-
-func TestEveryClientGetsEveryMessageInSeqOrder(t *testing.T) {
-	_, url := newTestServer(t)
-	const clients, each = 8, 5
-	cs := make([]*chatClient, clients)
-	for i := range cs {
-		cs[i], _ = dial(t, url, "")
-	}
-	var wg sync.WaitGroup
-	for i, c := range cs {
-		wg.Go(func() {
-			for j := range each {
-				websocket.JSON.Send(c.ws, map[string]string{"type": "message", "text": fmt.Sprintf("m-%d-%d", i, j)})
-			}
-		})
-	}
-	wg.Wait()
-	for i, c := range cs {
-		seen := make(map[string]bool)
-		var last int64
-		for len(seen) < clients*each {
-			f := c.await("message")
-			if f.Seq <= last {
-				t.Fatalf("client %d: seq %d after %d, want strictly increasing", i, f.Seq, last)
-			}
-			if seen[f.Text] {
-				t.Fatalf("client %d: %q delivered twice", i, f.Text)
-			}
-			last = f.Seq
-			seen[f.Text] = true
-		}
-	}
-}
-
-func TestSenderSeesOwnMessageWithServerTime(t *testing.T) {
-	_, url := newTestServer(t)
-	a, _ := dial(t, url, "")
-	a.say("  hello  ")
-	m := a.await("message")
-	if m.Text != "hello" || m.From != a.me || m.Seq < 1 {
-		t.Errorf("got %+v, want trimmed text from %v with a seq", m, a.me)
-	}
-	if tm, err := time.Parse(time.RFC3339, m.Time); err != nil || tm.Location() != time.UTC {
-		t.Errorf("message time %q is not RFC 3339 UTC", m.Time)
-	}
-}
-
-func TestCannotSpeakAsSomeoneElse(t *testing.T) {
-	_, url := newTestServer(t)
-	victim, _ := dial(t, url, "?name=admin")
-	mallory, _ := dial(t, url, "?name=mallory")
-	mallory.send(map[string]any{"type": "message", "text": "hi", "from": victim.me, "name": "admin", "id": victim.me.ID})
-	m := victim.await("message")
-	if m.From != mallory.me {
-		t.Errorf("message from = %+v, want mallory's own identity %+v", m.From, mallory.me)
-	}
-}
-
-func TestRefusedFramesGetAnErrorAndTheConnectionStays(t *testing.T) {
-	_, url := newTestServer(t)
-	for _, tc := range []struct {
-		frame string
-		code  string
-	}{
-		{`not json`, errBadJSON},
-		{`[1,2]`, errBadJSON},
-		{`{"type":"message","text":42}`, errBadJSON},
-		{`{"type":"shout","text":"hi"}`, errUnknownType},
-		{`{}`, errUnknownType},
-		{`{"type":"message","text":"   "}`, errEmpty},
-		{`{"type":"message","text":"` + strings.Repeat("é", maxTextChars+1) + `"}`, errTooLong},
-		{`{"type":"rename","name":"a\u0007b"}`, errBadName},
-		{`{"type":"rename","name":"` + strings.Repeat("n", maxNameChars+1) + `"}`, errBadName},
-		{`{"type":"rename","name":"   "}`, errBadName},
-	} {
-		a, _ := dial(t, url, "")
-		if err := websocket.Message.Send(a.ws, tc.frame); err != nil {
-			t.Fatal(err)
-		}
-		if f := a.await("error"); f.Code != tc.code || f.Error == "" {
-			t.Errorf("frame %.40q: got error %q (%q), want code %q with a message", tc.frame, f.Code, f.Error, tc.code)
-		}
-		a.say(strings.Repeat("é", maxTextChars)) // still connected; exactly at the limit
-		if m := a.await("message"); utf8.RuneCountInString(m.Text) != maxTextChars {
-			t.Errorf("after %.40q: message of %d characters came back with %d", tc.frame, maxTextChars, utf8.RuneCountInString(m.Text))
-		}
-	}
-}
-
-func TestPingGetsPong(t *testing.T) {
-	_, url := newTestServer(t)
-	a, _ := dial(t, url, "")
-	a.send(map[string]string{"type": "ping"})
-	if f := a.next(); f.Type != "pong" {
-		t.Errorf("answer to ping = %q, want pong", f.Type)
-	}
-}
-
-func TestNamesAreTrimmedUniqueAndServerChosenOtherwise(t *testing.T) {
-	_, url := newTestServer(t)
-	a, _ := dial(t, url, "?name=%20%20Ann%20%20Lee%20")
-	if a.me.Name != "Ann Lee" {
-		t.Errorf("asked for \"  Ann  Lee \", got %q, want %q", a.me.Name, "Ann Lee")
-	}
-	b, _ := dial(t, url, "?name=ann%20lee")
-	if b.me.Name != "ann lee-2" {
-		t.Errorf("second Ann Lee (other case) got %q, want %q", b.me.Name, "ann lee-2")
-	}
-	c, _ := dial(t, url, "")
-	if !regexp.MustCompile(`^[a-z]+-[a-z]+(-\d+)?$`).MatchString(c.me.Name) {
-		t.Errorf("random name %q is not adjective-animal", c.me.Name)
-	}
-	d, _ := dial(t, url, "?name=evil%E2%80%AEname") // U+202E right-to-left override
-	if f := d.next(); f.Type != "error" || f.Code != errBadName {
-		t.Errorf("after a bad ?name, got %q %q, want a bad_name error", f.Type, f.Code)
-	}
-	if strings.Contains(d.me.Name, "evil") {
-		t.Errorf("bad ?name was used: %q", d.me.Name)
-	}
-}
-
-func TestRenameIsBroadcastAndKeptUnique(t *testing.T) {
-	_, url := newTestServer(t)
-	a, _ := dial(t, url, "?name=Ann")
-	b, _ := dial(t, url, "?name=Bob")
-	b.send(map[string]string{"type": "rename", "name": "ANN"})
-	f := a.await("rename")
-	if f.User.ID != b.me.ID || f.User.Name != "ANN-2" || f.Old != "Bob" {
-		t.Errorf("rename = user %+v old %q, want %s renamed from Bob to ANN-2", f.User, f.Old, b.me.ID)
-	}
-	b.say("as ANN-2")
-	if m := a.await("message"); m.From.Name != "ANN-2" {
-		t.Errorf("message after rename from %q, want ANN-2", m.From.Name)
-	}
-}
-
-func TestHistoryKeepsTheLast50InOrder(t *testing.T) {
-	t.Parallel()
-	_, url := newTestServer(t)
-	const total = historySize + 10
-	// Several senders, each within its burst allowance.
-	var last int64
-	for sent := 0; sent < total; {
-		c, _ := dial(t, url, "")
-		for range rateBurst {
-			if sent == total {
-				break
-			}
-			c.say("m" + strconv.Itoa(sent))
-			last = c.await("message").Seq
-			sent++
-		}
-	}
-	_, w := dial(t, url, "")
-	if len(w.History) != historySize {
-		t.Fatalf("history has %d messages, want %d", len(w.History), historySize)
-	}
-	for i, m := range w.History {
-		if want := "m" + strconv.Itoa(total-historySize+i); m.Text != want {
-			t.Fatalf("history[%d] = %q, want %q", i, m.Text, want)
-		}
-	}
-	if w.History[historySize-1].Seq != last {
-		t.Errorf("newest history seq = %d, want %d", w.History[historySize-1].Seq, last)
-	}
-}
-
-func TestPresenceIsCoalesced(t *testing.T) {
-	t.Parallel()
-	_, url := newTestServer(t)
-	watcher, _ := dial(t, url, "")
-	watcher.awaitPresence(1, 0) // its own join
-	const n = 60
-	var wg sync.WaitGroup
-	conns := make([]*websocket.Conn, n)
-	for i := range n {
-		wg.Go(func() {
-			ws, err := websocket.Dial(wsURL(url), "", url)
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			conns[i] = ws
-		})
-	}
-	wg.Wait()
-	joins := watcher.awaitPresence(n, 0)
-	// 60 joins arrive within a few 250 ms windows: a few frames, not 60.
-	if len(joins) > n/4 {
-		t.Errorf("%d joins took %d presence frames, want a few", n, len(joins))
-	}
-	for _, f := range joins {
-		if len(f.Joined) > presenceNames || len(f.Joined) > f.JoinedCount {
-			t.Errorf("presence lists %d joined for a count of %d (at most %d names)", len(f.Joined), f.JoinedCount, presenceNames)
-		}
-	}
-	if last := joins[len(joins)-1]; last.Online != n+1 {
-		t.Errorf("presence online = %d, want %d", last.Online, n+1)
-	}
-	for _, ws := range conns {
-		if ws != nil {
-			ws.Close()
-		}
-	}
-	leaves := watcher.awaitPresence(0, n)
-	if len(leaves) > n/4 {
-		t.Errorf("%d leaves took %d presence frames, want a few", n, len(leaves))
-	}
-	if last := leaves[len(leaves)-1]; last.Online != 1 {
-		t.Errorf("presence online after all left = %d, want 1", last.Online)
-	}
-}
-
-// A join and a leave inside one presence window cancel out. Driven through
-// the hub directly, flushing by hand, so the window is exactly the test's.
-func TestJoinAndLeaveInOneWindowAppearInNeither(t *testing.T) {
-	h := newHub(slog.New(slog.DiscardHandler), 10, nil)
-	watcher := detachedClient(t)
-	h.join(watcher, joinRequest{name: "watcher", since: -1})
-	h.flushPresence()
-	if frames, _, _, _ := watcher.out.take(); len(frames) != 2 {
-		t.Fatalf("watcher has %d frames, want its welcome and its own join", len(frames))
-	}
-
-	brief, stays := detachedClient(t), detachedClient(t)
-	h.join(brief, joinRequest{name: "brief", since: -1})
-	h.join(stays, joinRequest{name: "stays", since: -1})
-	h.drop(brief, closeNormal, "")
-	h.flushPresence()
-	frames, _, _, _ := watcher.out.take()
-	if len(frames) != 1 {
-		t.Fatalf("watcher has %d frames after the window, want 1", len(frames))
-	}
-	var f frame
-	f.raw = frames[0]
-	json.Unmarshal(f.raw, &f)
-	if f.Type != "presence" || f.JoinedCount != 1 || f.LeftCount != 0 || len(f.Joined) != 1 || f.Joined[0].ID != stays.s.id {
-		t.Errorf("presence = %s, want only %s joined", f.raw, stays.s.id)
-	}
-}
-
-// detachedClient is a client with no real connection behind it (its wire
-// writes into a pipe), for tests that drive the hub directly.
-func detachedClient(t testing.TB) *client {
-	c := newClient()
-	conn, peer := net.Pipe()
-	t.Cleanup(func() { conn.Close(); peer.Close() })
-	c.wire = &wire{conn: conn, wait: writeWait}
-	return c
-}
-
-// ------------------------------------------------------ resume --
-
-// blipProxy carries TCP connections to a server and can cut them as a
-// network blip does: the client's side goes, but the server's side stays
-// open and silent, so the server does not notice for a while.
-type blipProxy struct {
-	url   string // http://ADDR of the proxy
-	mu    sync.Mutex
-	pairs [][2]net.Conn // client side, server side
-}
-
-func newBlipProxy(t *testing.T, target string) *blipProxy {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &blipProxy{url: "http://" + ln.Addr().String()}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			s, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			p.mu.Lock()
-			p.pairs = append(p.pairs, [2]net.Conn{c, s})
-			p.mu.Unlock()
-			go io.Copy(s, c)
-			go io.Copy(c, s)
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		for _, pair := range p.pairs {
-			pair[0].Close()
-			pair[1].Close()
-		}
-	})
-	return p
-}
-
-// cut closes the client side of every connection and stops carrying the
-// server's bytes; it returns the server sides, still open, to read from.
-func (p *blipProxy) cut() []*rawConn {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	var open []*rawConn
-	for _, pair := range p.pairs {
-		pair[1].SetReadDeadline(time.Now()) // stops the copy to the client
-		pair[0].Close()
-		open = append(open, &rawConn{Conn: pair[1], br: bufio.NewReader(pair[1])})
-	}
-	p.pairs = nil
-	return open
-}
-
-// A blip: the page's connection is lost while the server still holds it,
-// three messages go by, and the page resumes. It is the same person (id
-// and name), it gets exactly those three, the old connection is closed
-// with 4000, and nobody else hears of any of it.
-func TestResumeAfterABlipKeepsIdentityAndMissedMessages(t *testing.T) {
-	t.Parallel()
-	s, url := newTestServer(t)
-	other, _ := dial(t, url, "?name=Bea")
-	proxy := newBlipProxy(t, hostport(url))
-	ada, w := dial(t, proxy.url, "?name=Ada")
-	if w.Resume == "" || w.Resumed || w.Missed != 0 {
-		t.Fatalf("first welcome: resume %q resumed %v missed %d, want a token, false, 0", w.Resume, w.Resumed, w.Missed)
-	}
-	other.awaitJoinOrLeave(ada.me.ID, "joined")
-
-	held := proxy.cut()
-	sent := []string{"one", "two", "three"}
-	for _, text := range sent {
-		other.say(text)
-		other.await("message")
-	}
-	ada2, w2 := dial(t, proxy.url, "?name=Ada&resume="+neturl.QueryEscape(w.Resume)+"&since=0")
-	if !w2.Resumed || w2.You != ada.me || w2.Missed != 0 || w2.Online != 2 {
-		t.Errorf("resumed welcome: you %+v resumed %v missed %d online %d, want %+v, true, 0, 2", w2.You, w2.Resumed, w2.Missed, w2.Online, ada.me)
-	}
-	var got []string
-	for _, m := range w2.History {
-		got = append(got, m.Text)
-	}
-	if !slices.Equal(got, sent) {
-		t.Errorf("resumed history = %q, want exactly %q", got, sent)
-	}
-	if code, _ := held[0].readClose(t); code != closeReplaced {
-		t.Errorf("the old connection closed with %d, want %d", code, closeReplaced)
-	}
-
-	// Nobody heard of the blip: no presence frame names Ada, and the token
-	// never reached anyone else.
-	s.chat.flushPresence()
-	other.say("marker")
-	for f := other.next(); f.Type != "message" || f.Text != "marker"; f = other.next() {
-		if f.Type == "presence" {
-			t.Errorf("the other client saw a presence frame during a blip: %s", f.raw)
-		}
-		if bytes.Contains(f.raw, []byte(w.Resume)) {
-			t.Errorf("another client got Ada's token: %s", f.raw)
-		}
-	}
-	ada2.say("back")
-	if m := other.await("message"); m.From != ada.me || m.Text != "back" {
-		t.Errorf("after the resume, other got %+v %q, want Ada's message under her id", m.From, m.Text)
-	}
-}
-
-// A page away for longer than the history holds learns how many messages it
-// lost; a clean close resumes within the window, and not after it.
-func TestResumeCountsMissedAndExpires(t *testing.T) {
-	t.Parallel()
-	srv := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
-	srv.chat.resumeWindow = 500 * time.Millisecond
-	_, url := serveTest(t, srv)
-	watcher, _ := dial(t, url, "")
-	ada, w := dial(t, url, "?name=Ada")
-	watcher.awaitJoinOrLeave(ada.me.ID, "joined")
-	ada.ws.Close()
-	watcher.awaitJoinOrLeave(ada.me.ID, "left")
-
-	const sent = historySize + 7
-	var sender *chatClient
-	for i := range sent {
-		if i%rateBurst == 0 {
-			sender, _ = dial(t, url, "")
-		}
-		sender.say("m" + strconv.Itoa(i))
-		watcher.await("message")
-	}
-	_, w2 := dial(t, url, "?resume="+w.Resume+"&since=0")
-	if !w2.Resumed || w2.You != ada.me {
-		t.Fatalf("resume after a clean close: you %+v resumed %v, want %+v, true", w2.You, w2.Resumed, ada.me)
-	}
-	if w2.Missed != sent-historySize || len(w2.History) != historySize || w2.History[0].Text != "m7" {
-		t.Errorf("resumed with %d in history (first %q) and missed %d, want %d, \"m7\", %d",
-			len(w2.History), w2.History[0].Text, w2.Missed, historySize, sent-historySize)
-	}
-	if u := watcher.awaitJoinOrLeave(ada.me.ID, "joined"); u != ada.me {
-		t.Errorf("after a resume of an ended session, %+v joined, want Ada as she was", u)
-	}
-
-	// Now past the window: a fresh identity, and no error.
-	ada3, w3 := dial(t, url, "?resume="+w.Resume)
-	ada3.ws.Close()
-	watcher.awaitJoinOrLeave(ada.me.ID, "left")
-	time.Sleep(srv.chat.resumeWindow + 100*time.Millisecond) // the absence under test
-	_, w4 := dial(t, url, "?resume="+w3.Resume)
-	if w4.Resumed || w4.You.ID == ada.me.ID {
-		t.Errorf("resume after the window: you %+v resumed %v, want a new id, false", w4.You, w4.Resumed)
-	}
-}
-
-// Whatever a client does with its token, a session has one live
-// connection: every earlier one is closed with 4000, and online counts the
-// session once.
-func TestOneLiveConnectionPerSession(t *testing.T) {
-	t.Parallel()
-	s, url := newTestServer(t)
-	first, w := dialRaw(t, url, "?name=Ada")
-	welcome := first.readText(t)
-	var seen []*rawConn
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	for range 5 {
-		wg.Go(func() {
-			c, code := dialRaw(t, url, "?resume="+welcome.Resume)
-			if code != 101 {
-				t.Errorf("resume handshake = %d", code)
-				return
-			}
-			mu.Lock()
-			seen = append(seen, c)
-			mu.Unlock()
-		})
-	}
-	wg.Wait()
-	_ = w
-	live := 0
-	for _, c := range append(seen, first) {
-		for {
-			op, p, err := c.readFrameWithin(time.Second)
-			if err != nil { // no close frame: still open
-				live++
-				break
-			}
-			if op == websocket.CloseFrame {
-				if code := binary.BigEndian.Uint16(p); code != closeReplaced {
-					t.Errorf("a replaced connection closed with %d, want %d", code, closeReplaced)
-				}
-				break
-			}
-			if op == websocket.TextFrame {
-				var f frame
-				json.Unmarshal(p, &f)
-				if f.Type == "welcome" && (!f.Resumed && c != first || f.You.ID != welcome.You.ID) {
-					t.Errorf("a resume got welcome %s, want the same session", p)
-				}
-			}
-		}
-	}
-	if live != 1 || s.chat.online() != 1 {
-		t.Errorf("%d connections open, %d online, want 1 and 1", live, s.chat.online())
-	}
-}
-
-// A token that is wrong, malformed or from another run is no error: the
-// client starts afresh.
-func TestBadResumeTokensStartAfresh(t *testing.T) {
-	_, url := newTestServer(t)
-	_, w := dial(t, url, "?name=Ada")
-	id, secret, _ := strings.Cut(w.Resume, ".")
-	wrong := secret[:len(secret)-1] + string(secret[len(secret)-1]^1)
-	for _, token := range []string{"", "nonsense", id, id + ".", id + "." + wrong, id + "." + secret + "x", "otherrun-1." + secret} {
-		c, got := dial(t, url, "?name=Bea&resume="+neturl.QueryEscape(token)+"&since=x")
-		// Bea, or Bea-2 while the last iteration's Bea is still leaving.
-		if got.Resumed || got.You.ID == w.You.ID || got.Resume == w.Resume || !strings.HasPrefix(got.You.Name, "Bea") {
-			t.Errorf("token %q: you %+v resumed %v, want a new session named Bea", token, got.You, got.Resumed)
-		}
-		c.ws.Close()
-	}
-}
-
-func TestParseJoin(t *testing.T) {
-	for _, tc := range []struct {
-		query string
-		want  joinRequest
-	}{
-		{"", joinRequest{since: -1}},
-		{"name=Ada&resume=a.b&since=7", joinRequest{"Ada", "a.b", 7}},
-		{"since=-3", joinRequest{since: -1}},
-		{"since=1e3", joinRequest{since: -1}},
-		{"since=99999999999999999999", joinRequest{since: -1}},
-	} {
-		q, _ := neturl.ParseQuery(tc.query)
-		if got := parseJoin(q); got != tc.want {
-			t.Errorf("parseJoin(%q) = %+v, want %+v", tc.query, got, tc.want)
-		}
-	}
-}
-
-// BenchmarkEndedSession reports the memory an ended session holds until
-// its resume window closes.
-func BenchmarkEndedSession(b *testing.B) {
-	const n = 10_000
-	var held, forgotten runtime.MemStats
-	var perSession float64
-	for b.Loop() {
-		h := newHub(slog.New(slog.DiscardHandler), n, nil)
-		for range n {
-			c := detachedClient(b)
-			h.join(c, joinRequest{since: -1})
-			h.drop(c, closeNormal, "")
-		}
-		h.flushPresence() // the leaves are announced
-		if h.ended.Len() != n {
-			b.Fatalf("%d ended sessions kept, want %d", h.ended.Len(), n)
-		}
-		runtime.GC()
-		runtime.ReadMemStats(&held)
-		h.mu.Lock()
-		h.forgetEndedLocked(time.Now().Add(2 * h.resumeWindow)) // as when the window has closed
-		h.mu.Unlock()
-		runtime.GC()
-		runtime.ReadMemStats(&forgotten)
-		perSession = float64(int64(held.HeapAlloc)-int64(forgotten.HeapAlloc)) / n
-		runtime.KeepAlive(h)
-	}
-	b.ReportMetric(perSession, "B/ended-session")
-	b.ReportMetric(0, "ns/op")
-}
-
-// BenchmarkJoinSameName: a join asking for a name that N people online
-// already asked for costs the same whatever N.
-func BenchmarkJoinSameName(b *testing.B) {
-	for _, n := range []int{100, 10_000} {
-		b.Run("holders="+strconv.Itoa(n), func(b *testing.B) {
-			h := newHub(slog.New(slog.DiscardHandler), 2*n, nil)
-			for range n {
-				h.join(detachedClient(b), joinRequest{name: "ann", since: -1})
-			}
-			c := detachedClient(b)
-			for b.Loop() {
-				h.join(c, joinRequest{name: "ann", since: -1})
-				h.drop(c, closeNormal, "")
-				c.out = outbox{wake: make(chan struct{}, 1)}
-			}
-		})
-	}
-}
-
-func TestRateLimitRefusesBurstsAndClosesFlooders(t *testing.T) {
-	_, url := newTestServer(t)
-	watcher, _ := dial(t, url, "")
-	a, _ := dial(t, url, "")
-	const burst = 3 * rateBurst
-	for i := range burst {
-		a.say("flood " + strconv.Itoa(i))
-	}
-	delivered, limited := 0, 0
-	for delivered+limited < burst {
-		switch f := a.next(); {
-		case f.Type == "message":
-			delivered++
-		case f.Type == "error" && f.Code == errRateLimited:
-			limited++
-		}
-	}
-	// The bucket refills at ratePerSecond while the burst is read, so allow a few more.
-	if delivered < rateBurst || delivered > rateBurst+ratePerSecond || limited == 0 {
-		t.Errorf("a burst of %d: %d delivered, %d refused; want about %d delivered", burst, delivered, limited, rateBurst)
-	}
-
-	raw, _ := dialRaw(t, url, "")
-	for range rateBurst + floodStrikes + 5 {
-		raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"flood"}`))
-	}
-	if code, _ := raw.readClose(t); code != closePolicyViolation {
-		t.Errorf("flooder closed with %d, want %d", code, closePolicyViolation)
-	}
-	// The watcher kept receiving throughout.
-	watcher.say("still here")
-	for watcher.await("message").Text != "still here" {
-	}
-}
-
-// Refusals are counted in a window, not in a row: a flooder whose frames
-// get through now and then, as the rate bucket refills, is still closed. A
-// client within the rate is never refused.
-func TestPersistentFloodingIsClosedSteadyClientIsNot(t *testing.T) {
-	t.Parallel()
-	_, url := newTestServer(t)
-	steady, _ := dial(t, url, "")
-	flooder, _ := dialRaw(t, url, "")
-	flooder.readText(t) // welcome
-
-	closed := make(chan int, 1)
-	go func() {
-		for {
-			op, p, err := flooder.readFrameWithin(floodWindow + wait)
-			if err != nil {
-				closed <- 0
-				return
-			}
-			if op == websocket.CloseFrame && len(p) >= 2 {
-				closed <- int(binary.BigEndian.Uint16(p))
-				return
-			}
-		}
-	}()
-	start := time.Now()
-	flood := time.NewTicker(10 * time.Millisecond) // 100 frames a second
-	defer flood.Stop()
-	pace := time.NewTicker(250 * time.Millisecond) // 4 a second, under ratePerSecond
-	defer pace.Stop()
-	sent := 0
-	for code := -1; code == -1; {
-		select {
-		case <-flood.C:
-			flooder.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"flood"}`))
-		case <-pace.C:
-			steady.say("steady " + strconv.Itoa(sent))
-			sent++
-		case code = <-closed:
-			if code != closePolicyViolation {
-				t.Fatalf("flooder closed with %d, want %d", code, closePolicyViolation)
-			}
-		}
-		if time.Since(start) > floodWindow {
-			t.Fatalf("100 frames a second for %v and the flooder is still connected", floodWindow)
-		}
-	}
-	t.Logf("flooder closed after %v", time.Since(start).Round(time.Millisecond))
-	// Keep the steady client going for a while longer: it is never refused.
-	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); sent++ {
-		<-pace.C
-		steady.say("steady " + strconv.Itoa(sent))
-	}
-	for got := 0; got < sent; {
-		switch f := steady.next(); f.Type {
-		case "message":
-			if f.From.ID == steady.me.ID {
-				got++
-			}
-		case "error":
-			t.Fatalf("a client at 4 frames a second got %s", f.raw)
-		}
-	}
-}
-
-// A client that pings long after the server last wrote to it gets its pong:
-// x/net writes the pong, and must not write it under a deadline the writer
-// set for its own last write.
-func TestPingAfterSilenceGetsPong(t *testing.T) {
-	t.Parallel()
-	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
-	s.chat.writeWait = 100 * time.Millisecond
-	_, url := serveTest(t, s)
-	raw, _ := dialRaw(t, url, "")
-	raw.readText(t)                  // the welcome: the server's last write
-	time.Sleep(2 * s.chat.writeWait) // the silence under test, not a synchronisation
-	raw.writeFrame(websocket.PingFrame, []byte("still there?"))
-	op, p, err := raw.readFrame()
-	for err == nil && op == websocket.TextFrame { // the presence frame of its own join
-		op, p, err = raw.readFrame()
-	}
-	if err != nil || op != websocket.PongFrame || string(p) != "still there?" {
-		t.Fatalf("ping after %v of silence: opcode %d %q (%v), want a pong with the ping's payload", 2*s.chat.writeWait, op, p, err)
-	}
-}
-
-// A client that pings on its own schedule (Python's websockets does, every
-// 20 s) in a room where nobody speaks stays connected for many writeWaits.
-func TestClientThatPingsOnItsOwnScheduleStays(t *testing.T) {
-	t.Parallel()
-	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
-	s.chat.writeWait = 100 * time.Millisecond
-	_, url := serveTest(t, s)
-	raw, _ := dialRaw(t, url, "")
-	raw.readText(t) // welcome
-	every := time.NewTicker(s.chat.writeWait * 3 / 4)
-	defer every.Stop()
-	for i := range 12 { // 9 writeWaits
-		<-every.C
-		raw.writeFrame(websocket.PingFrame, []byte(strconv.Itoa(i)))
-		op, p, err := raw.readFrame()
-		for err == nil && op == websocket.TextFrame { // the presence frame of its own join
-			op, p, err = raw.readFrame()
-		}
-		if err != nil || op != websocket.PongFrame || string(p) != strconv.Itoa(i) {
-			t.Fatalf("ping %d: opcode %d %q (%v), want its pong", i, op, p, err)
-		}
-	}
-	raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"still here"}`))
-	if f := raw.readText(t); f.Type != "message" || f.Text != "still here" {
-		t.Errorf("after pinging: got %s, want its own message back", f.raw)
-	}
-}
-
-func TestOversizedFrameClosesWith1009(t *testing.T) {
-	_, url := newTestServer(t)
-	watcher, _ := dial(t, url, "")
-	raw, _ := dialRaw(t, url, "")
-	raw.readText(t) // welcome
-	big := `{"type":"message","text":"` + strings.Repeat("x", maxFrameBytes) + `"}`
-	raw.writeFrame(websocket.TextFrame, []byte(big))
-	if code, _ := raw.readClose(t); code != closeTooBig {
-		t.Errorf("oversized frame: close %d, want %d", code, closeTooBig)
-	}
-	watcher.say("unaffected")
-	if m := watcher.await("message"); m.Text != "unaffected" {
-		t.Errorf("watcher got %q, want its own message", m.Text)
-	}
-}
-
-func TestInvalidUTF8IsNeverRelayed(t *testing.T) {
-	_, url := newTestServer(t)
-	watcher, _ := dial(t, url, "")
-	raw, _ := dialRaw(t, url, "")
-	raw.readText(t) // welcome
-	raw.writeFrame(websocket.TextFrame, []byte("{\"type\":\"message\",\"text\":\"bad \xff\xfe bytes\"}"))
-	if f := raw.readText(t); f.Type != "error" || f.Code != errBadJSON {
-		t.Errorf("invalid UTF-8 got %s, want a bad_json error", f.raw)
-	}
-	// A lone surrogate escape is valid JSON; it must arrive as valid UTF-8.
-	raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"half \ud800 pair"}`))
-	m := watcher.await("message")
-	if !utf8.Valid(m.raw) || !utf8.ValidString(m.Text) || !strings.HasPrefix(m.Text, "half ") {
-		t.Errorf("relayed %q, want valid UTF-8 of the second message only", m.raw)
-	}
-}
-
-// A client that stops reading fills its queue and is dropped; a client that
-// reads gets every message meanwhile, in order.
-func TestClientThatStopsReadingIsDropped(t *testing.T) {
-	t.Parallel()
-	_, url := newTestServer(t)
-	watcher, _ := dial(t, url, "")
-	dialStuck(t, url, "stuck")
-	var last int64
-	sendUntilDropped(t, url, watcher, "stuck", func(f frame, want string) {
-		if f.Seq != last+1 || f.Text != want {
-			t.Fatalf("watcher got seq %d %.10q..., want seq %d, %.10q...", f.Seq, f.Text, last+1, want)
-		}
-		last = f.Seq
-	})
-}
-
-// dialStuck connects a client named name that never reads, with a tiny
-// receive buffer so that the server's writes to it back up quickly.
-func dialStuck(t testing.TB, url string, name string) {
-	t.Helper()
-	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
-	}}
-	dialRawWith(t, small, url, "?name="+name)
-}
-
-// sendUntilDropped sends long messages one at a time, each once watcher has
-// it, from rotating senders to stay within the rate limit, until watcher
-// sees the client named stuck leave: its outbox filled, which happens only
-// while its writer is blocked in a write. Each message watcher gets is
-// passed to check with the text that was sent.
-func sendUntilDropped(t *testing.T, url string, watcher *chatClient, stuck string, check func(f frame, want string)) {
-	t.Helper()
-	text := strings.Repeat("🙂", maxTextChars-10) // 4 bytes each: the frame stays under maxFrameBytes
-	var sender *chatClient
-	for sent := 0; ; sent++ {
-		if sent == 2000 {
-			t.Fatal("2000 messages sent and the client that never reads is still in the room")
-		}
-		if sent%rateBurst == 0 {
-			sender, _ = dial(t, url, "")
-		}
-		want := text + strconv.Itoa(sent)
-		sender.say(want)
-		for {
-			f := watcher.next()
-			if f.Type == "presence" && len(f.Left) == 1 && f.Left[0].Name == stuck {
-				return
-			}
-			if f.Type == "message" {
-				check(f, want)
-				break
-			}
-		}
-	}
-}
-
-// A write to a client that stays blocked for writeWait drops the client,
-// long before its outbox would fill (which the hub logs as "outbound queue
-// full").
-func TestChatWriteBlockedPastWriteWaitDropsTheClient(t *testing.T) {
-	t.Parallel()
-	var logs syncBuffer
-	s := newServer(config{maxClients: defaultMaxClients}, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
-	s.chat.writeWait = 50 * time.Millisecond
-	_, url := serveTest(t, s)
-	watcher, _ := dial(t, url, "")
-	dialStuck(t, url, "stuck")
-	watcher.awaitPresence(2, 0)
-
-	ctx, cancel := context.WithCancel(t.Context())
-	defer cancel()
-	go func() { // 200 long messages a second, from rotating senders
-		text := strings.Repeat("🙂", maxTextChars-10)
-		pace := time.NewTicker(5 * time.Millisecond)
-		defer pace.Stop()
-		var sender *websocket.Conn
-		for i := 0; ctx.Err() == nil; i++ {
-			if i%rateBurst == 0 {
-				ws, err := websocket.Dial(wsURL(url), "", url)
-				if err != nil {
-					return
-				}
-				go io.Copy(io.Discard, ws)
-				defer ws.Close()
-				sender = ws
-			}
-			websocket.JSON.Send(sender, map[string]string{"type": "message", "text": text})
-			<-pace.C
-		}
-	}()
-	for {
-		f := watcher.await("presence")
-		if slices.ContainsFunc(f.Left, func(u user) bool { return u.Name == "stuck" }) {
-			break
-		}
-	}
-	if strings.Contains(logs.String(), "outbound queue full") {
-		t.Error("the stuck client was dropped for a full outbox, not by the write timeout")
-	}
-}
-
-// In a large room a welcome lists welcomeUsers users, the newcomer first,
-// and counts everyone.
-func TestWelcomeListsAtMostWelcomeUsers(t *testing.T) {
-	_, url := newTestServer(t)
-	cs, _ := connectAll(t, hostport(url), welcomeUsers+5)
-	_, w := dial(t, url, "?name=Newcomer")
-	if len(w.Users) != welcomeUsers || w.Users[0] != w.You || w.Online != len(cs)+1 {
-		t.Errorf("welcome lists %d users (first %+v) of %d online, want %d, the newcomer first, of %d",
-			len(w.Users), w.Users[0], w.Online, welcomeUsers, len(cs)+1)
-	}
-}
-
-// A peer that vanishes without closing is found by keep-alive; a peer that
-// answers pings stays, however long it is silent itself.
-func TestVanishedPeerIsRemovedLiveOneStays(t *testing.T) {
-	t.Parallel()
-	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
-	s.chat.pingEvery, s.chat.readIdle = 100*time.Millisecond, time.Second
-	_, url := serveTest(t, s)
-	watcher, _ := dial(t, url, "")
-	dialRaw(t, url, "?name=ghost") // handshakes, then never reads or writes
-	for {
-		f := watcher.await("presence")
-		if len(f.Left) == 1 && f.Left[0].Name == "ghost" {
-			break
-		}
-	}
-	// The watcher was as silent as the ghost, but answered pings.
-	watcher.say("alive")
-	if m := watcher.await("message"); m.Text != "alive" {
-		t.Errorf("watcher got %q after the ghost left, want its message", m.Text)
-	}
-}
-
-func TestNoGoroutineOutlivesItsConnection(t *testing.T) {
-	_, url := newTestServer(t)
-	before := runtime.NumGoroutine()
-	for range 10 {
-		c, _ := dial(t, url, "")
-		c.say("hi")
-		c.await("message")
-		c.ws.Close()
-	}
-	resp, err := http.Get(url + "/events")
-	if err != nil {
-		t.Fatal(err)
-	}
-	bufio.NewReader(resp.Body).ReadString('\n')
-	resp.Body.Close()
-	http.DefaultClient.CloseIdleConnections()
-	eventually(t, wait, "goroutines back to where they were", func() bool {
-		return runtime.NumGoroutine() <= before
-	})
-}
-
-// ---------------------------------------------------------------- stats --
-
-func Example_formatEvent() {
-	fmt.Printf("%s", formatEvent(42, []byte(`{"time":"2026-01-02T03:04:05.000Z"}`)))
-	// Output:
-	// id: 42
-	// event: stats
-	// data: {"time":"2026-01-02T03:04:05.000Z"}
-}
-
 // readEvent reads one SSE event for a test, failing it on an error.
 func readEvent(t *testing.T, br *bufio.Reader) (id string, data []byte) {
 	t.Helper()
@@ -1500,624 +3836,59 @@ func openEvents(t *testing.T, url string) (*http.Response, *bufio.Reader) {
 	return resp, bufio.NewReader(resp.Body)
 }
 
-// A subscriber that stops reading skips ticks while its socket has room;
-// once a write to it blocks for the write timeout, its stream ends. A
-// subscriber that reads goes on receiving throughout.
-func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
-	t.Parallel()
-	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
-	s.stats.sampleEvery = time.Millisecond // fill the stuck socket fast
-	s.stats.writeTimeout = 200 * time.Millisecond
-	_, url := serveTest(t, s)
-	_, br := openEvents(t, url)
-	readEvent(t, br)
-	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
-	}}
-	stuck, err := small.Dial("tcp", hostport(url))
+// raiseFileLimit lifts the open-file limit to its hard maximum, for tests
+// and benchmarks holding thousands of connections.
+func raiseFileLimit(tb testing.TB) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return
+	}
+	want := syscall.Rlimit{Cur: 1 << 16, Max: max(lim.Max, 1<<16)}
+	if syscall.Setrlimit(syscall.RLIMIT_NOFILE, &want) != nil { // not root: as far as the hard limit goes
+		lim.Cur = lim.Max
+		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+	}
+}
+
+// procCPU returns the CPU time (user and system) process pid has used, from
+// /proc/PID/stat.
+func procCPU(tb testing.TB, pid int) time.Duration {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
-		t.Fatal(err)
+		tb.Skipf("no /proc here: %v", err)
 	}
-	defer stuck.Close()
-	io.WriteString(stuck, "GET /events HTTP/1.1\r\nHost: x\r\n\r\n") // and never reads
-	eventually(t, wait, "two subscribers", func() bool { return subscribers(s.stats) == 2 })
-	for subscribers(s.stats) == 2 { // the reader keeps up meanwhile
-		readEvent(t, br)
-	}
-	if n := subscribers(s.stats); n != 1 {
-		t.Fatalf("%d subscribers after the stuck stream ended, want 1", n)
-	}
-	readEvent(t, br)
+	// Fields after the command name (which may hold spaces, inside parentheses):
+	// state is field 3, utime 14, stime 15, in clock ticks of 1/100 s.
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(utime+stime) * 10 * time.Millisecond
 }
 
-// subscribers counts b's subscribers.
-func subscribers(b *broadcaster) int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return len(b.subs)
-}
+// procRSS returns the resident memory of process pid now, from /proc/PID/status.
+func procRSS(tb testing.TB, pid int) uint64 { return procStatusBytes(tb, pid, "VmRSS:") }
 
-// A stream with no event for the keep-alive time gets a comment line, so
-// that proxies do not take it for dead.
-func TestSilentStreamGetsAKeepAliveComment(t *testing.T) {
-	t.Parallel()
-	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
-	s.stats.sampleEvery = time.Hour // one tick at the start, then silence
-	s.stats.keepAlive = 50 * time.Millisecond
-	_, url := serveTest(t, s)
-	_, br := openEvents(t, url)
-	readEvent(t, br)
-	for {
-		line, err := br.ReadString('\n')
-		if err != nil {
-			t.Fatalf("no keep-alive comment: %v", err)
-		}
-		if line == ": keep-alive\n" {
-			break
-		}
-		if line != "\n" {
-			t.Fatalf("got %q during the silence, want a keep-alive comment", line)
-		}
-	}
-}
+// procPeakRSS returns the most resident memory process pid has had.
+func procPeakRSS(tb testing.TB, pid int) uint64 { return procStatusBytes(tb, pid, "VmHWM:") }
 
-func TestEventsStreamHeadersAndFirstEventAtOnce(t *testing.T) {
-	t.Parallel()
-	_, url := newTestServer(t)
-	start := time.Now()
-	resp, br := openEvents(t, url)
-	for h, want := range map[string]string{
-		"Content-Type":      "text/event-stream",
-		"Cache-Control":     "no-cache",
-		"X-Accel-Buffering": "no",
-	} {
-		if got := resp.Header.Get(h); got != want {
-			t.Errorf("%s = %q, want %q", h, got, want)
-		}
-	}
-	if line, _ := br.ReadString('\n'); line != "retry: 2000\n" {
-		t.Errorf("first line = %q, want retry: 2000", line)
-	}
-	_, data := readEvent(t, br)
-	if d := time.Since(start); d >= sampleEvery {
-		t.Errorf("first event after %v, want it at once (before the first tick)", d)
-	}
-	var s snapshot
-	if err := json.Unmarshal(data, &s); err != nil {
-		t.Fatalf("event data is not a snapshot: %v", err)
-	}
-	if s.Host.OS != runtime.GOOS || s.Host.User == "" || s.CPU.Cores < 1 || s.Memory.TotalBytes == 0 ||
-		s.Process.GoVersion != runtime.Version() || s.Process.Goroutines < 1 || s.Clients.SSE != 1 {
-		t.Errorf("snapshot lacks figures: %s", data)
-	}
-	if s.Memory.UsedBytes != s.Memory.TotalBytes-s.Memory.AvailableBytes {
-		t.Errorf("usedBytes %d != totalBytes %d - availableBytes %d", s.Memory.UsedBytes, s.Memory.TotalBytes, s.Memory.AvailableBytes)
-	}
-}
-
-func TestOneSamplerServesEverySubscriber(t *testing.T) {
-	t.Parallel()
-	s, url := newTestServer(t)
-	const subs, events = 10, 3
-	type seen struct {
-		id   string
-		data []byte
-	}
-	got := make([][]seen, subs)
-	var wg sync.WaitGroup
-	for i := range subs {
-		_, br := openEvents(t, url)
-		wg.Go(func() {
-			for range events {
-				id, data := readEvent(t, br)
-				got[i] = append(got[i], seen{id, data})
-			}
-		})
-	}
-	wg.Wait()
-	byID := make(map[string][]byte)
-	for i := range got {
-		for _, e := range got[i] {
-			if prev, ok := byID[e.id]; ok && !bytes.Equal(prev, e.data) {
-				t.Fatalf("two subscribers got different data for event %s: one sampler encodes each tick once", e.id)
-			}
-			byID[e.id] = e.data
-		}
-	}
-	// Ten samplers would make ten events a second; one makes one.
-	if len(byID) > events+1 {
-		t.Errorf("%d subscribers reading %d events saw %d distinct events, want at most %d", subs, events, len(byID), events+1)
-	}
-	if !samplerRunning(s.stats) {
-		t.Error("sampler not running while subscribers are connected")
-	}
-}
-
-// samplerRunning reports whether b's sampler is running.
-func samplerRunning(b *broadcaster) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.running
-}
-
-func TestSamplerStopsWhenNobodyListens(t *testing.T) {
-	t.Parallel()
-	s, url := newTestServer(t)
-	if samplerRunning(s.stats) {
-		t.Fatal("sampler running before anyone subscribed")
-	}
-	resp, br := openEvents(t, url)
-	readEvent(t, br)
-	resp.Body.Close()
-	eventually(t, wait, "sampler stopped", func() bool { return !samplerRunning(s.stats) })
-}
-
-func TestStatsEndpointReturnsOneSnapshot(t *testing.T) {
-	t.Parallel()
-	s, url := newTestServer(t)
-	resp, err := http.Get(url + "/stats")
+// procStatusBytes reads one "Field:  123 kB" line of /proc/PID/status, in bytes.
+func procStatusBytes(tb testing.TB, pid int, field string) uint64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
-		t.Fatal(err)
+		tb.Skipf("no /proc here: %v", err)
 	}
-	defer resp.Body.Close()
-	var snap snapshot
-	if err := json.NewDecoder(resp.Body).Decode(&snap); err != nil {
-		t.Fatalf("GET /stats: %v", err)
-	}
-	if resp.Header.Get("Content-Type") != "application/json" || snap.Host.OS != runtime.GOOS || snap.Time == "" {
-		t.Errorf("GET /stats = %s %+v, want a JSON snapshot", resp.Header.Get("Content-Type"), snap)
-	}
-	eventually(t, wait, "sampler stopped after /stats", func() bool { return !samplerRunning(s.stats) })
-}
-
-func TestSlowSubscriberSkipsTicksWithoutSlowingOthers(t *testing.T) {
-	t.Parallel()
-	b := newBroadcaster(slog.New(slog.DiscardHandler), fstest.MapFS{}, func() int { return 0 })
-	slow, fast := b.subscribe(nil), b.subscribe(nil)
-	defer b.shutdown()
-	<-fast // the first tick
-	// slow never reads: its one-slot channel is full, so later ticks skip it.
-	for range 3 {
-		b.publish([]byte(`{}`))
-		select {
-		case <-fast:
-		case <-time.After(wait):
-			t.Fatal("fast subscriber starved by a slow one")
+	for line := range strings.Lines(string(b)) {
+		if rest, ok := strings.CutPrefix(line, field); ok {
+			kb, _ := strconv.ParseUint(strings.Fields(rest)[0], 10, 64)
+			return kb << 10
 		}
 	}
-	if n := len(slow); n != 1 {
-		t.Errorf("slow subscriber holds %d ticks, want 1 (the rest skipped)", n)
-	}
+	return 0
 }
 
-// --------------------------------------------------------- /proc parsing --
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
-func readFixture(t *testing.T, dir string) snapshot {
-	t.Helper()
-	if runtime.GOOS != "linux" {
-		t.Skip("/proc parsing is Linux only")
-	}
-	fsys := os.DirFS(dir)
-	var s snapshot
-	var cpu cpuTimes
-	info := readHostInfo(fsys)
-	s.Host.Kernel, s.Host.Hostname, s.CPU.Model = info.kernel, info.hostname, info.cpuModel
-	readSystem(fsys, info, &s, &cpu)
-	return s
-}
-
-func TestProcHostWithoutMemoryLimit(t *testing.T) {
-	s := readFixture(t, "testdata/host")
-	if s.Memory.Source != "host" || s.Memory.LimitBytes != 0 {
-		t.Errorf("memory source %q limit %d, want host with no limit (v1 limit is the no-limit value)", s.Memory.Source, s.Memory.LimitBytes)
-	}
-	if s.Memory.TotalBytes != 24683656*1024 || s.Memory.AvailableBytes != 24372920*1024 {
-		t.Errorf("memory = %+v, want MemTotal and MemAvailable from the fixture, in bytes", s.Memory)
-	}
-	if s.Memory.UsedBytes != s.Memory.TotalBytes-s.Memory.AvailableBytes {
-		t.Errorf("used %d, want total - available", s.Memory.UsedBytes)
-	}
-	if !strings.HasPrefix(s.Host.Kernel, "Linux ") || s.Host.Hostname == "" || s.CPU.Model == "" {
-		t.Errorf("host = %+v / cpu model %q, want kernel, hostname and model", s.Host, s.CPU.Model)
-	}
-	if len(s.Host.Load) != 3 || s.Host.UptimeSeconds <= 0 || s.Process.RSSBytes == 0 {
-		t.Errorf("load %v uptime %v rss %d, want all three", s.Host.Load, s.Host.UptimeSeconds, s.Process.RSSBytes)
-	}
-}
-
-func TestProcCgroupV2ContainerShowsItsLimit(t *testing.T) {
-	s := readFixture(t, "testdata/cgroup2")
-	want := memoryStats{
-		TotalBytes: 512 << 20, AvailableBytes: 312 << 20, FreeBytes: 312 << 20, UsedBytes: 200 << 20,
-		UsedPercent: 39, Source: "cgroup", LimitBytes: 512 << 20, CgroupUsedBytes: 200 << 20,
-	}
-	if s.Memory != want {
-		t.Errorf("memory =\n %+v\nwant\n %+v", s.Memory, want)
-	}
-	if s.Host.Hostname != "app-7d9f" {
-		t.Errorf("hostname = %q, want the fixture's", s.Host.Hostname)
-	}
-}
-
-func TestProcCgroupV1ContainerShowsItsLimit(t *testing.T) {
-	s := readFixture(t, "testdata/cgroup1")
-	if s.Memory.Source != "cgroup" || s.Memory.LimitBytes != 256<<20 || s.Memory.CgroupUsedBytes != 96<<20 || s.Memory.UsedPercent != 37.5 {
-		t.Errorf("memory = %+v, want cgroup 96 MiB used of 256 MiB", s.Memory)
-	}
-}
-
-func TestNoProcFallsBackToRuntime(t *testing.T) {
-	b := newBroadcaster(slog.New(slog.DiscardHandler), fstest.MapFS{}, func() int { return 3 })
-	s := b.snapshot()
-	if s.Memory.Source != "runtime" || s.Memory.TotalBytes == 0 || s.Process.HeapBytes == 0 || s.Clients.Chat != 3 {
-		t.Errorf("snapshot without /proc = %+v, want runtime memory figures", s)
-	}
-	if s.Host.User == "" {
-		t.Error("host.user is empty; want a name or the uid")
-	}
-}
-
-// countingFS counts how often each file is opened. (The map is a field, not
-// embedded, so that fs.ReadFile cannot go around Open.)
-type countingFS struct {
-	files  fstest.MapFS
-	mu     sync.Mutex
-	opened map[string]int
-}
-
-func (c *countingFS) Open(name string) (fs.File, error) {
-	c.mu.Lock()
-	c.opened[name]++
-	c.mu.Unlock()
-	return c.files.Open(name)
-}
-
-// The sampler stops when nobody listens. Starting again, it does not read
-// what cannot change (here /proc/cpuinfo) again, and its first CPU figure
-// covers the pause since its last sample, not the time since boot.
-func TestSamplerRunsShareHostInfoAndCPUBaseline(t *testing.T) {
-	t.Parallel()
-	if runtime.GOOS != "linux" {
-		t.Skip("/proc parsing is Linux only")
-	}
-	fsys := &countingFS{files: fstest.MapFS{
-		"proc/cpuinfo": {Data: []byte("model name\t: Test CPU\n")},
-		"proc/stat":    {Data: []byte("cpu  100 0 100 700 100 0 0 0 0 0\n")},
-	}, opened: make(map[string]int)}
-	b := newBroadcaster(slog.New(slog.DiscardHandler), fsys, func() int { return 0 })
-	defer b.shutdown()
-	run := func() snapshot {
-		sub := b.subscribe(nil)
-		tk := <-sub
-		b.unsubscribe(sub, nil)
-		eventually(t, wait, "sampler stopped", func() bool { return !samplerRunning(b) })
-		var s snapshot
-		json.Unmarshal(tk.json, &s)
-		return s
-	}
-	run()
-	// Since the first sample: 300 busy ticks of 500, 60 %. Since boot: 500 of 1500, 33 %.
-	fsys.files["proc/stat"] = &fstest.MapFile{Data: []byte("cpu  250 0 250 800 200 0 0 0 0 0\n")}
-	s := run()
-	if s.CPU.UsedPercent != 60 {
-		t.Errorf("first CPU figure of a new run = %v %%, want 60 (since the last sample)", s.CPU.UsedPercent)
-	}
-	if n := fsys.opened["proc/cpuinfo"]; n != 1 {
-		t.Errorf("/proc/cpuinfo read %d times over two sampler runs, want 1", n)
-	}
-}
-
-func TestCPUPercentFromTwoSamples(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("/proc parsing is Linux only")
-	}
-	fsys := fstest.MapFS{"proc/stat": {Data: []byte("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3 4\n")}}
-	var s snapshot
-	var cpu cpuTimes
-	readSystem(fsys, hostInfo{}, &s, &cpu)
-	// 300 busy ticks later, with 100 more idle and 100 more iowait: 60 % busy.
-	fsys["proc/stat"] = &fstest.MapFile{Data: []byte("cpu  250 0 250 800 200 0 0 0 0 0\n")}
-	readSystem(fsys, hostInfo{}, &s, &cpu)
-	if s.CPU.UsedPercent != 60 {
-		t.Errorf("cpu usedPercent = %v, want 60", s.CPU.UsedPercent)
-	}
-}
-
-// ------------------------------------------------------------- fuzzing --
-
-func FuzzDecodeFrame(f *testing.F) {
-	for _, seed := range []string{
-		`{"type":"message","text":"hello"}`, `{"type":"rename","name":"Ann"}`, `{"type":"ping"}`,
-		`{"type":"message","text":"  "}`, `{"type":"message","text":"\ud800"}`, "{\"type\":\"message\",\"text\":\"\xff\"}",
-		`[]`, `null`, `{"type":1}`, ``,
-	} {
-		f.Add([]byte(seed))
-	}
-	f.Fuzz(func(t *testing.T, data []byte) {
-		in, ref := decodeFrame(data)
-		if ref != nil {
-			if ref.Code == "" || ref.Text == "" {
-				t.Fatalf("refusal without code or text: %+v", ref)
-			}
-			return
-		}
-		if in.Type == "message" {
-			if in.Text == "" || in.Text != strings.TrimSpace(in.Text) || utf8.RuneCountInString(in.Text) > maxTextChars || !utf8.ValidString(in.Text) {
-				t.Fatalf("accepted message text %q", in.Text)
-			}
-		}
-	})
-}
-
-func FuzzCleanName(f *testing.F) {
-	for _, seed := range []string{"Ann", "  Ann  Lee ", "a\u202eb", "zero\u200bwidth", "\x00", "\xff", "👩‍💻", strings.Repeat("n", 40)} {
-		f.Add(seed)
-	}
-	f.Fuzz(func(t *testing.T, s string) {
-		name, ref := cleanName(s)
-		if ref != nil {
-			return
-		}
-		if name == "" || utf8.RuneCountInString(name) > maxNameChars || !utf8.ValidString(name) || name != strings.TrimSpace(name) {
-			t.Fatalf("cleanName(%q) = %q", s, name)
-		}
-		if again, _ := cleanName(name); again != name {
-			t.Fatalf("cleanName is not idempotent: %q then %q", name, again)
-		}
-	})
-}
-
-// FuzzResumeQuery feeds any handshake query to parseJoin and join: no
-// panic, since is -1 or a seq, and only the exact token resumes.
-func FuzzResumeQuery(f *testing.F) {
-	h := newHub(slog.New(slog.DiscardHandler), 100, nil)
-	first := detachedClient(f)
-	h.join(first, joinRequest{name: "Ada", since: -1})
-	token := first.s.id + "." + first.s.secret
-	for _, seed := range []string{"", "name=Ada", "resume=" + token + "&since=0", "resume=" + token[:len(token)-1] + "&since=-1",
-		"resume=%ff%fe&since=99999999999999999999", "since=1e3&name=%e2%80%ae", "resume=.&resume=" + token} {
-		f.Add(seed)
-	}
-	f.Fuzz(func(t *testing.T, query string) {
-		q, _ := neturl.ParseQuery(query)
-		req := parseJoin(q)
-		if req.since < -1 {
-			t.Fatalf("parseJoin(%q).since = %d", query, req.since)
-		}
-		h.mu.Lock()
-		known := h.sessions[first.s.id] != nil // not yet forgotten
-		h.mu.Unlock()
-		c := detachedClient(t)
-		if !h.join(c, req) {
-			t.Fatal("join refused while the hub is open")
-		}
-		if resumed := c.s == first.s; resumed != (known && req.resume == token) {
-			t.Fatalf("query %q: resumed %v with token %q", query, resumed, req.resume)
-		}
-		h.drop(c, closeNormal, "")
-	})
-}
-
-func FuzzProcFiles(f *testing.F) {
-	read := func(name string) []byte {
-		b, _ := os.ReadFile("testdata/host/proc/" + name)
-		return b
-	}
-	f.Add(read("meminfo"), read("stat"), read("loadavg"), read("self/cgroup"), []byte("536870912\n"))
-	f.Add([]byte("MemTotal: 10 kB\nMemFree: 20 kB\n"), []byte("cpu 1 2 3\n"), []byte("1 2"), []byte("0::/\n"), []byte("max\n"))
-	f.Fuzz(func(t *testing.T, meminfo, stat, loadavg, cgroup, limit []byte) {
-		if runtime.GOOS != "linux" {
-			t.Skip("/proc parsing is Linux only")
-		}
-		fsys := fstest.MapFS{
-			"proc/meminfo": {Data: meminfo}, "proc/stat": {Data: stat}, "proc/loadavg": {Data: loadavg},
-			"proc/self/cgroup": {Data: cgroup}, "sys/fs/cgroup/memory.max": {Data: limit},
-			"sys/fs/cgroup/memory.current": {Data: []byte("1000\n")},
-		}
-		var s snapshot
-		var cpu cpuTimes
-		readSystem(fsys, readHostInfo(fsys), &s, &cpu)
-		m := s.Memory
-		if m.UsedBytes > m.TotalBytes || m.UsedPercent < 0 || m.UsedPercent > 100 || s.CPU.UsedPercent < 0 || s.CPU.UsedPercent > 100 {
-			t.Fatalf("impossible figures: memory %+v cpu %v", m, s.CPU.UsedPercent)
-		}
-		if _, err := json.Marshal(s); err != nil {
-			t.Fatalf("snapshot does not encode: %v", err)
-		}
-	})
-}
-
-// ---------------------------------------------------------- the program --
-
-func TestHelpListsEveryFlag(t *testing.T) {
-	var out bytes.Buffer
-	err := run(t.Context(), []string{"-h"}, func(string) string { return "" }, &out)
-	if !errors.Is(err, flag.ErrHelp) {
-		t.Fatalf("run -h = %v, want flag.ErrHelp", err)
-	}
-	for _, name := range []string{"-addr", "-allow-origin", "-max-clients", "-tls-cert", "-tls-key", "-drain", "-log-level"} {
-		if !strings.Contains(out.String(), name) {
-			t.Errorf("-h output lacks %s:\n%s", name, out.String())
-		}
-	}
-}
-
-func TestAddressFromFlagOrPORT(t *testing.T) {
-	env := func(port string) func(string) string {
-		return func(k string) string {
-			if k == "PORT" {
-				return port
-			}
-			return ""
-		}
-	}
-	for _, tc := range []struct {
-		args []string
-		port string
-		want string
-	}{
-		{nil, "", ":3000"},
-		{nil, "8080", ":8080"},
-		{[]string{"-addr", "127.0.0.1:9"}, "8080", "127.0.0.1:9"},
-	} {
-		cfg, err := parseConfig(tc.args, env(tc.port), io.Discard)
-		if err != nil || cfg.addr != tc.want {
-			t.Errorf("args %v PORT=%q: addr %q (%v), want %q", tc.args, tc.port, cfg.addr, err, tc.want)
-		}
-	}
-	if _, err := parseConfig([]string{"-tls-cert", "c.pem"}, env(""), io.Discard); err == nil {
-		t.Error("-tls-cert without -tls-key accepted")
-	}
-}
-
-// startRun runs the real program on a free port and returns its URL; the
-// returned channel yields run's result after cancel.
-func startRun(t *testing.T, args ...string) (url string, cancel context.CancelFunc, done <-chan error) {
-	t.Helper()
-	ctx, cancel := context.WithCancel(t.Context())
-	logs, logw := io.Pipe()
-	result := make(chan error, 1)
-	go func() {
-		err := run(ctx, append([]string{"-addr", "127.0.0.1:0"}, args...), func(string) string { return "" }, logw)
-		logw.Close()
-		result <- err
-	}()
-	select {
-	case url = <-scanURL(logs):
-	case err := <-result:
-		t.Fatalf("run ended before listening: %v", err)
-	case <-time.After(wait):
-		t.Fatal("run logged no URL")
-	}
-	return url, cancel, result
-}
-
-func TestShutdownClosesChatWith1001EndsStreamsAndReturns(t *testing.T) {
-	t.Parallel()
-	url, cancel, done := startRun(t)
-	raw, code := dialRaw(t, url, "")
-	if code != 101 {
-		t.Fatalf("handshake = %d", code)
-	}
-	raw.readText(t) // welcome
-	resp, br := openEvents(t, url)
-	readEvent(t, br)
-
-	start := time.Now()
-	cancel()
-	if code, _ := raw.readClose(t); code != closeGoingAway {
-		t.Errorf("chat closed with %d on shutdown, want %d", code, closeGoingAway)
-	}
-	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
-		t.Errorf("event stream did not end cleanly: %v", err)
-	}
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("run returned %v, want nil", err)
-		}
-	case <-time.After(shutdownTimeout + time.Second):
-		t.Fatal("run did not return after shutdown")
-	}
-	if d := time.Since(start); d > shutdownTimeout {
-		t.Errorf("shutdown took %v, want under %v", d, shutdownTimeout)
-	}
-}
-
-// With -drain, a stopping server answers /healthz with 503 for that long
-// while it still serves everything else.
-func TestDrainAnswers503WhileStillServing(t *testing.T) {
-	t.Parallel()
-	url, cancel, done := startRun(t, "-drain", "1s")
-	cancel()
-	for start := time.Now(); ; {
-		resp, err := http.Get(url + "/healthz")
-		if err != nil {
-			t.Fatalf("during the drain, /healthz: %v", err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode == http.StatusServiceUnavailable {
-			break
-		}
-		if time.Since(start) > wait {
-			t.Fatalf("/healthz still %d after SIGTERM", resp.StatusCode)
-		}
-	}
-	resp, err := http.Get(url + "/")
-	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("during the drain, GET / = %v %v, want 200", resp, err)
-	}
-	resp.Body.Close()
-	c, _ := dial(t, url, "")
-	c.say("still serving")
-	if m := c.await("message"); m.Text != "still serving" {
-		t.Errorf("chat during the drain echoed %q", m.Text)
-	}
-	if err := <-done; err != nil {
-		t.Errorf("run after the drain = %v, want nil", err)
-	}
-}
-
-// A panic in a handler is logged at error level, with its stack, and the
-// server goes on serving.
-func TestHandlerPanicIsLoggedAsError(t *testing.T) {
-	var logs syncBuffer
-	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	mux := http.NewServeMux()
-	mux.HandleFunc("/boom", func(http.ResponseWriter, *http.Request) { panic("kaboom") })
-	mux.HandleFunc("/ok", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") })
-	ts := httptest.NewUnstartedServer(nil)
-	ts.Config = newHTTPServer(mux, log)
-	ts.Start()
-	defer ts.Close()
-	if _, err := http.Get(ts.URL + "/boom"); err == nil {
-		t.Error("a panicking handler answered")
-	}
-	resp, err := http.Get(ts.URL + "/ok")
-	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("after a panic, GET /ok = %v %v", resp, err)
-	}
-	resp.Body.Close()
-	eventually(t, wait, "the panic logged", func() bool { return strings.Contains(logs.String(), "kaboom") })
-	if out := logs.String(); !strings.Contains(out, "level=ERROR") || !strings.Contains(out, "goroutine") {
-		t.Errorf("panic logged as:\n%s\nwant level=ERROR with the stack", out)
-	}
-}
-
-// syncBuffer is a bytes.Buffer safe for a logger and a test to share.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// scanURL reads pollfree's log from r and sends the URL it listens on,
-// without its trailing slash; it keeps draining r after that.
-func scanURL(r io.Reader) <-chan string {
-	urls := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(r)
-		for sc.Scan() {
-			if m := regexp.MustCompile(`url=(\S+)`).FindStringSubmatch(sc.Text()); m != nil {
-				urls <- strings.TrimSuffix(m[1], "/")
-			}
-		}
-	}()
-	return urls
-}
-
-// -------------------------------------------------------- real browser --
+// ----------------------------------------------------- the browser driver --
 
 // The browser test drives headless Chromium through the Chrome DevTools
 // Protocol, which is JSON messages over a WebSocket: x/net/websocket is the
@@ -2229,6 +4000,58 @@ func (b *cdp) read() {
 	}
 }
 
+// call sends one command and decodes its result into result (if not nil).
+func (b *cdp) call(t *testing.T, session, method string, params, result any) {
+	t.Helper()
+	id := b.nextID.Add(1)
+	ch := make(chan cdpIn, 1)
+	b.mu.Lock()
+	b.replies[id] = ch
+	b.mu.Unlock()
+	if err := websocket.JSON.Send(b.ws, cdpOut{id, session, method, params}); err != nil {
+		t.Fatalf("%s: %v", method, err)
+	}
+	select {
+	case m := <-ch:
+		if m.Error != nil {
+			t.Fatalf("%s: %s", method, m.Error.Message)
+		}
+		if result != nil {
+			if err := json.Unmarshal(m.Result, result); err != nil {
+				t.Fatalf("%s: decoding result: %v", method, err)
+			}
+		}
+	case <-time.After(wait):
+		t.Fatalf("%s: no reply within %v", method, wait)
+	}
+}
+
+func (b *cdp) newPage(t *testing.T, name, url string) *browserPage {
+	t.Helper()
+	return b.newPageWith(t, name, url, nil)
+}
+
+// newPageWith is newPage with a step before the page loads (a language, a
+// colour scheme).
+func (b *cdp) newPageWith(t *testing.T, name, url string, before func(*browserPage)) *browserPage {
+	t.Helper()
+	var ctx struct{ BrowserContextID string }
+	b.call(t, "", "Target.createBrowserContext", map[string]any{}, &ctx)
+	var target struct{ TargetID string }
+	b.call(t, "", "Target.createTarget", map[string]any{"url": "about:blank", "browserContextId": ctx.BrowserContextID}, &target)
+	var attached struct{ SessionID string }
+	b.call(t, "", "Target.attachToTarget", map[string]any{"targetId": target.TargetID, "flatten": true}, &attached)
+	p := &browserPage{t, b, name, target.TargetID, attached.SessionID}
+	for _, domain := range []string{"Runtime.enable", "Page.enable", "Log.enable"} {
+		p.call(domain, nil, nil)
+	}
+	if before != nil {
+		before(p)
+	}
+	p.call("Page.navigate", map[string]any{"url": url}, nil)
+	return p
+}
+
 // pageProblem describes an event that means the page misbehaved: an uncaught
 // exception, a console.error, or a browser error other than a network one
 // (the test kills the server on purpose, so connections fail then).
@@ -2258,32 +4081,6 @@ func pageProblem(m cdpIn) string {
 	return ""
 }
 
-// call sends one command and decodes its result into result (if not nil).
-func (b *cdp) call(t *testing.T, session, method string, params, result any) {
-	t.Helper()
-	id := b.nextID.Add(1)
-	ch := make(chan cdpIn, 1)
-	b.mu.Lock()
-	b.replies[id] = ch
-	b.mu.Unlock()
-	if err := websocket.JSON.Send(b.ws, cdpOut{id, session, method, params}); err != nil {
-		t.Fatalf("%s: %v", method, err)
-	}
-	select {
-	case m := <-ch:
-		if m.Error != nil {
-			t.Fatalf("%s: %s", method, m.Error.Message)
-		}
-		if result != nil {
-			if err := json.Unmarshal(m.Result, result); err != nil {
-				t.Fatalf("%s: decoding result: %v", method, err)
-			}
-		}
-	case <-time.After(wait):
-		t.Fatalf("%s: no reply within %v", method, wait)
-	}
-}
-
 // browserPage is one tab in a browser context of its own: its own cookies
 // and storage, like a second person.
 type browserPage struct {
@@ -2292,32 +4089,6 @@ type browserPage struct {
 	name    string
 	target  string
 	session string
-}
-
-func (b *cdp) newPage(t *testing.T, name, url string) *browserPage {
-	t.Helper()
-	return b.newPageWith(t, name, url, nil)
-}
-
-// newPageWith is newPage with a step before the page loads (a language, a
-// colour scheme).
-func (b *cdp) newPageWith(t *testing.T, name, url string, before func(*browserPage)) *browserPage {
-	t.Helper()
-	var ctx struct{ BrowserContextID string }
-	b.call(t, "", "Target.createBrowserContext", map[string]any{}, &ctx)
-	var target struct{ TargetID string }
-	b.call(t, "", "Target.createTarget", map[string]any{"url": "about:blank", "browserContextId": ctx.BrowserContextID}, &target)
-	var attached struct{ SessionID string }
-	b.call(t, "", "Target.attachToTarget", map[string]any{"targetId": target.TargetID, "flatten": true}, &attached)
-	p := &browserPage{t, b, name, target.TargetID, attached.SessionID}
-	for _, domain := range []string{"Runtime.enable", "Page.enable", "Log.enable"} {
-		p.call(domain, nil, nil)
-	}
-	if before != nil {
-		before(p)
-	}
-	p.call("Page.navigate", map[string]any{"url": url}, nil)
-	return p
 }
 
 // speak makes the page's browser prefer language (navigator.languages and
@@ -2407,6 +4178,20 @@ func (p *browserPage) screenshot(dir string) {
 	os.WriteFile(dir+"/"+p.name+".png", shot.Data, 0o644)
 }
 
+func (p *browserPage) eval2bool(expr string) bool {
+	p.t.Helper()
+	var v bool
+	p.eval(expr, &v)
+	return v
+}
+
+func (p *browserPage) count(expr string) int {
+	p.t.Helper()
+	var n int
+	p.eval(expr, &n)
+	return n
+}
+
 // jsString quotes s as a JavaScript string literal.
 func jsString(s string) string {
 	b, _ := json.Marshal(s)
@@ -2425,1758 +4210,4 @@ func jsShowsMessage(text string) string {
 
 func jsNotice(text string) string {
 	return `[...document.querySelectorAll("#messages .notice")].some(li => li.textContent === ` + jsString(text) + `)`
-}
-
-func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
-	b := startBrowser(t)
-	url, stop, done := startRun(t)
-	addr := strings.TrimPrefix(url, "http://")
-
-	var pages []*browserPage
-	t.Cleanup(func() {
-		if !t.Failed() {
-			return
-		}
-		dir, _ := os.MkdirTemp("", "pollfree-screenshots-")
-		for _, p := range pages {
-			p.screenshot(dir)
-		}
-		t.Logf("screenshots of every page in %s", dir)
-	})
-	open := func(name string) *browserPage {
-		p := b.newPage(t, name, url+"/")
-		pages = append(pages, p)
-		p.waitFor("chat connected", jsConnected)
-		return p
-	}
-
-	// B connecting shows a join notice on A.
-	a := open("a")
-	bob := open("b")
-	aName, bName := a.text(`chat.me.name`), bob.text(`chat.me.name`)
-	a.waitFor("join notice for B", jsNotice(bName+" joined"))
-	a.waitFor("two online", `document.getElementById("online").textContent.includes("2 online")`)
-
-	// A types and presses Enter: both show it, A on its own side, B under A's name.
-	a.typeAndEnter("hello from a")
-	a.waitFor("own message shown", jsShowsMessage("hello from a"))
-	bob.waitFor("A's message shown on B", jsShowsMessage("hello from a"))
-	if !a.eval2bool(jsMessages + `.find(li => li.textContent.includes("hello from a")).classList.contains("mine")`) {
-		t.Error("A's own message is not styled as its own on A")
-	}
-	if got := bob.text(jsMessages + `.find(li => li.textContent.includes("hello from a")).querySelector(".name").textContent`); got != aName {
-		t.Errorf("B shows A's message under %q, want %q", got, aName)
-	}
-	if bob.eval2bool(jsMessages + `.find(li => li.textContent.includes("hello from a")).classList.contains("mine")`) {
-		t.Error("A's message is styled as B's own on B")
-	}
-	aSide := a.text(`getComputedStyle(` + jsMessages + `.find(li => li.classList.contains("mine")).querySelector(".text")).backgroundColor`)
-	bSide := bob.text(`getComputedStyle(` + jsMessages + `[0].querySelector(".text")).backgroundColor`)
-	if aSide == bSide {
-		t.Errorf("own and others' messages have the same colour %s", aSide)
-	}
-
-	// Markup in a message is shown as text and runs nothing.
-	const markup = `<img src=x onerror="window.pwned=1"><b>x</b>`
-	a.typeAndEnter(markup)
-	for _, p := range []*browserPage{a, bob} {
-		p.waitFor("markup shown as text", jsShowsMessage(markup))
-		if p.eval2bool(`window.pwned === 1 || document.querySelector("#messages img, #messages b") !== null`) {
-			t.Errorf("%s: message markup was rendered", p.name)
-		}
-	}
-
-	// The stats numbers and the chart change within 3 s.
-	a.waitFor("first stats", `points.length > 0`)
-	before, chart := a.text(`document.getElementById("s-time").textContent`), a.text(`document.getElementById("chart").toDataURL()`)
-	a.waitFor("stats update", `document.getElementById("s-time").textContent !== `+jsString(before))
-	a.waitFor("chart redrawn", `document.getElementById("chart").toDataURL() !== `+jsString(chart))
-
-	// B closing shows a leave notice and a lower count on A.
-	b.call(t, "", "Target.closeTarget", map[string]any{"targetId": bob.target}, nil)
-	pages = slices.DeleteFunc(pages, func(p *browserPage) bool { return p == bob })
-	a.waitFor("leave notice for B", jsNotice(bName+" left"))
-	a.waitFor("one online", `document.getElementById("online").textContent.includes("1 online")`)
-
-	// A connection drop: A reconnects as itself and does not show its
-	// history twice.
-	aID := a.text(`chat.me.id`)
-	a.eval(`chat.ws.close()`, nil)
-	a.waitFor("reconnecting shown", `!(`+jsConnected+`)`)
-	a.waitFor("reconnected", jsConnected)
-	if n := a.count(jsMessages + `.filter(li => li.textContent.includes("hello from a")).length`); n != 1 {
-		t.Errorf("after reconnecting A shows its message %d times, want once", n)
-	}
-	// A drop the server has not noticed: the page reconnects while the old
-	// socket is still open. Same id, same name (no "-2"), nothing twice.
-	a.eval(`(() => { chat.ws = null; stopPing(); connect(); })()`, nil)
-	a.waitFor("reconnected past a half-open socket", jsConnected+` && chat.ws !== null`)
-	if id, name := a.text(`chat.me.id`), a.text(`chat.me.name`); id != aID || name != aName {
-		t.Errorf("after a drop A is %s %q, want %s %q", id, name, aID, aName)
-	}
-	a.typeAndEnter("after the drop")
-	a.waitFor("own message after the drop", jsShowsMessage("after the drop"))
-	if n := a.count(jsMessages + `.filter(li => li.textContent.includes("hello from a")).length`); n != 1 {
-		t.Errorf("after a half-open drop A shows its message %d times, want once", n)
-	}
-
-	// Reloading A: it reconnects, and a new message reaches a fresh page C.
-	a.call("Page.reload", map[string]any{}, nil)
-	a.waitFor("reconnected after reload", jsConnected)
-	c := open("c")
-	a.typeAndEnter("after reload")
-	c.waitFor("A's message reaches C", jsShowsMessage("after reload"))
-	if n := a.count(jsMessages + `.filter(li => li.textContent.includes("hello from a")).length`); n != 1 {
-		t.Errorf("after reload A shows its history message %d times, want once", n)
-	}
-	if !a.eval2bool(jsMessages + `.find(li => li.textContent.includes("hello from a")).classList.contains("mine")`) {
-		t.Error("after reload A shows its own earlier message as someone else's")
-	}
-
-	// The server stops and comes back on the same port: the page says so,
-	// then reconnects by itself and chat works again.
-	stop()
-	if err := <-done; err != nil {
-		t.Fatalf("run: %v", err)
-	}
-	a.waitFor("reconnecting shown", `document.getElementById("chat-state").textContent.includes("reconnecting")`)
-	a.waitFor("the close code in words", jsNotice("The server is restarting."))
-	url2, _, _ := startRun(t, "-addr", addr)
-	if url2 != url {
-		t.Fatalf("restarted on %s, want %s", url2, url)
-	}
-	a.waitFor("reconnected to the new server", jsConnected)
-	c.waitFor("C reconnected to the new server", jsConnected)
-	a.typeAndEnter("after restart")
-	c.waitFor("chat works after restart", jsShowsMessage("after restart"))
-	// A stranger on the new server is never drawn as A's own.
-	d := open("d")
-	d.typeAndEnter("a stranger speaks")
-	a.waitFor("the stranger's message on A", jsShowsMessage("a stranger speaks"))
-	if a.eval2bool(jsMessages + `.find(li => li.textContent.includes("a stranger speaks")).classList.contains("mine")`) {
-		t.Error("after a restart A draws a stranger's message as its own")
-	}
-	a.waitFor("stats live again", `document.getElementById("stats-state").classList.contains("ok") && points.at(-1).t > Date.now() - 1500`)
-	if dir := os.Getenv("POLLFREE_SCREENSHOTS"); dir != "" {
-		for _, p := range pages {
-			p.screenshot(dir)
-		}
-		t.Logf("screenshots of every page in %s", dir)
-	}
-
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for _, p := range append(pages, bob) {
-		for _, problem := range b.problems[p.session] {
-			t.Errorf("page %s: %s", p.name, problem)
-		}
-	}
-}
-
-// The wire panel shows every frame and event as it passes, and costs
-// nothing while closed; the page speaks Chinese to a browser that prefers
-// it. Screenshots of both languages, light and dark, go to
-// POLLFREE_SCREENSHOTS (or a temporary directory the test names).
-func TestBrowserShowsTheWireAndSpeaksChinese(t *testing.T) {
-	b := startBrowser(t)
-	url, _, _ := startRun(t)
-	dir := os.Getenv("POLLFREE_SCREENSHOTS")
-	if dir == "" {
-		dir = t.TempDir()
-	}
-
-	en := b.newPage(t, "en-light", url+"/")
-	en.waitFor("chat connected", jsConnected)
-	en.eval(`document.getElementById("wire-toggle").click()`, nil)
-	en.typeAndEnter("over the wire")
-	lines := `[...document.querySelectorAll("#wire-log li")]`
-	line := func(class, transport, text string) string {
-		return lines + `.some(li => li.classList.contains(` + jsString(class) + `) && li.querySelector(".transport").textContent === ` +
-			jsString(transport) + ` && li.textContent.includes(` + jsString(text) + `))`
-	}
-	en.waitFor("the sent frame, ↑", line("up", "ws", `"text":"over the wire"`))
-	en.waitFor("the broadcast, ↓", line("down", "ws", `"text":"over the wire"`))
-	en.waitFor("a stats event, ↓", line("down", "sse", `"memory"`))
-	ticks := en.count(lines + `.filter(li => li.querySelector(".transport").textContent === "sse").length`)
-	en.waitFor("another tick", lines+`.filter(li => li.querySelector(".transport").textContent === "sse").length > `+strconv.Itoa(ticks))
-	en.screenshot(dir)
-
-	en.eval(`document.getElementById("wire-toggle").click()`, nil)
-	shown, points := en.count(lines+`.length`), en.count(`points.length`)
-	en.waitFor("two more ticks with the panel closed", `points.length >= `+strconv.Itoa(points+2))
-	if n := en.count(lines + `.length`); n != shown {
-		t.Errorf("with the panel closed, the wire grew from %d to %d lines", shown, n)
-	}
-	if expanded := en.text(`document.getElementById("wire-toggle").getAttribute("aria-expanded")`); expanded != "false" {
-		t.Errorf("closed panel's toggle has aria-expanded=%s", expanded)
-	}
-
-	dark := b.newPageWith(t, "en-dark", url+"/", func(p *browserPage) { p.scheme("dark") })
-	dark.waitFor("chat connected", jsConnected)
-	dark.waitFor("stats shown", `points.length > 1`)
-	dark.eval(`document.getElementById("wire-toggle").click()`, nil)
-	dark.waitFor("a stats event on the wire", line("down", "sse", `"memory"`))
-	dark.screenshot(dir)
-
-	for _, scheme := range []string{"light", "dark"} {
-		zh := b.newPageWith(t, "zh-"+scheme, url+"/", func(p *browserPage) { p.speak("zh-CN,zh"); p.scheme(scheme) })
-		zh.waitFor("chat connected", jsConnected)
-		zh.waitFor("stats shown", `points.length > 1`)
-		for expr, want := range map[string]string{
-			`document.documentElement.lang`:                          "zh-CN",
-			`document.getElementById("send").textContent`:            "发送",
-			`document.getElementById("text").placeholder`:            "请输入内容",
-			`document.querySelector("[data-t=memFree]").textContent`: "闲置内存",
-			`document.querySelector("[data-t=uptime]").textContent`:  "系统正常运行时间",
-			`document.querySelector("[data-t=user]").textContent`:    "用户名",
-		} {
-			if got := zh.text(expr); got != want {
-				t.Errorf("zh-%s: %s = %q, want %q", scheme, expr, got, want)
-			}
-		}
-		if scheme == "light" {
-			en.typeAndEnter("hello in English")
-			zh.waitFor("the message in the Chinese page", jsShowsMessage("hello in English"))
-		}
-		zh.screenshot(dir)
-	}
-	phone := b.newPageWith(t, "zh-phone", url+"/", func(p *browserPage) {
-		p.speak("zh-CN")
-		p.call("Emulation.setDeviceMetricsOverride", map[string]any{"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}, nil)
-	})
-	phone.waitFor("chat connected", jsConnected)
-	phone.eval(`document.getElementById("wire-toggle").click()`, nil)
-	phone.waitFor("a stats event on the wire", line("down", "sse", `"memory"`))
-	phone.screenshot(dir)
-	t.Logf("screenshots in %s", dir)
-}
-
-// A browser opens at most six HTTP/1.1 connections to one host, and an
-// EventSource holds one for good: of seven streams on one page, six get
-// events and the seventh waits. Over HTTPS the page's streams share one
-// HTTP/2 connection, and all seven get events.
-func TestBrowserSevenStreamsNeedHTTP2(t *testing.T) {
-	b := startBrowser(t)
-	b.call(t, "", "Security.setIgnoreCertificateErrors", map[string]any{"ignore": true}, nil) // the test's own certificate
-	certFile, keyFile, _ := selfSignedCert(t)
-	const seven = `(() => {
-		window.got = Array(7).fill(0);
-		for (let i = 0; i < 7; i++) new EventSource("/events").addEventListener("stats", () => got[i]++);
-	})()`
-	for _, tc := range []struct {
-		name      string
-		args      []string
-		receiving int
-	}{
-		{"http1", nil, 6},
-		{"http2", []string{"-tls-cert", certFile, "-tls-key", keyFile}, 7},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			url, _, _ := startRun(t, tc.args...)
-			p := b.newPage(t, "seven-"+tc.name, url+"/healthz") // a page that opens nothing itself
-			p.waitFor("the page", `document.body && document.body.textContent.includes("ok")`)
-			p.eval(seven, nil)
-			p.waitFor("the first streams' events", `got.filter(n => n > 0).length >= `+strconv.Itoa(tc.receiving))
-			p.waitFor("three more ticks", `Math.max(...got) >= 4`)
-			if n := p.count(`got.filter(n => n > 0).length`); n != tc.receiving {
-				t.Errorf("%d of 7 streams received events over %s, want %d", n, tc.name, tc.receiving)
-			}
-		})
-	}
-}
-
-func (p *browserPage) eval2bool(expr string) bool {
-	p.t.Helper()
-	var v bool
-	p.eval(expr, &v)
-	return v
-}
-
-func (p *browserPage) count(expr string) int {
-	p.t.Helper()
-	var n int
-	p.eval(expr, &n)
-	return n
-}
-
-// ------------------------------------------------------------ container --
-
-// buildStatic builds pollfree as the Dockerfile does (static, stripped) into
-// a temporary directory of its own and returns the binary's path.
-func buildStatic(tb testing.TB) string {
-	tb.Helper()
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		tb.Skip("no go tool on PATH to build the static binary")
-	}
-	dir := tb.TempDir()
-	bin := dir + "/pollfree"
-	cmd := exec.Command(goTool, "build", "-trimpath", "-ldflags=-s -w", "-o", bin, ".")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		tb.Fatalf("static build: %v\n%s", err, out)
-	}
-	return bin
-}
-
-// startProcess starts cmd, a pollfree listening on 127.0.0.1:0, and waits
-// for it to log its URL. stop sends SIGTERM and waits for the exit; the
-// test's cleanup calls it too, and fails the test unless the exit was clean.
-func startProcess(tb testing.TB, cmd *exec.Cmd) (url string, stop func() error) {
-	tb.Helper()
-	logs, err := cmd.StderrPipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		tb.Fatal(err)
-	}
-	var once sync.Once
-	var exit error
-	stop = func() error {
-		once.Do(func() {
-			cmd.Process.Signal(syscall.SIGTERM)
-			exit = cmd.Wait()
-		})
-		return exit
-	}
-	tb.Cleanup(func() {
-		if err := stop(); err != nil {
-			tb.Errorf("pollfree exited with %v after SIGTERM, want status 0", err)
-		}
-	})
-	select {
-	case url := <-scanURL(logs):
-		return url, stop
-	case <-time.After(wait):
-		tb.Fatal("pollfree logged no URL")
-	}
-	return "", nil
-}
-
-// getStats fetches /stats from url.
-func getStats(t testing.TB, url string) snapshot {
-	t.Helper()
-	resp, err := http.Get(url + "/stats")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var s snapshot
-	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
-		t.Fatalf("GET /stats: %v", err)
-	}
-	return s
-}
-
-// checkServes exercises every endpoint of a pollfree.
-func checkServes(t *testing.T, url string) {
-	t.Helper()
-	resp, err := http.Get(url + "/")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != 200 || !bytes.Equal(body, page) {
-		t.Errorf("GET / = %d with %d bytes, want 200 and the page", resp.StatusCode, len(body))
-	}
-	a, _ := dial(t, url, "")
-	a.say("hello from a scratch container")
-	if m := a.await("message"); m.Text != "hello from a scratch container" {
-		t.Errorf("chat echoed %q", m.Text)
-	}
-	_, br := openEvents(t, url)
-	if _, data := readEvent(t, br); !json.Valid(data) {
-		t.Errorf("event data is not JSON: %s", data)
-	}
-}
-
-// The static binary alone in an empty directory, as in a scratch container:
-// no /etc, no passwd file, no shell, running as an unprivileged uid; first
-// with /proc mounted, as a container runtime does, then without it.
-func TestStaticBinaryRunsAloneLikeScratch(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds and runs the static binary (-short)")
-	}
-	if runtime.GOOS != "linux" || os.Geteuid() != 0 {
-		t.Skip("needs Linux and root, for chroot and mounting /proc")
-	}
-	bin := buildStatic(t)
-	root := t.TempDir()
-	if err := os.Chmod(root, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	b, err := os.ReadFile(bin)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(root+"/pollfree", b, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	const nobody = 65534
-	start := func(t *testing.T) string {
-		cmd := exec.Command("/pollfree", "-addr", "127.0.0.1:0")
-		cmd.Env = []string{} // no $USER: the uid must stand in for the name
-		cmd.Dir = "/"
-		cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: root, Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
-		url, _ := startProcess(t, cmd)
-		return url
-	}
-
-	t.Run("with /proc", func(t *testing.T) {
-		os.Mkdir(root+"/proc", 0o555)
-		if out, err := exec.Command("mount", "-t", "proc", "proc", root+"/proc").CombinedOutput(); err != nil {
-			t.Skipf("cannot mount /proc in the chroot: %v %s", err, out)
-		}
-		t.Cleanup(func() {
-			exec.Command("umount", "-l", root+"/proc").Run()
-			os.Remove(root + "/proc")
-		})
-		url := start(t)
-		checkServes(t, url)
-		s := getStats(t, url)
-		if s.Host.User != strconv.Itoa(nobody) {
-			t.Errorf("host.user = %q, want the uid %d (no passwd file)", s.Host.User, nobody)
-		}
-		if s.Memory.Source == "runtime" || len(s.Host.Load) != 3 {
-			t.Errorf("with /proc: memory source %q, load %v; want figures from /proc", s.Memory.Source, s.Host.Load)
-		}
-	})
-	t.Run("without /proc", func(t *testing.T) {
-		url := start(t)
-		checkServes(t, url)
-		s := getStats(t, url)
-		if s.Memory.Source != "runtime" || s.Memory.TotalBytes == 0 || s.Host.User != strconv.Itoa(nobody) {
-			t.Errorf("without /proc: memory %+v, user %q; want runtime figures and the uid", s.Memory, s.Host.User)
-		}
-	})
-}
-
-// Inside a real memory cgroup with a limit, /stats reports the container's
-// memory, not the host's. Needs root and a writable memory cgroup (v1 or v2).
-func TestRealCgroupLimitIsShown(t *testing.T) {
-	if testing.Short() {
-		t.Skip("a real cgroup (-short)")
-	}
-	if runtime.GOOS != "linux" || os.Geteuid() != 0 {
-		t.Skip("needs Linux and root, to create a cgroup")
-	}
-	self, _ := os.ReadFile("/proc/self/cgroup")
-	var dir, limitFile string
-	for line := range strings.Lines(string(self)) {
-		parts := strings.SplitN(strings.TrimSpace(line), ":", 3)
-		if len(parts) == 3 && slices.Contains(strings.Split(parts[1], ","), "memory") {
-			dir, limitFile = "/sys/fs/cgroup/memory"+parts[2], "memory.limit_in_bytes"
-		}
-		if len(parts) == 3 && parts[0] == "0" && dir == "" {
-			if c, err := os.ReadFile("/sys/fs/cgroup" + parts[2] + "/cgroup.subtree_control"); err == nil && strings.Contains(string(c), "memory") {
-				dir, limitFile = "/sys/fs/cgroup"+parts[2], "memory.max"
-			}
-		}
-	}
-	if dir == "" {
-		t.Skip("no memory cgroup to create a child in")
-	}
-	cg := strings.TrimSuffix(dir, "/") + "/pollfree-test-" + strconv.Itoa(os.Getpid())
-	if err := os.Mkdir(cg, 0o755); err != nil {
-		t.Skipf("cannot create a cgroup here: %v", err)
-	}
-	t.Cleanup(func() { eventually(t, wait, "test cgroup removed", func() bool { return os.Remove(cg) == nil }) })
-	const limit = 300 << 20
-	if err := os.WriteFile(cg+"/"+limitFile, []byte(strconv.Itoa(limit)), 0o644); err != nil {
-		t.Skipf("cannot set a memory limit: %v", err)
-	}
-
-	cmd := exec.Command(buildStatic(t), "-addr", "127.0.0.1:0")
-	url, _ := startProcess(t, cmd)
-	if err := os.WriteFile(cg+"/cgroup.procs", []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
-		t.Fatalf("moving pollfree into the cgroup: %v", err)
-	}
-	s := getStats(t, url) // the sampler starts now, inside the cgroup
-	if s.Memory.Source != "cgroup" || s.Memory.LimitBytes != limit || s.Memory.TotalBytes != limit ||
-		s.Memory.CgroupUsedBytes == 0 || s.Memory.CgroupUsedBytes > limit {
-		t.Errorf("memory in a %d-byte cgroup = %+v, want the cgroup's view", limit, s.Memory)
-	}
-}
-
-// selfSignedCert writes a certificate and key for 127.0.0.1 and returns
-// their paths and a pool that trusts the certificate.
-func selfSignedCert(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "pollfree test"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	certFile, keyFile = dir+"/cert.pem", dir+"/key.pem"
-	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
-	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600)
-	cert, _ := x509.ParseCertificate(der)
-	pool = x509.NewCertPool()
-	pool.AddCert(cert)
-	return certFile, keyFile, pool
-}
-
-// Over HTTPS, event streams use HTTP/2 and share one connection; the
-// WebSocket still works (on HTTP/1.1).
-func TestTLSServesHTTP2StreamsAndWebSocket(t *testing.T) {
-	certFile, keyFile, pool := selfSignedCert(t)
-	url, _, _ := startRun(t, "-tls-cert", certFile, "-tls-key", keyFile)
-	if !strings.HasPrefix(url, "https://") {
-		t.Fatalf("logged URL %s, want https", url)
-	}
-	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true}}
-	t.Cleanup(client.CloseIdleConnections)
-
-	var conns sync.Map
-	for i := range 3 {
-		trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { conns.Store(info.Conn.LocalAddr().String(), true) }}
-		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(t.Context(), trace), "GET", url+"/events", nil)
-		resp, err := client.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { resp.Body.Close() })
-		if resp.ProtoMajor != 2 {
-			t.Fatalf("stream %d over %s, want HTTP/2", i, resp.Proto)
-		}
-		if _, data := readEvent(t, bufio.NewReader(resp.Body)); !json.Valid(data) {
-			t.Fatalf("stream %d: event data is not JSON", i)
-		}
-	}
-	n := 0
-	conns.Range(func(any, any) bool { n++; return true })
-	if n != 1 {
-		t.Errorf("3 open event streams used %d connections, want 1", n)
-	}
-
-	cfg, err := websocket.NewConfig("wss"+strings.TrimPrefix(url, "https")+"/ws", url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.TlsConfig = &tls.Config{RootCAs: pool}
-	ws, err := websocket.DialConfig(cfg)
-	if err != nil {
-		t.Fatalf("WebSocket over HTTPS: %v", err)
-	}
-	defer ws.Close()
-	var welcome frame
-	if err := websocket.JSON.Receive(ws, &welcome); err != nil || welcome.Type != "welcome" {
-		t.Fatalf("first frame over wss: %+v, %v", welcome, err)
-	}
-}
-
-// BenchmarkStaticBinary reports the stripped static binary's size and the
-// time from exec to the first 200 from /healthz.
-func BenchmarkStaticBinary(b *testing.B) {
-	bin := buildStatic(b)
-	fi, err := os.Stat(bin)
-	if err != nil {
-		b.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
-	var total time.Duration
-	for b.Loop() {
-		start := time.Now()
-		cmd := exec.Command(bin, "-addr", addr)
-		if err := cmd.Start(); err != nil {
-			b.Fatal(err)
-		}
-		for {
-			resp, err := client.Get("http://" + addr + "/healthz")
-			if err == nil {
-				resp.Body.Close()
-				if resp.StatusCode == 200 {
-					break
-				}
-			}
-			if time.Since(start) > wait {
-				b.Fatal("no /healthz 200 within", wait)
-			}
-			time.Sleep(200 * time.Microsecond)
-		}
-		total += time.Since(start)
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
-	}
-	b.ReportMetric(float64(fi.Size())/1e6, "MB-binary")
-	b.ReportMetric(total.Seconds()*1000/float64(b.N), "ms-to-ready")
-	b.ReportMetric(0, "ns/op")
-}
-
-// ------------------------------------------------------ hostile clients --
-
-// frameBytes builds one client frame by hand: fin, rsv bits, opcode, masked
-// or not, with a length field that may claim more than the payload.
-func frameBytes(fin bool, rsv, opcode byte, masked bool, claim uint64, payload []byte) []byte {
-	b0 := rsv<<4 | opcode
-	if fin {
-		b0 |= 0x80
-	}
-	out := []byte{b0}
-	var maskBit byte
-	if masked {
-		maskBit = 0x80
-	}
-	switch {
-	case claim < 126:
-		out = append(out, maskBit|byte(claim))
-	case claim < 1<<16:
-		out = binary.BigEndian.AppendUint16(append(out, maskBit|126), uint16(claim))
-	default:
-		out = binary.BigEndian.AppendUint64(append(out, maskBit|127), claim)
-	}
-	if !masked {
-		return append(out, payload...)
-	}
-	key := []byte{9, 8, 7, 6}
-	out = append(out, key...)
-	for i, c := range payload {
-		out = append(out, c^key[i%4])
-	}
-	return out
-}
-
-func text(fin bool, s string) []byte {
-	return frameBytes(fin, 0, websocket.TextFrame, true, uint64(len(s)), []byte(s))
-}
-
-// Frame-level abuse over a raw connection: each gets a close or an error
-// frame, never a crash, a hang, or a message relayed to others.
-func TestFrameAbuse(t *testing.T) {
-	_, url := newTestServer(t)
-	watcher, _ := dial(t, url, "")
-	msg := `{"type":"message","text":"sneaky"}`
-	for _, tc := range []struct {
-		name  string
-		send  []byte
-		close int    // the close code wanted, or 0 for an error frame
-		code  string // the error code wanted, when close is 0
-	}{
-		{"fragmented text (not reassembled)", append(text(false, msg[:10]), frameBytes(true, 0, websocket.ContinuationFrame, true, uint64(len(msg)-10), []byte(msg[10:]))...), 0, errBadJSON},
-		{"length claims 2^63-1 bytes", frameBytes(true, 0, websocket.TextFrame, true, 1<<63-1, []byte(msg)), closeTooBig, ""},
-		// The top bit of a 64-bit length must be 0; x/net drops it, so this frame
-		// claims 0 bytes and what follows is read as an (unmasked) frame.
-		{"length with the top bit set", frameBytes(true, 0, websocket.TextFrame, true, 1<<63, []byte(msg)), closeProtocolError, ""},
-		{"reserved data opcode 3", frameBytes(true, 0, 3, true, uint64(len(msg)), []byte(msg)), closeProtocolError, ""},
-		{"reserved control opcode 11", frameBytes(true, 0, 11, true, uint64(len(msg)), []byte(msg)), closeProtocolError, ""},
-		{"binary frame", frameBytes(true, 0, websocket.BinaryFrame, true, uint64(len(msg)), []byte(msg)), closeUnsupported, ""},
-		{"unmasked client frame", frameBytes(true, 0, websocket.TextFrame, false, uint64(len(msg)), []byte(msg)), closeProtocolError, ""},
-		{"close frame mid-message", append(text(false, msg[:10]), frameBytes(true, 0, websocket.CloseFrame, true, 2, []byte{3, 232})...), closeNormal, ""},
-		{"second handshake on the connection", []byte("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n"), closeProtocolError, ""},
-		{"bytes after the close", append(frameBytes(true, 0, websocket.CloseFrame, true, 2, []byte{3, 232}), text(true, msg)...), closeNormal, ""},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			raw, _ := dialRaw(t, url, "")
-			raw.readText(t) // welcome
-			if _, err := raw.Write(tc.send); err != nil {
-				t.Fatal(err)
-			}
-			if tc.close == 0 {
-				if f := raw.readText(t); f.Type != "error" || f.Code != tc.code {
-					t.Errorf("got %s, want a %s error frame", f.raw, tc.code)
-				}
-				return
-			}
-			if code, _ := raw.readClose(t); code != tc.close {
-				t.Errorf("closed with %d, want %d", code, tc.close)
-			}
-		})
-	}
-	// Two violations x/net lets through and does not report: RSV bits, and
-	// a ping over 125 bytes (answered with a pong of the first 125). The frame
-	// is handled like any other; what goes out is the server's own encoding.
-	for _, tc := range []struct {
-		name string
-		send []byte
-	}{
-		{"RSV1 set on a text frame", frameBytes(true, 4, websocket.TextFrame, true, 2, []byte("{}"))},
-		{"ping with a 126-byte payload", frameBytes(true, 0, websocket.PingFrame, true, 126, bytes.Repeat([]byte("p"), 126))},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			raw, _ := dialRaw(t, url, "")
-			raw.readText(t) // welcome
-			raw.Write(tc.send)
-			raw.writeFrame(websocket.TextFrame, []byte(`{"type":"ping"}`))
-			for raw.readText(t).Type != "pong" {
-			}
-		})
-	}
-
-	// Nothing reached the watcher but presence, and it still chats.
-	watcher.say("after the abuse")
-	for {
-		f := watcher.next()
-		if f.Type == "message" {
-			if f.Text != "after the abuse" {
-				t.Fatalf("watcher got %q relayed from an abusive frame", f.Text)
-			}
-			break
-		}
-	}
-}
-
-// attack runs a mix of hostile clients against url for d: a flooder, a client
-// renaming in a loop, connections opened and closed in a loop, and a storm of
-// clients that connect at once, stay a second and leave. Meanwhile ten
-// ordinary speakers each say something every 250 ms, within the rate limit.
-// It fails tb if any speaker misses a speaker's message or sees one out of
-// seq order, and returns how long each speaker's own messages took to come
-// back to it, and the most presence frames one storm client received.
-func attack(tb testing.TB, url string, d time.Duration, storm int) (latencies []time.Duration, presence int) {
-	const speakers, every = 10, 250 * time.Millisecond
-	cs := make([]*chatClient, speakers)
-	for i := range cs {
-		cs[i], _ = dial(tb, url, "")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	defer cancel()
-	cfg := func() *websocket.Config {
-		cfg, _ := websocket.NewConfig(wsURL(url), url)
-		return cfg
-	}
-	var attackers sync.WaitGroup
-	attackers.Go(func() { // flooder: sends as fast as it can; reconnects when closed
-		for ctx.Err() == nil {
-			if ws, err := websocket.DialConfig(cfg()); err == nil {
-				go io.Copy(io.Discard, ws)
-				for ctx.Err() == nil && websocket.Message.Send(ws, `{"type":"message","text":"flood"}`) == nil {
-				}
-				ws.Close()
-			}
-		}
-	})
-	attackers.Go(func() { // renamer
-		for ctx.Err() == nil {
-			if ws, err := websocket.DialConfig(cfg()); err == nil {
-				go io.Copy(io.Discard, ws)
-				for i := 0; ctx.Err() == nil && websocket.Message.Send(ws, `{"type":"rename","name":"r`+strconv.Itoa(i)+`"}`) == nil; i++ {
-				}
-				ws.Close()
-			}
-		}
-	})
-	attackers.Go(func() { // churn: a thousand connections opened and closed
-		for i := 0; i < 1000 && ctx.Err() == nil; i++ {
-			if ws, err := websocket.DialConfig(cfg()); err == nil {
-				ws.Close()
-			}
-		}
-	})
-	var mostPresence atomic.Int64
-	for range storm { // the storm: all at once; each stays a second, counting presence frames
-		attackers.Go(func() {
-			ws, err := websocket.DialConfig(cfg())
-			if err != nil {
-				tb.Errorf("storm: %v", err)
-				return
-			}
-			defer ws.Close()
-			ws.SetReadDeadline(time.Now().Add(time.Second))
-			n := int64(0)
-			for {
-				var f frame
-				if websocket.JSON.Receive(ws, &f) != nil {
-					break
-				}
-				if f.Type == "presence" {
-					n++
-				}
-			}
-			for old := mostPresence.Load(); n > old && !mostPresence.CompareAndSwap(old, n); old = mostPresence.Load() {
-			}
-		})
-	}
-
-	var sentAt sync.Map // text -> time.Time
-	var sent atomic.Int64
-	var talking sync.WaitGroup
-	for i, c := range cs {
-		talking.Go(func() {
-			tick := time.NewTicker(every)
-			defer tick.Stop()
-			for n := 0; ctx.Err() == nil; n++ {
-				text := fmt.Sprintf("speaker %d #%d", i, n)
-				sentAt.Store(text, time.Now())
-				if err := websocket.JSON.Send(c.ws, map[string]string{"type": "message", "text": text}); err != nil {
-					tb.Errorf("speaker %d: %v", i, err)
-					return
-				}
-				sent.Add(1)
-				select {
-				case <-tick.C:
-				case <-ctx.Done():
-				}
-			}
-		})
-	}
-	talking.Wait()
-	attackers.Wait()
-
-	for i, c := range cs {
-		own := fmt.Sprintf("speaker %d #", i)
-		var last int64
-		for seen := int64(0); seen < sent.Load(); {
-			f := c.next()
-			if f.Type == "error" {
-				tb.Fatalf("speaker %d: a message was refused: %s", i, f.raw)
-			}
-			if f.Type != "message" || !strings.HasPrefix(f.Text, "speaker ") {
-				continue // an attacker's message that got through the rate limit
-			}
-			if f.Seq <= last {
-				tb.Fatalf("speaker %d: seq %d after %d", i, f.Seq, last)
-			}
-			last = f.Seq
-			seen++
-			if strings.HasPrefix(f.Text, own) {
-				t0, _ := sentAt.Load(f.Text)
-				latencies = append(latencies, f.at.Sub(t0.(time.Time)))
-			}
-		}
-	}
-	return latencies, int(mostPresence.Load())
-}
-
-func TestHostileClientsDoNotHurtOthers(t *testing.T) {
-	if testing.Short() {
-		t.Skip("a storm of 5000 clients (-short)")
-	}
-	_, url := newTestServer(t)
-	storm := 1000 // the race detector allows 8128 goroutines; the benchmark storms with 5000
-	lat, presence := attack(t, url, 3*time.Second, storm)
-	// attack checked that every speaker's message reached every speaker, in
-	// order; here, that the speakers spoke at all.
-	if len(lat) < 10 {
-		t.Errorf("only %d of the speakers' messages came back to them", len(lat))
-	}
-	// Without coalescing, a storm client would get a frame for each of the
-	// joins after its own: hundreds. (TestPresenceIsCoalesced pins the window.)
-	if presence > storm/20 {
-		t.Errorf("a storm client got %d presence frames in its second in a storm of %d, want a few", presence, storm)
-	}
-}
-
-// BenchmarkDeliveryUnderAttack reports ordinary clients' delivery times
-// while hostile clients flood, rename, churn and storm (5000 at once) for 10 s.
-//
-//	go test -run '^$' -bench DeliveryUnderAttack -benchtime 1x
-func BenchmarkDeliveryUnderAttack(b *testing.B) {
-	raiseFileLimit(b)
-	for b.Loop() {
-		url, proc, _ := serverProcess(b)
-		cpu0 := procCPU(b, proc.Pid)
-		lat, presence := attack(b, url, 10*time.Second, 5000)
-		b.ReportMetric((procCPU(b, proc.Pid) - cpu0).Seconds(), "server-cpu-s")
-		slices.Sort(lat)
-		b.ReportMetric(float64(presence), "presence-frames-max")
-		b.ReportMetric(ms(lat[len(lat)/2]), "ms-p50")
-		b.ReportMetric(ms(lat[len(lat)*99/100]), "ms-p99")
-		b.ReportMetric(float64(len(lat)), "deliveries")
-	}
-	b.ReportMetric(0, "ns/op")
-}
-
-func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-
-// procCPU returns the CPU time (user and system) process pid has used, from
-// /proc/PID/stat.
-func procCPU(tb testing.TB, pid int) time.Duration {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		tb.Skipf("no /proc here: %v", err)
-	}
-	// Fields after the command name (which may hold spaces, inside parentheses):
-	// state is field 3, utime 14, stime 15, in clock ticks of 1/100 s.
-	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:]))
-	utime, _ := strconv.ParseInt(f[11], 10, 64)
-	stime, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(utime+stime) * 10 * time.Millisecond
-}
-
-// procRSS returns the resident memory of process pid now, from /proc/PID/status.
-func procRSS(tb testing.TB, pid int) uint64 { return procStatusBytes(tb, pid, "VmRSS:") }
-
-// procPeakRSS returns the most resident memory process pid has had.
-func procPeakRSS(tb testing.TB, pid int) uint64 { return procStatusBytes(tb, pid, "VmHWM:") }
-
-// procStatusBytes reads one "Field:  123 kB" line of /proc/PID/status, in bytes.
-func procStatusBytes(tb testing.TB, pid int, field string) uint64 {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		tb.Skipf("no /proc here: %v", err)
-	}
-	for line := range strings.Lines(string(b)) {
-		if rest, ok := strings.CutPrefix(line, field); ok {
-			kb, _ := strconv.ParseUint(strings.Fields(rest)[0], 10, 64)
-			return kb << 10
-		}
-	}
-	return 0
-}
-
-// serverProcess starts pollfree in a process of its own (see TestMain), with
-// startProcess; it also returns the process, for /proc/PID figures.
-func serverProcess(tb testing.TB, args ...string) (url string, proc *os.Process, stop func() error) {
-	tb.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	cmd := exec.Command(exe)
-	cmd.Env = append(os.Environ(), "POLLFREE_SERVE="+strings.Join(append([]string{"-addr", "127.0.0.1:0"}, args...), " "))
-	url, stop = startProcess(tb, cmd)
-	return url, cmd.Process, stop
-}
-
-// raiseFileLimit lifts the open-file limit to its hard maximum, for tests
-// and benchmarks holding thousands of connections.
-func raiseFileLimit(tb testing.TB) {
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		return
-	}
-	want := syscall.Rlimit{Cur: 1 << 16, Max: max(lim.Max, 1<<16)}
-	if syscall.Setrlimit(syscall.RLIMIT_NOFILE, &want) != nil { // not root: as far as the hard limit goes
-		lim.Cur = lim.Max
-		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
-	}
-}
-
-// Request headers that trickle in, a line at a time, are cut off by
-// ReadHeaderTimeout however long the trickle lasts.
-func TestSlowHeadersAreCut(t *testing.T) {
-	if testing.Short() {
-		t.Skip("waits for ReadHeaderTimeout (-short)")
-	}
-	t.Parallel()
-	url, _, _ := startRun(t)
-	conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	start := time.Now()
-	go func() { // one more header line every half second, until the server hangs up
-		io.WriteString(conn, "GET / HTTP/1.1\r\nHost: x\r\n")
-		for conn.SetWriteDeadline(time.Now().Add(wait)) == nil {
-			if _, err := io.WriteString(conn, "X-Slow: 1\r\n"); err != nil {
-				return
-			}
-			time.Sleep(500 * time.Millisecond) // the attack's pace, not a synchronisation
-		}
-	}()
-	conn.SetReadDeadline(time.Now().Add(readHeaderTimeout + wait))
-	io.Copy(io.Discard, conn) // returns when the server closes the connection
-	if d := time.Since(start); d < readHeaderTimeout-time.Second || d > readHeaderTimeout+2*time.Second {
-		t.Errorf("slow headers cut after %v, want about %v", d.Round(time.Millisecond), readHeaderTimeout)
-	}
-}
-
-// SIGTERM with 1000 chat clients, 1000 event streams and messages in flight:
-// every chat client gets close 1001, every stream ends, and the process
-// exits with status 0 within shutdownTimeout.
-func TestSIGTERMUnderLoad(t *testing.T) {
-	if testing.Short() {
-		t.Skip("1000 clients (-short)")
-	}
-	if runtime.GOOS == "windows" {
-		t.Skip("no SIGTERM")
-	}
-	raiseFileLimit(t)
-	url, _, stop := serverProcess(t)
-	const chats, streams = 1000, 1000
-
-	codes := make(chan int, chats)
-	for range chats {
-		raw, status := dialRaw(t, url, "")
-		if status != 101 {
-			t.Fatalf("handshake = %d", status)
-		}
-		go func() { // read until the close frame, answer it as a browser would
-			for {
-				op, p, err := raw.readFrameWithin(2 * shutdownTimeout)
-				if err != nil {
-					codes <- 0
-					return
-				}
-				if op == websocket.CloseFrame && len(p) >= 2 {
-					raw.writeFrame(websocket.CloseFrame, p[:2])
-					codes <- int(binary.BigEndian.Uint16(p))
-					return
-				}
-			}
-		}()
-	}
-	ended := make(chan error, streams)
-	for range streams {
-		conn, err := net.Dial("tcp", hostport(url))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close() })
-		io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
-		go func() {
-			conn.SetReadDeadline(time.Now().Add(4 * shutdownTimeout))
-			_, err := io.Copy(io.Discard, conn)
-			ended <- err
-		}()
-	}
-	talkers := make([]*chatClient, 5)
-	for i := range talkers {
-		talkers[i], _ = dial(t, url, "")
-	}
-	ctx, cancel := context.WithCancel(t.Context())
-	defer cancel()
-	for _, c := range talkers { // messages in flight while the server stops
-		go func() {
-			for i := 0; ctx.Err() == nil && websocket.JSON.Send(c.ws, map[string]string{"type": "message", "text": strconv.Itoa(i)}) == nil; i++ {
-				time.Sleep(200 * time.Millisecond) // within the rate limit
-			}
-		}()
-	}
-	talkers[0].await("message") // traffic is flowing
-
-	start := time.Now()
-	if err := stop(); err != nil {
-		t.Errorf("exit after SIGTERM: %v, want status 0", err)
-	}
-	t.Logf("exit %v after SIGTERM", time.Since(start).Round(time.Millisecond))
-	if d := time.Since(start); d > shutdownTimeout {
-		t.Errorf("exit took %v, want under %v", d, shutdownTimeout)
-	}
-	for range chats {
-		if code := <-codes; code != closeGoingAway {
-			t.Fatalf("a chat client got close %d, want %d", code, closeGoingAway)
-		}
-	}
-	for range streams {
-		if err := <-ended; err != nil {
-			t.Fatalf("an event stream did not end cleanly: %v", err)
-		}
-	}
-}
-
-// SIGTERM while a client has stopped reading, its socket full and its
-// writer blocked in a write: the server cuts that write short and exits 0
-// within shutdownTimeout, and every other client still gets its 1001.
-func TestSIGTERMWithAStuckClientExitsInTime(t *testing.T) {
-	if runtime.GOOS == "windows" {
-		t.Skip("no SIGTERM")
-	}
-	t.Parallel()
-	url, _, stop := serverProcess(t)
-	watcher, _ := dial(t, url, "")
-	other, _ := dialRaw(t, url, "")
-	closeCode := make(chan int, 1)
-	go func() { // reads all the time, as a browser does
-		for {
-			op, p, err := other.readFrameWithin(2 * shutdownTimeout)
-			if err != nil {
-				closeCode <- 0
-				return
-			}
-			if op == websocket.CloseFrame && len(p) >= 2 {
-				closeCode <- int(binary.BigEndian.Uint16(p))
-				return
-			}
-		}
-	}()
-	dialStuck(t, url, "stuck")
-	sendUntilDropped(t, url, watcher, "stuck", func(frame, string) {})
-
-	start := time.Now()
-	if err := stop(); err != nil {
-		t.Errorf("exit after SIGTERM: %v, want status 0", err)
-	}
-	if d := time.Since(start); d > shutdownTimeout {
-		t.Errorf("exit took %v, want under %v", d, shutdownTimeout)
-	}
-	t.Logf("exit %v after SIGTERM", time.Since(start).Round(time.Millisecond))
-	if code := <-closeCode; code != closeGoingAway {
-		t.Errorf("a reading client got close %d, want %d", code, closeGoingAway)
-	}
-}
-
-var soak = flag.Duration("soak", 0, "run TestSoak for this long (e.g. -soak 10m)")
-
-// TestSoak churns a few hundred clients for -soak: joining, chatting,
-// leaving, and watching the stats. Afterwards the server's goroutines return
-// to what they were after a short warm-up of the same churn; its memory
-// figures are logged.
-//
-//	go test -run Soak -soak 10m -v
-func TestSoak(t *testing.T) {
-	if *soak == 0 {
-		t.Skip("runs only with -soak DURATION")
-	}
-	raiseFileLimit(t)
-	url, proc, _ := serverProcess(t)
-
-	churn(t, url, 2*time.Second) // warm-up: the baseline includes what the churn leaves behind by design
-	base, baseRSS := settled(t, url, 0), procRSS(t, proc.Pid)
-	sent, received := churn(t, url, *soak)
-	peakRSS := procRSS(t, proc.Pid)
-	after := settled(t, url, base.Process.Goroutines)
-	t.Logf("soak %v: %d messages sent, %d came back; goroutines %d -> %d; heap %d KB -> %d KB; RSS %d KB, %d KB at the end, %d KB after",
-		*soak, sent, received, base.Process.Goroutines, after.Process.Goroutines,
-		base.Process.HeapBytes>>10, after.Process.HeapBytes>>10, baseRSS>>10, peakRSS>>10, procRSS(t, proc.Pid)>>10)
-	if sent != received {
-		t.Errorf("%d messages sent, %d came back", sent, received)
-	}
-}
-
-// settled waits until no client is connected (but the poller) and, if
-// goroutines > 0, the server runs at most that many goroutines. Closing
-// connections take up to closeGrace, and a snapshot is up to a tick old.
-func settled(t *testing.T, url string, goroutines int) (s snapshot) {
-	t.Helper()
-	eventually(t, 6*wait, "server back to idle", func() bool {
-		s = getStats(t, url)
-		return s.Clients.Chat == 0 && s.Clients.SSE <= 1 && (goroutines == 0 || s.Process.Goroutines <= goroutines)
-	})
-	return s
-}
-
-// churn runs 300 clients for d: nine in ten join, say something, wait for it
-// to come back and leave, again and again; one in ten opens the event stream,
-// reads an event and closes it. It returns the messages sent and received.
-func churn(t *testing.T, url string, d time.Duration) (sent, received int64) {
-	ctx, cancel := context.WithTimeout(t.Context(), d)
-	defer cancel()
-	const workers = 300
-	var nSent, nReceived atomic.Int64
-	var wg sync.WaitGroup
-	for w := range workers {
-		wg.Go(func() {
-			for n := 0; ctx.Err() == nil; n++ {
-				if w%10 == 0 {
-					req, _ := http.NewRequestWithContext(ctx, "GET", url+"/events", nil)
-					if resp, err := http.DefaultClient.Do(req); err == nil {
-						br := bufio.NewReader(resp.Body)
-						for range 3 {
-							br.ReadString('\n')
-						}
-						resp.Body.Close()
-					}
-					continue
-				}
-				ws, err := websocket.Dial(wsURL(url), "", url)
-				if err != nil {
-					continue
-				}
-				text := fmt.Sprintf("w%d-%d", w, n)
-				if websocket.JSON.Send(ws, map[string]string{"type": "message", "text": text}) == nil {
-					nSent.Add(1)
-					ws.SetReadDeadline(time.Now().Add(wait))
-					for {
-						var f frame
-						if websocket.JSON.Receive(ws, &f) != nil {
-							t.Errorf("worker %d: its own message did not come back", w)
-							break
-						}
-						if f.Type == "message" && f.Text == text {
-							nReceived.Add(1)
-							break
-						}
-					}
-				}
-				ws.Close()
-			}
-		})
-	}
-	wg.Wait()
-	http.DefaultClient.CloseIdleConnections()
-	return nSent.Load(), nReceived.Load()
-}
-
-// ------------------------------------------------------------- capacity --
-
-// The capacity benchmarks run the server in a process of its own and hold
-// thousands of lean clients in this one: raw RFC 6455 over TCP, reading
-// frames without decoding JSON on the hot path. Run them with -benchtime 1x:
-//
-//	go test -run '^$' -bench 'Capacity|Floor' -benchtime 1x -timeout 30m
-
-// forSizes runs bench as sub-benchmarks for 1000, 5000 and 10 000
-// connections, each once per b.Loop.
-func forSizes(b *testing.B, label string, bench func(b *testing.B, n int)) {
-	for _, n := range []int{1000, 5000, 10000} {
-		b.Run(label+"="+strconv.Itoa(n), func(b *testing.B) {
-			raiseFileLimit(b)
-			for b.Loop() {
-				bench(b, n)
-			}
-			b.ReportMetric(0, "ns/op") // the figures that matter are the ones reported
-		})
-	}
-}
-
-// dialLoad opens a lean chat connection for a load test and reads up to
-// its welcome.
-func dialLoad(addr string) (*rawConn, error) {
-	conn, err := net.Dial("tcp", addr)
-	if err != nil {
-		return nil, err
-	}
-	c, status, err := handshake(conn, "")
-	if err == nil && status != 101 {
-		err = fmt.Errorf("handshake: %d", status)
-	}
-	if err == nil {
-		_, _, err = c.readFrameWithin(4 * wait) // the welcome
-	}
-	if err != nil {
-		conn.Close()
-		return nil, err
-	}
-	return c, nil
-}
-
-// connectAll connects n load clients, 256 at a time, and returns them and
-// how long it took.
-func connectAll(tb testing.TB, addr string, n int) ([]*rawConn, time.Duration) {
-	tb.Helper()
-	cs := make([]*rawConn, n)
-	start := time.Now()
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 256)
-	for i := range cs {
-		sem <- struct{}{}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			c, err := dialLoad(addr)
-			if err != nil {
-				tb.Errorf("client %d: %v", i, err)
-				return
-			}
-			cs[i] = c
-		})
-	}
-	wg.Wait()
-	if tb.Failed() {
-		tb.FailNow()
-	}
-	tb.Cleanup(func() {
-		for _, c := range cs {
-			c.Close()
-		}
-	})
-	return cs, time.Since(start)
-}
-
-// percentile returns the p-th percentile (0 to 100) of sorted durations.
-func percentile(sorted []time.Duration, p int) time.Duration {
-	if len(sorted) == 0 {
-		return 0
-	}
-	return sorted[min(len(sorted)-1, len(sorted)*p/100)]
-}
-
-// BenchmarkCapacityChat: N clients connected, one sender says 25 messages at
-// 5 a second, every client receives every message. Reports delivery
-// latency, server CPU per delivery, server RSS per connection and the time
-// N clients take to connect.
-func BenchmarkCapacityChat(b *testing.B) { forSizes(b, "clients", benchChat) }
-
-func benchChat(b *testing.B, n int) {
-	url, proc, _ := serverProcess(b, "-max-clients", strconv.Itoa(2*n))
-	idleRSS := procRSS(b, proc.Pid)
-	cs, took := connectAll(b, hostport(url), n)
-	sender, _ := dialRaw(b, url, "")
-	settle(b, url, n+1)
-	heldRSS := procRSS(b, proc.Pid)
-
-	const msgs = 25
-	var sentAt [msgs]time.Time
-	got := make([][msgs]time.Time, n)
-	var wg sync.WaitGroup
-	for i, c := range cs {
-		wg.Go(func() {
-			for seen := 0; seen < msgs; {
-				op, p, err := c.readFrameWithin(4 * wait)
-				if err != nil {
-					b.Errorf("client %d: %v after %d messages", i, err, seen)
-					return
-				}
-				if k := benchIndex(p); op == websocket.TextFrame && k >= 0 && got[i][k].IsZero() {
-					got[i][k] = time.Now()
-					seen++
-				}
-			}
-		})
-	}
-	go io.Copy(io.Discard, sender) // the sender's own copies
-	cpu0 := procCPU(b, proc.Pid)
-	for k := range msgs {
-		sentAt[k] = time.Now()
-		sender.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"bench-`+strconv.Itoa(k)+`"}`))
-		time.Sleep(time.Second / ratePerSecond) // the pace the rate limit allows
-	}
-	wg.Wait()
-	cpu := procCPU(b, proc.Pid) - cpu0
-
-	lat := make([]time.Duration, 0, n*msgs)
-	for i := range got {
-		for k, at := range got[i] {
-			if !at.IsZero() {
-				lat = append(lat, at.Sub(sentAt[k]))
-			}
-		}
-	}
-	slices.Sort(lat)
-	b.ReportMetric(ms(percentile(lat, 50)), "ms-p50")
-	b.ReportMetric(ms(percentile(lat, 99)), "ms-p99")
-	b.ReportMetric(float64(cpu.Microseconds())/float64(len(lat)), "cpu-µs/delivery")
-	b.ReportMetric(float64(heldRSS-idleRSS)/float64(n)/1024, "KB-rss/client")
-	b.ReportMetric(took.Seconds(), "s-to-connect")
-}
-
-// benchIndex returns K from a message frame whose text is "bench-K", or -1.
-func benchIndex(p []byte) int {
-	_, rest, ok := bytes.Cut(p, []byte(`"text":"bench-`))
-	if !ok {
-		return -1
-	}
-	end := bytes.IndexByte(rest, '"')
-	k, err := strconv.Atoi(string(rest[:max(end, 0)]))
-	if err != nil {
-		return -1
-	}
-	return k
-}
-
-// settle waits until the server counts chat clients online and the last
-// presence window has closed, so that measurements start from a quiet room.
-func settle(tb testing.TB, url string, chat int) {
-	tb.Helper()
-	eventually(tb, 6*wait, strconv.Itoa(chat)+" chat clients online", func() bool { return getStats(tb, url).Clients.Chat >= chat })
-	time.Sleep(2 * presenceEvery) // the joins' last presence frame goes out; the server cannot say when
-}
-
-// BenchmarkFloorWrite is what no server can beat: the CPU, in a process of
-// its own, of writing one frame-sized buffer to each of N loopback TCP
-// connections in a plain loop. Compare cpu-µs/write with the chat's
-// cpu-µs/delivery.
-func BenchmarkFloorWrite(b *testing.B) { forSizes(b, "conns", benchFloor) }
-
-// floorFrameBytes is about the size of a short chat message frame.
-const floorFrameBytes = 120
-
-// serveFloor is the floor process (see TestMain): it accepts n connections,
-// then for each line "M" on stdin writes a floorFrameBytes buffer to every
-// connection M times over, and answers "done".
-func serveFloor(n int) error {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(os.Stderr, "url=http://%s/\n", ln.Addr())
-	conns := make([]net.Conn, n)
-	for i := range conns {
-		if conns[i], err = ln.Accept(); err != nil {
-			return err
-		}
-	}
-	buf := bytes.Repeat([]byte("x"), floorFrameBytes)
-	in := bufio.NewScanner(os.Stdin)
-	for in.Scan() {
-		m, _ := strconv.Atoi(in.Text())
-		for range m {
-			for _, c := range conns {
-				if _, err := c.Write(buf); err != nil {
-					return err
-				}
-			}
-		}
-		fmt.Println("done")
-	}
-	return nil
-}
-
-func benchFloor(b *testing.B, n int) {
-	exe, _ := os.Executable()
-	cmd := exec.Command(exe)
-	cmd.Env = append(os.Environ(), "POLLFREE_FLOOR="+strconv.Itoa(n))
-	logs, _ := cmd.StderrPipe()
-	stdin, _ := cmd.StdinPipe()
-	stdout, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	defer func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() }()
-	url := <-scanURL(logs)
-	addr := strings.TrimSuffix(strings.TrimPrefix(url, "http://"), "/")
-	for range n {
-		conn, err := net.Dial("tcp", addr)
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer conn.Close()
-		go io.Copy(io.Discard, conn)
-	}
-	const rounds = 25
-	out := bufio.NewReader(stdout)
-	io.WriteString(stdin, "1\n") // warm up
-	out.ReadString('\n')
-	cpu0 := procCPU(b, cmd.Process.Pid)
-	io.WriteString(stdin, strconv.Itoa(rounds)+"\n")
-	out.ReadString('\n')
-	cpu := procCPU(b, cmd.Process.Pid) - cpu0
-	b.ReportMetric(float64(cpu.Microseconds())/float64(rounds*n), "cpu-µs/write")
-}
-
-// BenchmarkCapacitySSE: N subscribers to /events for 10 s. Reports how far
-// apart the first and last subscriber receive the same tick (p99 over
-// ticks), server CPU per second, RSS per subscriber, and the time from
-// request to first event (p99 over subscribers).
-func BenchmarkCapacitySSE(b *testing.B) { forSizes(b, "subscribers", benchSSE) }
-
-func benchSSE(b *testing.B, n int) {
-	url, proc, _ := serverProcess(b)
-	addr := hostport(url)
-	idleRSS := procRSS(b, proc.Pid)
-	const seconds = 10
-	type receipt struct {
-		id string
-		at time.Time
-	}
-	got := make([][]receipt, n)
-	first := make([]time.Duration, n)
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 256)
-	start := make(chan struct{})
-	for i := range n {
-		sem <- struct{}{}
-		conn, err := net.Dial("tcp", addr)
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer conn.Close()
-		wg.Go(func() {
-			t0 := time.Now()
-			io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
-			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-			<-sem
-			if err != nil {
-				b.Errorf("subscriber %d: %v", i, err)
-				return
-			}
-			br := bufio.NewReader(resp.Body)
-			if _, _, err := nextEvent(br); err != nil {
-				b.Errorf("subscriber %d: no first event: %v", i, err)
-				return
-			}
-			first[i] = time.Since(t0)
-			<-start
-			for range seconds {
-				id, _, err := nextEvent(br)
-				if err != nil {
-					b.Errorf("subscriber %d: %v", i, err)
-					return
-				}
-				got[i] = append(got[i], receipt{id, time.Now()})
-			}
-		})
-	}
-	for range cap(sem) { // every subscriber has its first event
-		sem <- struct{}{}
-	}
-	heldRSS := procRSS(b, proc.Pid)
-	cpu0 := procCPU(b, proc.Pid)
-	t0 := time.Now()
-	close(start)
-	wg.Wait()
-	cpuPerSecond := (procCPU(b, proc.Pid) - cpu0).Seconds() / time.Since(t0).Seconds()
-
-	byID := make(map[string][2]time.Time) // earliest and latest receipt of each tick
-	for _, rs := range got {
-		for _, r := range rs {
-			span, ok := byID[r.id]
-			if !ok || r.at.Before(span[0]) {
-				span[0] = r.at
-			}
-			if !ok || r.at.After(span[1]) {
-				span[1] = r.at
-			}
-			byID[r.id] = span
-		}
-	}
-	var spreads []time.Duration
-	for _, span := range byID {
-		spreads = append(spreads, span[1].Sub(span[0]))
-	}
-	slices.Sort(spreads)
-	slices.Sort(first)
-	b.ReportMetric(ms(percentile(spreads, 99)), "ms-spread-p99")
-	b.ReportMetric(cpuPerSecond*1000, "cpu-ms/s")
-	b.ReportMetric(float64(heldRSS-idleRSS)/float64(n)/1024, "KB-rss/subscriber")
-	b.ReportMetric(ms(percentile(first, 99)), "ms-first-event-p99")
-}
-
-// BenchmarkPollVersusPush is what polling would cost. N pages follow the
-// stats for 10 s, first by polling GET /stats once a second (each page on
-// a keep-alive connection of its own, at a phase of its own), then by one
-// event stream each. Reported side by side: the server's CPU per second,
-// bytes on the wire per page per minute (both ways, headers included),
-// requests per second, and how old a figure is when it reaches the page.
-//
-//	go test -run '^$' -bench PollVersusPush -benchtime 1x
-func BenchmarkPollVersusPush(b *testing.B) {
-	for _, n := range []int{100, 1000} {
-		for _, mode := range []string{"poll", "push"} {
-			b.Run("pages="+strconv.Itoa(n)+"/"+mode, func(b *testing.B) {
-				raiseFileLimit(b)
-				for b.Loop() {
-					benchPollOrPush(b, n, mode == "push")
-				}
-				b.ReportMetric(0, "ns/op")
-			})
-		}
-	}
-}
-
-func benchPollOrPush(b *testing.B, n int, push bool) {
-	const window = 10 * time.Second
-	url, proc, _ := serverProcess(b)
-	addr := hostport(url)
-	var onWire, requests, ages, figures atomic.Int64
-	dial := func() (net.Conn, error) {
-		c, err := net.Dial("tcp", addr)
-		return countingConn{c, &onWire}, err
-	}
-	age := func(data []byte) { // data holds a snapshot: "time" is when it was taken
-		_, rest, _ := bytes.Cut(data, []byte(`"time":"`))
-		if len(rest) < 24 {
-			b.Errorf("no time in %.60q", data)
-			return
-		}
-		if t, err := time.Parse(time.RFC3339Nano, string(rest[:24])); err == nil {
-			ages.Add(int64(time.Since(t)))
-			figures.Add(1)
-		}
-	}
-
-	ctx, cancel := context.WithCancel(b.Context())
-	defer cancel()
-	ready, start := make(chan struct{}, n), make(chan struct{})
-	var wg sync.WaitGroup
-	for range n {
-		wg.Go(func() {
-			conn, err := dial()
-			if err != nil {
-				b.Error(err)
-				ready <- struct{}{}
-				return
-			}
-			defer conn.Close()
-			context.AfterFunc(ctx, func() { conn.Close() })
-			br := bufio.NewReader(conn)
-			if push {
-				io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
-				resp, err := http.ReadResponse(br, nil)
-				ready <- struct{}{}
-				if err != nil {
-					b.Error(err)
-					return
-				}
-				body := bufio.NewReader(resp.Body)
-				<-start
-				for {
-					line, err := body.ReadBytes('\n')
-					if err != nil {
-						return
-					}
-					if data, ok := bytes.CutPrefix(line, []byte("data: ")); ok {
-						age(data)
-					}
-				}
-			}
-			ready <- struct{}{}
-			<-start
-			time.Sleep(mrand.N(time.Second)) // pages poll out of step
-			tick := time.NewTicker(time.Second)
-			defer tick.Stop()
-			for {
-				io.WriteString(conn, "GET /stats HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
-				requests.Add(1)
-				resp, err := http.ReadResponse(br, nil)
-				if err != nil {
-					return
-				}
-				data, err := io.ReadAll(resp.Body)
-				if err != nil {
-					return
-				}
-				age(data)
-				select {
-				case <-tick.C:
-				case <-ctx.Done():
-					return
-				}
-			}
-		})
-	}
-	for range n {
-		<-ready
-	}
-	onWire.Store(0)
-	cpu0 := procCPU(b, proc.Pid)
-	t0 := time.Now()
-	close(start)
-	time.Sleep(window) // the measurement window, not a synchronisation
-	elapsed := time.Since(t0)
-	cpu := procCPU(b, proc.Pid) - cpu0
-	wireBytes, reqs := onWire.Load(), requests.Load()
-	cancel()
-	wg.Wait()
-	if figures.Load() == 0 {
-		b.Fatal("no page got a figure")
-	}
-	b.ReportMetric(cpu.Seconds()*1000/elapsed.Seconds(), "cpu-ms/s")
-	b.ReportMetric(float64(wireBytes)/float64(n)/elapsed.Minutes()/1024, "KB-wire/page/min")
-	b.ReportMetric(float64(reqs)/elapsed.Seconds(), "requests/s")
-	b.ReportMetric(float64(ages.Load())/float64(figures.Load())/1e6, "ms-age")
-}
-
-// countingConn counts the bytes a connection carries, both ways, into n.
-type countingConn struct {
-	net.Conn
-	n *atomic.Int64
-}
-
-func (c countingConn) Read(p []byte) (int, error) {
-	k, err := c.Conn.Read(p)
-	c.n.Add(int64(k))
-	return k, err
-}
-
-func (c countingConn) Write(p []byte) (int, error) {
-	k, err := c.Conn.Write(p)
-	c.n.Add(int64(k))
-	return k, err
-}
-
-// BenchmarkIdle reports the server's RSS with nobody connected and the CPU it
-// uses over 10 s with nobody connected (none: no sampler runs).
-func BenchmarkIdle(b *testing.B) {
-	for b.Loop() {
-		_, proc, _ := serverProcess(b)
-		cpu0 := procCPU(b, proc.Pid)
-		time.Sleep(10 * time.Second) // the measurement window
-		b.ReportMetric(float64((procCPU(b, proc.Pid) - cpu0).Milliseconds()), "cpu-ms/10s")
-		b.ReportMetric(float64(procRSS(b, proc.Pid))/(1<<20), "MB-rss")
-	}
-	b.ReportMetric(0, "ns/op")
-}
-
-// BenchmarkCapacityBoth holds 9900 chat clients and 9900 event-stream
-// subscribers for 30 s while one sender says 5 messages a second. Every chat
-// client must get every message and every stream must stay up; it reports
-// the fewest ticks one subscriber got (skipping is allowed, by design) and
-// the server's peak RSS. (9900, not 10 000: where a process may hold at most
-// 20 000 open files, as here, the server needs a few for itself.)
-func BenchmarkCapacityBoth(b *testing.B) {
-	raiseFileLimit(b)
-	const chats, streams, seconds = 9900, 9900, 30
-	for b.Loop() {
-		url, proc, _ := serverProcess(b, "-max-clients", strconv.Itoa(2*chats))
-		addr := hostport(url)
-		cs, _ := connectAll(b, addr, chats)
-		ticks := make([]int, streams)
-		running := make(chan struct{}) // closed when the run is over
-		var subConns []net.Conn
-		var subs sync.WaitGroup
-		for i := range streams {
-			conn, err := net.Dial("tcp", addr)
-			if err != nil {
-				b.Fatal(err)
-			}
-			subConns = append(subConns, conn)
-			io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
-			subs.Go(func() {
-				resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-				if err != nil {
-					b.Errorf("subscriber %d: %v", i, err)
-					return
-				}
-				br := bufio.NewReader(resp.Body)
-				conn.SetReadDeadline(time.Now().Add(4 * seconds * time.Second)) // a backstop: the run closes it
-				// ticks starts at -1: the first event comes at once, not on a tick.
-				for ticks[i] = -1; ; ticks[i]++ {
-					if _, _, err := nextEvent(br); err != nil {
-						select {
-						case <-running: // closed by the benchmark after the run
-						default:
-							b.Errorf("subscriber %d: stream ended during the run: %v", i, err)
-						}
-						return
-					}
-				}
-			})
-		}
-		sender, _ := dialRaw(b, url, "")
-		go io.Copy(io.Discard, sender)
-		settle(b, url, chats+1)
-
-		const msgs = seconds * ratePerSecond
-		var delivered atomic.Int64
-		var wg sync.WaitGroup
-		for i, c := range cs {
-			wg.Go(func() {
-				seen := make([]bool, msgs)
-				for n := 0; n < msgs; {
-					op, p, err := c.readFrameWithin((seconds + 20) * time.Second)
-					if err != nil {
-						b.Errorf("chat client %d: %v after %d of %d messages", i, err, n, msgs)
-						return
-					}
-					if k := benchIndex(p); op == websocket.TextFrame && k >= 0 && !seen[k] {
-						seen[k] = true
-						n++
-						delivered.Add(1)
-					}
-				}
-			})
-		}
-		for k := range msgs {
-			sender.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"bench-`+strconv.Itoa(k)+`"}`))
-			time.Sleep(time.Second / ratePerSecond)
-		}
-		wg.Wait()
-		peak := procPeakRSS(b, proc.Pid)
-		close(running)
-		for _, c := range subConns {
-			c.Close()
-		}
-		subs.Wait()
-		b.ReportMetric(float64(delivered.Load())/float64(chats*msgs)*100, "%-delivered")
-		b.ReportMetric(float64(slices.Min(ticks)), "ticks-min")
-		b.ReportMetric(float64(peak)/(1<<20), "MB-peak-rss")
-	}
-	b.ReportMetric(0, "ns/op")
 }
