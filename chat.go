@@ -95,9 +95,10 @@ const (
 	// pong) before it is taken for gone. With pingEvery, a vanished peer is
 	// removed within 75 s.
 	readIdle = 75 * time.Second
-	// closeGrace bounds the close frame's write, and then how long the server
-	// reads (and discards) while waiting for the peer's close frame. A stuck
-	// client costs it twice at shutdown: well inside shutdownTimeout.
+	// closeGrace bounds every write to a client once it is out of the room
+	// (the rest of its queue and the close frame), and then how long the
+	// server reads (and discards) while waiting for the peer's close frame.
+	// A stuck client costs it twice at shutdown: well inside shutdownTimeout.
 	closeGrace = time.Second
 	// connReadBufferBytes and connWriteBufferBytes size the buffers x/net
 	// reads frames through and writes its handshake and pongs through. Small
@@ -105,7 +106,7 @@ const (
 	// writer sends its batches past the write buffer. net/http's 4 KiB pair
 	// would be most of an idle connection's memory. The write buffer must
 	// hold a whole control frame (127 bytes), so that each pong x/net writes
-	// goes out in one conn.Write and cannot interleave with a batch.
+	// goes out in one wire write and cannot interleave with a batch.
 	connReadBufferBytes  = 512
 	connWriteBufferBytes = 256
 	// rateBurst and ratePerSecond limit frames from one client: a burst of

@@ -376,7 +376,8 @@ var errShuttingDown = errors.New("server shutting down")
 // ------------------------------------------------------------- snapshot --
 //
 // What a tick carries, and where it comes from: the Go runtime everywhere,
-// and the platform file (stats_linux.go, stats_other.go) for the rest.
+// and the platform file (stats_linux.go, stats_other.go) for the rest. A
+// first reading may stop here.
 
 // snapshot is one stats event's data. Sizes are in bytes.
 type snapshot struct {
