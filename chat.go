@@ -27,7 +27,6 @@ import (
 	"bufio"
 	"bytes"
 	"container/list"
-	"context"
 	crand "crypto/rand"
 	"crypto/subtle"
 	"encoding/binary"
@@ -674,21 +673,6 @@ func (h *hub) shutdown() {
 	h.closed = true
 	for c := range h.clients {
 		h.dropLocked(c, closeGoingAway, "server shutting down")
-	}
-}
-
-// wait blocks until every connection handler has returned, or ctx is done.
-func (h *hub) wait(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() {
-		h.handlers.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("chat connections still open: %w", ctx.Err())
 	}
 }
 

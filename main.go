@@ -38,6 +38,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -271,7 +272,22 @@ func (s *server) beginShutdown() {
 // wait blocks until every chat connection and event stream has closed
 // (http.Server.Shutdown does not track hijacked connections) or ctx is done.
 func (s *server) wait(ctx context.Context) error {
-	return errors.Join(s.chat.wait(ctx), s.stats.wait(ctx))
+	return errors.Join(waitFor(ctx, &s.chat.handlers, "chat connections"), waitFor(ctx, &s.stats.streams, "event streams"))
+}
+
+// waitFor waits for wg, or until ctx is done.
+func waitFor(ctx context.Context, wg *sync.WaitGroup, what string) error {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("%s still open: %w", what, ctx.Err())
+	}
 }
 
 // pageCSP allows the page's inline script and style and connections back to

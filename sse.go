@@ -180,21 +180,6 @@ func (b *broadcaster) shutdown() {
 	}
 }
 
-// wait blocks until every event stream has ended, or ctx is done.
-func (b *broadcaster) wait(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() {
-		b.streams.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return errors.New("event streams still open: " + ctx.Err().Error())
-	}
-}
-
 // sample is the sampler goroutine: it reads the system once per tick and
 // publishes the result, until a tick finds no subscriber or shutdown begins.
 func (b *broadcaster) sample() {
