@@ -1109,7 +1109,7 @@ func (hj hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		early, _ := brw.Reader.Peek(n)
 		r = io.MultiReader(bytes.NewReader(bytes.Clone(early)), r)
 	}
-	conn.SetReadDeadline(time.Now().Add(hj.idle))
+	conn.SetReadDeadline(time.Now().Add(hj.idle)) // the first; from the first read on, the liveReader's alone
 	// New small buffers, so that net/http's can go with its request. x/net
 	// writes its handshake answer and its pongs through the wire.
 	brw = bufio.NewReadWriter(bufio.NewReaderSize(r, connReadBufferBytes), bufio.NewWriterSize(hj.c.wire, connWriteBufferBytes))
