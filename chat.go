@@ -1130,10 +1130,11 @@ func (keepOpen) Close() error { return nil }
 // that pinged in a quiet room was cut off. So every write sets its own
 // deadline just before it starts, and mu keeps the pair whole.
 //
-// stopBy is the one other hand on the deadline: when a client is dropped,
-// the hub uses it to end the write in progress, and bound every later one,
-// by a given time, so that a client that has stopped reading cannot hold its
-// connection, or the server's shutdown, for a whole writeWait.
+// stopBy is the one other hand on the deadline: the hub when it drops a
+// client, and the stats broadcaster when the server stops, use it to end the
+// write in progress, and bound every later one, by a given time, so that a
+// peer that has stopped reading cannot hold its connection, or the server's
+// shutdown, for a whole write timeout.
 type wire struct {
 	conn deadlineWriter
 	wait time.Duration // how long a write may take, unless it says otherwise
@@ -1170,11 +1171,15 @@ func (w *wire) write(p []byte, within time.Duration) (int, error) {
 	return w.conn.Write(p)
 }
 
-// stopBy makes the write in progress, and every later one, end by t.
+// stopBy makes the write in progress, and every later one, end by t (or by
+// an earlier time a previous call set: the bound only ever tightens).
 func (w *wire) stopBy(t time.Time) {
 	w.dmu.Lock()
 	defer w.dmu.Unlock()
-	w.until = t
+	if w.until.IsZero() || t.Before(w.until) {
+		w.until = t
+	}
+	t = w.until
 	if w.set.IsZero() || w.set.After(t) {
 		w.set = t
 		w.conn.SetWriteDeadline(t)

@@ -2053,6 +2053,24 @@ func TestSIGTERMWithAStuckClientExitsInTime(t *testing.T) {
 	}
 }
 
+// A wire's stopBy only tightens: a later, looser bound does not let a stuck
+// write run on past the earlier one.
+func TestWireStopByOnlyTightens(t *testing.T) {
+	conn, peer := net.Pipe() // nobody reads peer: every write blocks
+	defer conn.Close()
+	defer peer.Close()
+	w := &wire{conn: conn, wait: time.Minute}
+	w.stopBy(time.Now().Add(50 * time.Millisecond))
+	w.stopBy(time.Now().Add(time.Minute))
+	start := time.Now()
+	if _, err := w.Write([]byte("stuck")); err == nil {
+		t.Fatal("a write nobody reads succeeded")
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("the stuck write ended after %v, want about 50 ms", d.Round(time.Millisecond))
+	}
+}
+
 func TestNoGoroutineOutlivesItsConnection(t *testing.T) {
 	_, url := newTestServer(t)
 	before := runtime.NumGoroutine()
@@ -3045,6 +3063,14 @@ func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
 	a.waitFor("the stranger's message on A", jsShowsMessage("a stranger speaks"))
 	if a.eval2bool(jsMessages + `.find(li => li.textContent.includes("a stranger speaks")).classList.contains("mine")`) {
 		t.Error("after a restart A draws a stranger's message as its own")
+	}
+
+	// D takes C's session with C's token: C is told in words (close 4000) and
+	// does not reconnect, which would take the session back, for ever.
+	d.eval(`sessionStorage.setItem("pollfree-resume", `+jsString(c.text(`sessionStorage.getItem("pollfree-resume")`))+`); chat.ws.close()`, nil)
+	c.waitFor("the 4000 notice", jsNotice("This chat continued in another connection. Reload the page to come back here."))
+	if !c.eval2bool(`chat.ws === null && chat.attempt === 0`) {
+		t.Error("after a 4000 close C scheduled a reconnect")
 	}
 	a.waitFor("stats live again", `document.getElementById("stats-state").classList.contains("ok") && points.at(-1).t > Date.now() - 1500`)
 	if dir := os.Getenv("POLLFREE_SCREENSHOTS"); dir != "" {
