@@ -52,73 +52,44 @@ import (
 
 // Chat limits. Sizes are in bytes, text lengths in characters (runes).
 const (
-	// maxFrameBytes is the largest frame payload a client may send; a larger
-	// frame closes the connection with 1009.
-	maxFrameBytes = 8 << 10
-	// maxTextChars bounds a message's text after trimming.
-	maxTextChars = 2000
-	// maxNameChars bounds a display name after trimming.
-	maxNameChars = 32
-	// historySize is how many recent messages the hub keeps, for a
-	// newcomer's welcome and a resumed session's missed messages.
-	historySize = 50
-	// resumeWindow is how long an ended session may be resumed: its id and
-	// name come back, and the messages it missed while they are kept.
-	resumeWindow = 2 * time.Minute
-	// maxEndedSessions bounds the ended sessions kept for resuming (each
-	// holds a few hundred bytes); past it the oldest is forgotten first.
-	maxEndedSessions = 10_000
-	// welcomeUsers bounds the users listed in a welcome, so that a welcome
-	// stays small in a large room.
-	welcomeUsers = 100
-	// presenceEvery is the shortest time between two presence frames: joins
-	// and leaves inside it are coalesced into one frame.
-	presenceEvery = 250 * time.Millisecond
-	// presenceNames bounds each of a presence frame's joined and left lists;
-	// joinedCount and leftCount carry the totals.
-	presenceNames = 20
-	// sendQueueFrames bounds each client's outbound queue, in frames. A
-	// client whose queue is full when a frame arrives is dropped. Frames are
-	// shared by every client, so a queued frame costs one slice header; the
-	// queue grows only as needed.
+	maxFrameBytes    = 8 << 10                // a client frame's payload, at most; more closes with 1009
+	maxTextChars     = 2000                   // a message's text, after trimming
+	maxNameChars     = 32                     // a display name, after trimming
+	historySize      = 50                     // recent messages kept, for welcomes and resumes
+	resumeWindow     = 2 * time.Minute        // how long an ended session may be resumed
+	maxEndedSessions = 10_000                 // ended sessions kept for that, oldest forgotten first
+	welcomeUsers     = 100                    // users a welcome lists, so it stays small in a large room
+	presenceEvery    = 250 * time.Millisecond // joins and leaves within it share one presence frame
+	presenceNames    = 20                     // names in each presence list; the counts carry the totals
+	// sendQueueFrames bounds a client's outbox; a client whose outbox is full
+	// when a frame arrives is dropped. Frames are shared: one costs 24 bytes.
 	sendQueueFrames = 256
-	// writeWait bounds each write to a client, the writer's and x/net's
-	// pongs alike: a write not finished writeWait after it started fails,
-	// and the client is dropped.
+	// writeWait bounds each write to a client, the writer's and x/net's pongs
+	// alike; a write that takes longer drops the client.
 	writeWait = 10 * time.Second
-	// pingEvery is how often the server pings every client (one timer for
-	// the room). Must be well under readIdle, so that a live peer's pong
-	// arrives in time.
+	// The server pings every client each pingEvery (one timer for the room),
+	// and a client that sends nothing, not even a pong, for readIdle is gone:
+	// a vanished peer is removed within 75 s. pingEvery must be well under readIdle.
 	pingEvery = 30 * time.Second
-	// readIdle is how long a client may send nothing at all (no frame, no
-	// pong) before it is taken for gone. With pingEvery, a vanished peer is
-	// removed within 75 s.
-	readIdle = 75 * time.Second
-	// closeGrace bounds every write to a client once it is out of the room
-	// (the rest of its queue and the close frame), and then how long the
-	// server reads (and discards) while waiting for the peer's close frame.
-	// A stuck client costs it twice at shutdown: well inside shutdownTimeout.
+	readIdle  = 75 * time.Second
+	// closeGrace bounds every write to a client once it is out of the room,
+	// then the wait for its close frame. A stuck client costs it twice at
+	// shutdown, well inside shutdownTimeout.
 	closeGrace = time.Second
-	// connReadBufferBytes and connWriteBufferBytes size the buffers x/net
-	// reads frames through and writes its handshake and pongs through. Small
-	// on purpose: a payload longer than the read buffer bypasses it, and the
-	// writer sends its batches past the write buffer. net/http's 4 KiB pair
-	// would be most of an idle connection's memory. The write buffer must
-	// hold a whole control frame (127 bytes), so that each pong x/net writes
-	// goes out in one wire write and cannot interleave with a batch.
+	// The buffers x/net reads frames through and writes its handshake and
+	// pongs through; net/http's 4 KiB pair would be most of an idle client.
+	// The write buffer must hold a whole control frame (127 bytes), so that a
+	// pong is one write and cannot split a batch.
 	connReadBufferBytes  = 512
 	connWriteBufferBytes = 256
-	// rateBurst and ratePerSecond limit frames from one client: a burst of
-	// rateBurst, refilled at ratePerSecond. Frames over it are refused.
+	// A client may send rateBurst frames at once, refilled at ratePerSecond;
+	// more are refused. floodStrikes refusals within about floodWindow close
+	// it with 1008 (a second bucket, so that a flooder let through now and
+	// then as the first refills is not forgiven).
 	rateBurst     = 10
 	ratePerSecond = 5
-	// floodStrikes refused frames within about floodWindow close the
-	// connection with 1008. Refusals are counted in a window, not in a row:
-	// a flooder's frames are let through now and then as the rate bucket
-	// refills, and that must not forgive it. (They drain a second bucket,
-	// of floodStrikes refusals, refilled over floodWindow.)
-	floodStrikes = 30
-	floodWindow  = 10 * time.Second
+	floodStrikes  = 30
+	floodWindow   = 10 * time.Second
 )
 
 // WebSocket close codes (RFC 6455, section 7.4.1).
@@ -262,16 +233,15 @@ func (h *hub) online() int {
 	return len(h.clients)
 }
 
-// joinRequest is what a client asks for as it connects:
-// GET /ws?name=NAME&resume=TOKEN&since=SEQ, each part optional.
+// joinRequest is GET /ws?name=NAME&resume=TOKEN&since=SEQ, each part optional.
 type joinRequest struct {
 	name   string // a display name for a new session
 	resume string // a token, to continue a session
 	since  int64  // the last seq the client shows, or -1
 }
 
-// parseJoin reads a join request from the handshake's query. A since that
-// is not a whole number from 0 up counts as not given.
+// parseJoin reads a join request; a since that is not a whole number from 0
+// up counts as not given.
 func parseJoin(q url.Values) joinRequest {
 	req := joinRequest{name: q.Get("name"), resume: q.Get("resume"), since: -1}
 	if n, err := strconv.ParseInt(q.Get("since"), 10, 64); err == nil && n >= 0 {
@@ -280,17 +250,12 @@ func parseJoin(q url.Values) joinRequest {
 	return req
 }
 
-// join puts c in the room and queues its welcome. If req.resume names a
-// session still here, c continues it: same id, same name, and the messages
-// after req.since. Otherwise c starts a new session under the name asked for
-// (a name that cannot be used is replaced by a random one, with an error
-// frame after the welcome saying why). It reports false once shutdown has
-// begun.
-//
-// join must run before c's writer starts: the welcome is encoded after the
-// lock is released (in a storm of joins, encoding it under the lock was most
-// of what everyone else waited for) and then put in front of whatever
-// broadcasts reached c's outbox meanwhile.
+// join puts c in the room and queues its welcome, and reports false once
+// shutdown has begun. If req.resume names a session still kept, c continues
+// it: same id and name, and the messages after req.since. Otherwise c starts
+// a new session under the name asked for (or a random one, with an error
+// frame saying why). join runs before c's writer starts: the welcome is
+// encoded outside the lock, then put in front of what reached c meanwhile.
 func (h *hub) join(c *client, req joinRequest) bool {
 	var bad *refusal
 	name := randomName()
@@ -367,9 +332,8 @@ func (h *hub) join(c *client, req joinRequest) bool {
 	w := welcome{"welcome", s.user(), len(h.clients), users, h.run, stamp(now), s.id + "." + s.secret, resumed, missed}
 	h.mu.Unlock()
 
-	// The history goes in already encoded: marshalling it as json.RawMessage
-	// would re-validate every message in it, 47 µs a join with a full history
-	// against 3 µs for this splice (220 ms of CPU in a storm of 5000 joins).
+	// The history goes in already encoded: as a json.RawMessage it would be
+	// validated again, 47 µs a join with a full history against 3 µs.
 	head := encode(w)
 	frame := make([]byte, 0, len(head)+len(`,"history":`)+len(history))
 	frame = append(frame, head[:len(head)-1]...) // all but the closing brace
@@ -520,17 +484,12 @@ func (h *hub) endLocked(s *session) {
 	h.releaseNameLocked(s)
 	s.client, s.endedAt = nil, time.Now()
 	s.ended = h.ended.PushBack(s)
-	if h.ended.Len() > maxEndedSessions {
-		h.forgetLocked(h.ended.Front())
-	}
 	h.forgetEndedLocked(s.endedAt)
 }
 
-// resumableLocked returns the session token continues, or nil. A token that
-// is malformed, another run's, forgotten, or whose secret does not match
-// gets a new session, not an error. The secret is compared in constant time,
-// so that how long the answer takes tells a guesser nothing. The caller
-// holds h.mu.
+// resumableLocked returns the session token continues, or nil (a new session,
+// not an error). The secret is compared in constant time, so that how long
+// the answer takes tells a guesser nothing. The caller holds h.mu.
 func (h *hub) resumableLocked(token string) *session {
 	id, secret, ok := strings.Cut(token, ".")
 	s := h.sessions[id]
@@ -541,24 +500,23 @@ func (h *hub) resumableLocked(token string) *session {
 }
 
 // forgetEndedLocked forgets the sessions that ended more than resumeWindow
-// before now. The caller holds h.mu.
+// before now, and the oldest past maxEndedSessions. The caller holds h.mu.
 func (h *hub) forgetEndedLocked(now time.Time) {
-	for e := h.ended.Front(); e != nil && now.Sub(e.Value.(*session).endedAt) > h.resumeWindow; e = h.ended.Front() {
-		h.forgetLocked(e)
+	for e := h.ended.Front(); e != nil; e = h.ended.Front() {
+		s := e.Value.(*session)
+		if h.ended.Len() <= maxEndedSessions && now.Sub(s.endedAt) <= h.resumeWindow {
+			return
+		}
+		h.ended.Remove(e)
+		s.ended = nil
+		delete(h.sessions, s.id)
 	}
-}
-
-func (h *hub) forgetLocked(e *list.Element) {
-	s := h.ended.Remove(e).(*session)
-	s.ended = nil
-	delete(h.sessions, s.id)
 }
 
 // takeNameLocked gives s the name prefer if no live session has it, and
 // otherwise asked with the next free "-N" suffix. Each name asked for keeps
-// the next suffix to try, so that ten thousand people asking for "ann" cost
-// a look-up or two each, not a scan of ann-2, ann-3... under the lock.
-// The caller holds h.mu.
+// its next suffix, so that the ten-thousandth "ann" is a look-up or two, not
+// a scan of ann-2, ann-3... under the lock. The caller holds h.mu.
 func (h *hub) takeNameLocked(s *session, prefer, asked string) {
 	b := h.bases[foldName(asked)]
 	if b == nil {
@@ -659,8 +617,7 @@ func (h *hub) flushPresence() {
 		LeftCount   int    `json:"leftCount"`
 		Time        string `json:"time"`
 	}{"presence", len(h.clients), joined, left, len(h.joined), len(h.left), stamp(now)})
-	// New maps rather than cleared ones: a storm's thousands of entries
-	// should not stay allocated.
+	// New maps, not cleared ones: a storm's entries should not stay allocated.
 	h.joined, h.left = make(map[*session]bool), make(map[*session]user)
 	h.broadcastLocked(frame)
 }
@@ -717,11 +674,9 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.handlers.Add(1) // before the hijack, while Shutdown still waits for this request
 	started := false
 	ws := websocket.Server{Handler: func(ws *websocket.Conn) {
-		// Join here, then serve in a goroutine of the connection's own and
-		// return: net/http's goroutine for this request then ends, and with
-		// it the request's buffers and the stack that parsing it (and
-		// encoding the welcome) grew, most of the memory an idle connection
-		// would otherwise hold.
+		// Join, then serve from a goroutine of the connection's own: net/http's
+		// goroutine ends, and with it the request's buffers and deep stack,
+		// most of what an idle connection would otherwise hold.
 		started = true
 		joined := h.join(c, req)
 		go func() {
@@ -765,7 +720,7 @@ func (h *hub) checkOrigin(r *http.Request) error {
 func (h *hub) serve(ws *websocket.Conn, c *client, joined bool) {
 	ws.MaxPayloadBytes = maxFrameBytes
 	if !joined {
-		c.wire.write(appendClose(nil, closeGoingAway, "server shutting down"), closeGrace)
+		c.wire.Write(appendClose(nil, closeGoingAway, "server shutting down"))
 		return
 	}
 	log := h.log.With("client", c.s.id)
@@ -776,13 +731,9 @@ func (h *hub) serve(ws *websocket.Conn, c *client, joined bool) {
 	strikes := newBucket(floodStrikes, floodStrikes/floodWindow.Seconds())
 	for {
 		var in rawFrame
+		// Once c is out of the room this goes on reading (and the hub
+		// ignoring) what the peer sends, until its close frame or closeGrace.
 		err := frameCodec.Receive(ws, &in)
-		if c.live.isClosing() {
-			if err == nil || errors.Is(err, websocket.ErrFrameTooLarge) {
-				continue // drain until the peer's close frame or closeGrace
-			}
-			break
-		}
 		if errors.Is(err, websocket.ErrFrameTooLarge) {
 			h.drop(c, closeTooBig, "frame over "+strconv.Itoa(maxFrameBytes)+" bytes")
 			continue
@@ -901,14 +852,11 @@ func randomName() string {
 }
 
 // write is c's writer goroutine, the only one that writes frames to c's
-// connection. Each time it wakes it sends everything in the outbox in one
-// write (writeBatch). Once the outbox is closed, and its close frame sent,
-// it gives the peer closeGrace to answer. If a write fails, the peer is gone
-// or stuck: it ends the reader too.
-//
-// The batch is framed in a function of its own so that this goroutine's
-// stack stays small between wake-ups: with writeBatch's work inlined here,
-// each client held 2 KB more stack.
+// connection: each time it wakes, the whole outbox in one write. Once the
+// outbox is closed and its close frame sent, it gives the peer closeGrace to
+// answer; if a write fails, the peer is gone or stuck, and the reader ends
+// too. (writeBatch is its own function so that this goroutine's stack stays
+// small between wake-ups: inlined, it cost 2 KB more per client.)
 func (c *client) write() {
 	defer close(c.writerDone)
 	for range c.out.wake {
@@ -937,13 +885,11 @@ func (c *client) writeBatch() (closed bool, err error) {
 	if ping {
 		buf = appendFrame(buf, websocket.PingFrame, nil)
 	}
-	within := c.wire.wait
 	if code != 0 {
-		buf = appendClose(buf, code, reason)
-		within = closeGrace
+		buf = appendClose(buf, code, reason) // under the closeGrace dropLocked set
 	}
 	if len(buf) > 0 {
-		_, err = c.wire.write(buf, within)
+		_, err = c.wire.Write(buf)
 	}
 	if cap(buf) <= maxPooledBatch {
 		*bp = buf
@@ -952,10 +898,10 @@ func (c *client) writeBatch() (closed bool, err error) {
 	return code != 0, err
 }
 
-// batchPool holds the writers' batch buffers, up to maxPooledBatch bytes
-// each: an idle client holds none, and a busy one does not allocate. (With
-// a new buffer for every batch, and a new queue after every take, 5000
-// clients held 1.9 KB more RSS each; CPU was no different.)
+// batchPool holds the writers' batch buffers (up to maxPooledBatch bytes
+// each), so that an idle client holds none and a busy one does not allocate.
+// With a new buffer per batch and a new queue per take (see outbox.done),
+// 5000 clients held 1.9 KB more each.
 var batchPool = sync.Pool{New: func() any { return new([]byte) }}
 
 const maxPooledBatch = 64 << 10
@@ -1071,24 +1017,17 @@ func (b *bucket) take(now time.Time) bool {
 // ------------------------------------------------- what x/net leaves to us --
 //
 // A first reading may stop here. x/net/websocket does the handshake and the
-// reading, and this is what it leaves to its user:
-//   - It writes (and flushes) one frame per system call, and a writer that
-//     finds many frames queued should send them in one. Its Conn.Close always
-//     sends status 1000, and we need 1001 to 1009 and 4000. So the writer
-//     frames its own batches; server frames are simple (unmasked, a two- to
-//     ten-byte header).
-//   - It answers pings with pongs from inside Read, on the same socket as our
-//     writer: both must go through one place that owns the write deadline
-//     (the wire).
-//   - It swallows pongs inside Read, so we cannot see one arrive. Instead
-//     liveReader pushes the read deadline forward on any bytes from the
-//     peer, pongs included, and a peer that goes silent times out.
-//   - It returns ErrFrameTooLarge but keeps the connection; serve closes it
-//     with 1009.
+// reading, and leaves us this:
+//   - It writes one frame per system call, and its Close always sends 1000.
+//     The writer frames its own batches, close codes included; server
+//     frames are simple (unmasked, a two- to ten-byte header).
+//   - It writes pongs from inside Read, on our writer's socket: both go
+//     through the wire, which owns the write deadline.
+//   - It swallows pongs, so liveReader pushes the read deadline forward on
+//     any bytes from the peer, and a silent peer times out.
 
-// hijacker hands x/net/websocket the hijacked connection with small buffers,
-// reading through a liveReader and not closed by x/net, and records the
-// connection in the client.
+// hijacker hands x/net the hijacked connection, with small buffers, reading
+// through a liveReader, writing through a wire, and not closed by x/net.
 type hijacker struct {
 	http.ResponseWriter
 	c         *client
@@ -1116,25 +1055,20 @@ func (hj hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	return keepOpen{conn}, brw, nil
 }
 
-// keepOpen is the connection as x/net sees it: x/net closes its connection
-// when its handler returns, but the client's own goroutine serves on after
-// that and closes c.conn when it is done.
+// keepOpen is the connection as x/net sees it: x/net closes it when its
+// handler returns, but the client's own goroutine serves on and closes it.
 type keepOpen struct{ net.Conn }
 
 func (keepOpen) Close() error { return nil }
 
-// wire is the one path by which bytes reach a hijacked connection, and the
-// owner of its write deadline. A deadline belongs to the socket, not to a
-// write: when the writer set it and moved it only when it wrote itself, the
-// pongs x/net writes from the reader ran under a stale deadline, and a client
-// that pinged in a quiet room was cut off. So every write sets its own
-// deadline just before it starts, and mu keeps the pair whole.
-//
-// stopBy is the one other hand on the deadline: the hub when it drops a
-// client, and the stats broadcaster when the server stops, use it to end the
-// write in progress, and bound every later one, by a given time, so that a
-// peer that has stopped reading cannot hold its connection, or the server's
-// shutdown, for a whole write timeout.
+// wire is the one path by which bytes reach a connection, and the owner of
+// its write deadline. The deadline belongs to the socket, not to a write:
+// when the writer moved it only for its own writes, x/net's pongs ran under
+// a stale one and a client that pinged in a quiet room was cut off. So each
+// write sets its own deadline as it starts, and mu keeps the pair whole.
+// stopBy is the one other hand on it: the hub dropping a client and the
+// broadcaster stopping streams end the write in progress, and bound every
+// later one, so that a peer that stopped reading cannot hold up shutdown.
 type wire struct {
 	conn deadlineWriter
 	wait time.Duration // how long a write may take, unless it says otherwise
@@ -1146,23 +1080,19 @@ type wire struct {
 	until time.Time  // if not zero, no write may last past it
 }
 
-// deadlineWriter is what a wire writes to: a hijacked connection (a chat
-// client, an event stream over HTTP/1.1), or an HTTP/2 stream's response.
+// deadlineWriter is a hijacked connection, or an HTTP/2 stream's response.
 type deadlineWriter interface {
 	io.Writer
 	SetWriteDeadline(time.Time) error
 }
 
-// Write writes p within w.wait. x/net's handshake answer and pongs come this way.
-func (w *wire) Write(p []byte) (int, error) { return w.write(p, w.wait) }
-
-// write writes p, failing if that takes longer than within (or goes past
-// the time stopBy set).
-func (w *wire) write(p []byte, within time.Duration) (int, error) {
+// Write writes p, failing if that takes longer than w.wait (or goes past the
+// time stopBy set).
+func (w *wire) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.dmu.Lock()
-	w.set = time.Now().Add(within)
+	w.set = time.Now().Add(w.wait)
 	if !w.until.IsZero() && w.until.Before(w.set) {
 		w.set = w.until
 	}
@@ -1186,10 +1116,9 @@ func (w *wire) stopBy(t time.Time) {
 	}
 }
 
-// liveReader reads from the connection and pushes its read deadline forward
-// whenever bytes arrive, so that any traffic from the peer, including the
-// pongs x/net/websocket swallows, proves it is still there. Once the
-// connection is closing the deadline stays where closeAfter put it.
+// liveReader pushes the read deadline forward whenever bytes arrive, so that
+// any traffic, the pongs x/net swallows included, proves the peer is there.
+// Once closing, the deadline stays where closeAfter put it.
 type liveReader struct {
 	conn net.Conn
 	idle time.Duration
@@ -1218,13 +1147,6 @@ func (lr *liveReader) closeAfter(d time.Duration) {
 	lr.conn.SetReadDeadline(time.Now().Add(d))
 }
 
-// isClosing reports whether closeAfter has been called.
-func (lr *liveReader) isClosing() bool {
-	lr.mu.Lock()
-	defer lr.mu.Unlock()
-	return lr.closing
-}
-
 // appendFrame appends one server frame (RFC 6455, section 5.2): final, not
 // masked, with the shortest length encoding.
 func appendFrame(b []byte, opcode byte, payload []byte) []byte {
@@ -1247,9 +1169,8 @@ func appendClose(b []byte, code int, reason string) []byte {
 	return appendFrame(b, websocket.CloseFrame, append(payload, reason...))
 }
 
-// rawFrame is one received frame: its opcode and payload. A fragmented
-// message arrives as one rawFrame per fragment, continuations carrying the
-// first fragment's opcode (x/net does not reassemble them).
+// rawFrame is one received frame. x/net does not reassemble fragments: each
+// is a rawFrame, continuations carrying the first one's opcode.
 type rawFrame struct {
 	opcode byte
 	data   []byte
@@ -1261,8 +1182,7 @@ var frameCodec = websocket.Codec{Unmarshal: func(data []byte, opcode byte, v any
 	return nil
 }}
 
-// encode marshals a frame. Every frame is a fixed struct of strings and
-// numbers, so marshalling cannot fail.
+// encode marshals a frame: fixed structs of strings and numbers, which cannot fail.
 func encode(v any) []byte {
 	b, err := json.Marshal(v)
 	if err != nil {

@@ -46,18 +46,12 @@ import (
 
 // Server-wide limits and timeouts.
 const (
-	// defaultPort is used when neither -addr nor $PORT is given.
-	defaultPort = "3000"
-	// defaultMaxClients bounds concurrent chat connections; one more gets 503.
-	defaultMaxClients = 10_000
-	// readHeaderTimeout cuts clients that send request headers too slowly (slowloris).
-	readHeaderTimeout = 5 * time.Second
-	// idleTimeout closes keep-alive HTTP connections with no request in flight.
-	idleTimeout = 120 * time.Second
-	// maxHeaderBytes bounds the request line plus headers.
-	maxHeaderBytes = 16 << 10
-	// shutdownTimeout bounds the whole shutdown sequence, after which run returns anyway.
-	shutdownTimeout = 5 * time.Second
+	defaultPort       = "3000"            // without -addr or $PORT
+	defaultMaxClients = 10_000            // concurrent chat connections; one more gets 503
+	readHeaderTimeout = 5 * time.Second   // for the request line and headers (slowloris)
+	idleTimeout       = 120 * time.Second // a keep-alive connection with no request in flight
+	maxHeaderBytes    = 16 << 10          // the request line plus headers
+	shutdownTimeout   = 5 * time.Second   // the whole shutdown; run returns after it anyway
 )
 
 //go:embed index.html
@@ -134,9 +128,8 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 }
 
 // run is the whole program: it parses args, listens, serves until ctx is
-// done, then shuts down. main only adds signals and the exit status, so tests
-// can start the real program with run. pollfree writes nothing but its log
-// (and -h) to stderr.
+// done, then shuts down. main adds only signals and the exit status, so that
+// tests can start the real program. It writes its log (and -h) to stderr.
 func run(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
 	cfg, err := parseConfig(args, getenv, stderr)
 	if err != nil {
@@ -179,9 +172,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	app.beginShutdown() // chat clients get 1001; event streams end
-	err = srv.Shutdown(ctx)
-	err = errors.Join(err, app.wait(ctx))
-	if err != nil {
+	if err := errors.Join(srv.Shutdown(ctx), app.wait(ctx)); err != nil {
 		log.Error("shutdown incomplete", "err", err)
 		return err
 	}

@@ -22,27 +22,22 @@
 //  5. The stream ends when the client goes or the server shuts down; the
 //     browser's EventSource then reconnects by itself.
 //
-// The fan-out: one sampler goroutine per server reads the system and encodes
-// the event once per tick, then offers the same bytes to every subscriber's
-// one-slot channel without blocking. A subscriber still busy with the last
-// event skips this one; nobody slows the sampler or the others. The sampler
-// runs only while someone subscribes, and stops at the first tick with no
-// subscriber.
+// The fan-out: one sampler goroutine reads the system and encodes the event
+// once per tick, then offers the same bytes to every subscriber's one-slot
+// channel without blocking; a subscriber still writing the last event skips
+// this one, and slows nobody. The sampler runs only while someone listens.
 //
-// A stream over HTTP/1.1 leaves net/http once its request is read, as a chat
-// connection does: its goroutine writes to the bare connection, and net/http
-// lets go of the request's buffers, its background reader and its deep stack,
-// most of what an idle stream would otherwise hold (27 KB a subscriber with
-// them, 8 KB without, at 5000 subscribers). Over
-// HTTP/2 (with -tls-cert) a stream is one of many on a connection, so it
-// stays with net/http, which multiplexes them. Either way every write goes
-// through a wire (see chat.go), which owns the write deadline.
+// Over HTTP/1.1 a stream leaves net/http once its request is read, as a chat
+// connection does, and net/http lets go of the request's buffers, reader and
+// deep stack (27 KB a subscriber with them, 8 KB without). Over HTTP/2 (with
+// -tls-cert) a stream is one of many on a connection and stays with net/http.
+// Either way every write goes through a wire (chat.go), which owns the write
+// deadline.
 package main
 
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"io"
 	"io/fs"
 	"log/slog"
@@ -105,8 +100,7 @@ type broadcaster struct {
 	lastID  uint64 // the last tick's id; ids go on increasing across sampler runs
 
 	// Owned by the sampler goroutine. One run stops (in publish) before the
-	// next starts (in subscribe), both under mu, so they pass safely from
-	// run to run.
+	// next starts (in subscribe), both under mu.
 	info *hostInfo // read on the first run: it does not change while the server runs
 	cpu  cpuTimes  // the last CPU sample, kept across runs: a run's first tick covers the pause before it
 }
@@ -124,10 +118,10 @@ func newBroadcaster(log *slog.Logger, fsys fs.FS, chatClients func() int) *broad
 	}
 }
 
-// subscribe returns a channel that receives the latest tick at once (if there
-// is one) and then every tick it is ready for. It starts the sampler if none
-// runs, and returns nil once shutdown has begun. A stream subscribes with its
-// wire, and counts in b.streams until it calls unsubscribe.
+// subscribe returns a channel that receives the latest tick at once (if any)
+// and then every tick it is ready for, or nil once shutdown has begun; it
+// starts the sampler if none runs. A stream subscribes with its wire, and
+// counts in b.streams until it unsubscribes.
 func (b *broadcaster) subscribe(out *wire) chan *tick {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -219,9 +213,8 @@ func (b *broadcaster) publish(data []byte) bool {
 	return true
 }
 
-// eventStreamHeader is the answer to GET /events over HTTP/1.1, written by
-// hand once the connection has left net/http. The stream ends when the
-// connection closes (there is no length and no chunking), hence "close".
+// eventStreamHeader answers GET /events over HTTP/1.1, written by hand once
+// the connection has left net/http. The stream ends with the connection.
 const eventStreamHeader = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n" +
 	"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n"
 
@@ -244,7 +237,7 @@ func (b *broadcaster) serveEvents(w http.ResponseWriter, r *http.Request) {
 	out := &wire{conn: conn, wait: b.writeTimeout}
 	sub := b.subscribe(out)
 	if sub == nil { // shutdown has begun
-		out.write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"), closeGrace)
+		out.Write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"))
 		conn.Close()
 		return
 	}
@@ -296,10 +289,9 @@ func (f flushingResponse) SetWriteDeadline(t time.Time) error { return f.rc.SetW
 var keepAliveLine = []byte(": keep-alive\n\n")
 
 // stream writes first, then events from sub, until sub is closed (shutdown),
-// a write fails or blocks past sseWriteTimeout (the client went, or stopped
-// reading), or gone is closed. A hijacked stream has no gone: nothing reads
-// its connection, so a client that left is noticed at the next write or the
-// one after.
+// a write fails or blocks past sseWriteTimeout, or gone is closed. A hijacked
+// stream has no gone: nothing reads its connection, so a client that left is
+// noticed at the next write or the one after.
 func (b *broadcaster) stream(out *wire, sub chan *tick, first string, gone <-chan struct{}) error {
 	if _, err := io.WriteString(out, first); err != nil {
 		return err
@@ -326,44 +318,31 @@ func (b *broadcaster) stream(out *wire, sub chan *tick, first string, gone <-cha
 	}
 }
 
-// serveStats serves GET /stats: the latest snapshot as JSON. When no
-// sampler runs, it starts one and waits for its first tick.
+// serveStats serves GET /stats: the latest snapshot as JSON. When no sampler
+// runs, it starts one and waits for its first tick.
 func (b *broadcaster) serveStats(w http.ResponseWriter, r *http.Request) {
-	t, err := b.current(r.Context())
-	if err != nil {
-		http.Error(w, "no stats: "+err.Error(), http.StatusServiceUnavailable)
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Cache-Control", "no-store")
-	w.Write(append(t.json, '\n'))
-}
-
-// current returns the latest tick, waiting for one if the sampler has just started.
-func (b *broadcaster) current(ctx context.Context) (*tick, error) {
 	sub := b.subscribe(nil)
-	if sub == nil {
-		return nil, errShuttingDown
-	}
-	defer b.unsubscribe(sub, nil)
-	select {
-	case t, ok := <-sub:
-		if !ok {
-			return nil, errShuttingDown
+	if sub != nil {
+		defer b.unsubscribe(sub, nil)
+		select {
+		case t, ok := <-sub:
+			if ok {
+				w.Header().Set("Content-Type", "application/json")
+				w.Header().Set("Cache-Control", "no-store")
+				w.Write(append(t.json, '\n'))
+				return
+			}
+		case <-r.Context().Done():
+			return // the client went
 		}
-		return t, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
 	}
+	http.Error(w, "no stats: server shutting down", http.StatusServiceUnavailable)
 }
-
-var errShuttingDown = errors.New("server shutting down")
 
 // ------------------------------------------------------------- snapshot --
 //
-// What a tick carries, and where it comes from: the Go runtime everywhere,
-// and the platform file (stats_linux.go, stats_other.go) for the rest. A
-// first reading may stop here.
+// A first reading may stop here: what a tick carries, from the Go runtime
+// everywhere and the platform file (stats_linux.go, stats_other.go).
 
 // snapshot is one stats event's data. Sizes are in bytes.
 type snapshot struct {
@@ -415,9 +394,7 @@ type clientStats struct {
 	SSE  int `json:"sse"`  // event-stream subscribers now
 }
 
-// snapshot takes one sample: what the platform file can read from the
-// system, plus what the Go runtime knows everywhere. Only the sampler
-// goroutine calls it.
+// snapshot takes one sample. Only the sampler goroutine calls it.
 func (b *broadcaster) snapshot() snapshot {
 	if b.info == nil {
 		info := readHostInfo(b.fsys)
@@ -449,9 +426,8 @@ var runtimeSamples = []string{
 	"/memory/classes/heap/free:bytes",
 }
 
-// readRuntime fills the process figures from the Go runtime, and the memory
-// figures with the runtime's own view (source "runtime"), which readSystem
-// replaces where the platform knows better.
+// readRuntime fills the process figures, and the memory figures with the
+// runtime's own view (source "runtime") for readSystem to replace.
 func readRuntime(s *snapshot) {
 	m := make([]metrics.Sample, len(runtimeSamples))
 	for i, name := range runtimeSamples {

@@ -20,12 +20,12 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"io/fs"
 	"os"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -50,18 +50,13 @@ type cgroupFiles struct {
 
 // readHostInfo reads what does not change while the server runs.
 func readHostInfo(fsys fs.FS) hostInfo {
-	info := hostInfo{user: currentUser()}
-	if b, err := fs.ReadFile(fsys, "proc/sys/kernel/hostname"); err == nil {
-		info.hostname = strings.TrimSpace(string(b))
-	} else {
+	info := hostInfo{hostname: readString(fsys, "proc/sys/kernel/hostname"), kernel: "Linux", user: currentUser()}
+	if info.hostname == "" {
 		info.hostname, _ = os.Hostname()
 	}
-	ostype, err1 := fs.ReadFile(fsys, "proc/sys/kernel/ostype")
-	release, err2 := fs.ReadFile(fsys, "proc/sys/kernel/osrelease")
-	if err1 == nil && err2 == nil {
-		info.kernel = strings.TrimSpace(string(ostype)) + " " + strings.TrimSpace(string(release))
-	} else {
-		info.kernel = "Linux"
+	ostype, release := readString(fsys, "proc/sys/kernel/ostype"), readString(fsys, "proc/sys/kernel/osrelease")
+	if ostype != "" && release != "" {
+		info.kernel = ostype + " " + release
 	}
 	if b, err := fs.ReadFile(fsys, "proc/cpuinfo"); err == nil {
 		info.cpuModel = parseCPUModel(b)
@@ -75,15 +70,11 @@ func readHostInfo(fsys fs.FS) hostInfo {
 // readSystem fills s with what /proc says now. prev is the CPU sample from the
 // last call, replaced by this one; the first call measures since boot.
 func readSystem(fsys fs.FS, info hostInfo, s *snapshot, prev *cpuTimes) {
-	if b, err := fs.ReadFile(fsys, "proc/uptime"); err == nil {
-		if f, err := parseFloats(b, 1); err == nil {
-			s.Host.UptimeSeconds = f[0]
-		}
+	if f, err := parseFloats(readString(fsys, "proc/uptime"), 1); err == nil {
+		s.Host.UptimeSeconds = f[0]
 	}
-	if b, err := fs.ReadFile(fsys, "proc/loadavg"); err == nil {
-		if f, err := parseFloats(b, 3); err == nil {
-			s.Host.Load = f
-		}
+	if f, err := parseFloats(readString(fsys, "proc/loadavg"), 3); err == nil {
+		s.Host.Load = f
 	}
 	if b, err := fs.ReadFile(fsys, "proc/stat"); err == nil {
 		if now, err := parseCPUTimes(b); err == nil {
@@ -91,55 +82,38 @@ func readSystem(fsys fs.FS, info hostInfo, s *snapshot, prev *cpuTimes) {
 			*prev = now
 		}
 	}
-	if b, err := fs.ReadFile(fsys, "proc/self/statm"); err == nil {
-		if f := strings.Fields(string(b)); len(f) > 1 {
-			if pages, err := strconv.ParseUint(f[1], 10, 64); err == nil {
-				s.Process.RSSBytes = pages * uint64(os.Getpagesize())
-			}
+	if f := strings.Fields(readString(fsys, "proc/self/statm")); len(f) > 1 {
+		if pages, err := strconv.ParseUint(f[1], 10, 64); err == nil {
+			s.Process.RSSBytes = pages * uint64(os.Getpagesize())
 		}
 	}
 	b, err := fs.ReadFile(fsys, "proc/meminfo")
 	if err != nil {
 		return
 	}
-	m, err := parseMeminfo(b)
-	if err != nil {
+	m, ok := parseMeminfo(b)
+	if !ok {
 		return
 	}
-	s.Memory = memoryStats{TotalBytes: m.total, AvailableBytes: m.available, FreeBytes: m.free, Source: "host"}
-	if cg := info.cgroup; cg.limit > 0 && cg.limit < m.total {
+	if cg := info.cgroup; cg.limit > 0 && cg.limit < m.TotalBytes {
 		if used, ok := readCgroupUsage(fsys, cg); ok {
 			// The container's view: its limit is its total.
-			s.Memory = memoryStats{
-				TotalBytes:      cg.limit,
-				AvailableBytes:  cg.limit - min(used, cg.limit),
-				FreeBytes:       cg.limit - min(used, cg.limit),
-				Source:          "cgroup",
-				LimitBytes:      cg.limit,
-				CgroupUsedBytes: used,
-			}
+			free := cg.limit - min(used, cg.limit)
+			m = memoryStats{TotalBytes: cg.limit, AvailableBytes: free, FreeBytes: free, Source: "cgroup", LimitBytes: cg.limit, CgroupUsedBytes: used}
 		}
 	}
-	s.Memory.UsedBytes = s.Memory.TotalBytes - s.Memory.AvailableBytes
-	s.Memory.UsedPercent = percent(s.Memory.UsedBytes, s.Memory.TotalBytes)
+	m.UsedBytes = m.TotalBytes - m.AvailableBytes
+	m.UsedPercent = percent(m.UsedBytes, m.TotalBytes)
+	s.Memory = m
 }
 
-// meminfo holds the /proc/meminfo figures pollfree shows, in bytes.
-type meminfo struct {
-	total, available, free uint64
-}
-
-// parseMeminfo reads "Key:   123 kB" lines. (MemAvailable is there since
-// Linux 3.14, 2014.)
-func parseMeminfo(b []byte) (meminfo, error) {
-	var m meminfo
-	var haveTotal bool
+// parseMeminfo reads the "Key:   123 kB" lines pollfree shows. It reports
+// false without a MemTotal.
+func parseMeminfo(b []byte) (memoryStats, bool) {
+	m := memoryStats{Source: "host"}
 	for line := range bytes.Lines(b) {
-		key, rest, ok := bytes.Cut(line, []byte(":"))
-		if !ok {
-			continue
-		}
-		f := strings.Fields(string(rest))
+		key, rest, _ := strings.Cut(string(line), ":")
+		f := strings.Fields(rest)
 		if len(f) == 0 {
 			continue
 		}
@@ -150,21 +124,18 @@ func parseMeminfo(b []byte) (meminfo, error) {
 		if len(f) > 1 && f[1] == "kB" {
 			n *= 1024
 		}
-		switch string(key) {
+		switch key {
 		case "MemTotal":
-			m.total, haveTotal = n, true
+			m.TotalBytes = n
 		case "MemAvailable":
-			m.available = n
+			m.AvailableBytes = n
 		case "MemFree":
-			m.free = n
+			m.FreeBytes = n
 		}
 	}
-	if !haveTotal || m.total == 0 {
-		return m, errors.New("meminfo: no MemTotal")
-	}
-	m.available = min(m.available, m.total)
-	m.free = min(m.free, m.total)
-	return m, nil
+	m.AvailableBytes = min(m.AvailableBytes, m.TotalBytes)
+	m.FreeBytes = min(m.FreeBytes, m.TotalBytes)
+	return m, m.TotalBytes > 0
 }
 
 // parseCPUTimes reads the aggregate "cpu" line of /proc/stat: user nice
@@ -200,9 +171,9 @@ func cpuPercent(prev, now cpuTimes) float64 {
 	return percent(total-min(idle, total), total)
 }
 
-// parseFloats reads the first n space-separated numbers of b.
-func parseFloats(b []byte, n int) ([]float64, error) {
-	f := strings.Fields(string(b))
+// parseFloats reads the first n space-separated numbers of s.
+func parseFloats(s string, n int) ([]float64, error) {
+	f := strings.Fields(s)
 	if len(f) < n {
 		return nil, errors.New("want " + strconv.Itoa(n) + " numbers, got " + strconv.Itoa(len(f)))
 	}
@@ -233,82 +204,59 @@ func parseCPUModel(b []byte) string {
 // turn: the process's own cgroup under the mount, then the mount's root (a
 // container without a cgroup namespace sees its own cgroup there).
 func findCgroup(fsys fs.FS, selfCgroup []byte) cgroupFiles {
-	var v2, v1 string
-	haveV2, haveV1 := false, false
-	sc := bufio.NewScanner(bytes.NewReader(selfCgroup))
-	for sc.Scan() {
-		parts := strings.SplitN(sc.Text(), ":", 3)
-		if len(parts) != 3 {
-			continue
-		}
+	var v1, v2 []string // directories to look in
+	for line := range strings.Lines(string(selfCgroup)) {
+		parts := strings.SplitN(strings.TrimSpace(line), ":", 3)
 		switch {
+		case len(parts) != 3:
 		case parts[0] == "0" && parts[1] == "":
-			v2, haveV2 = parts[2], true
-		case hasController(parts[1], "memory"):
-			v1, haveV1 = parts[2], true
+			v2 = []string{path.Join("sys/fs/cgroup", parts[2]), "sys/fs/cgroup"}
+		case slices.Contains(strings.Split(parts[1], ","), "memory"):
+			v1 = []string{path.Join("sys/fs/cgroup/memory", parts[2]), "sys/fs/cgroup/memory"}
 		}
 	}
-	if haveV1 {
-		for _, dir := range []string{path.Join("sys/fs/cgroup/memory", v1), "sys/fs/cgroup/memory"} {
-			if limit, ok := readLimit(fsys, path.Join(dir, "memory.limit_in_bytes")); ok {
-				return cgroupFiles{limit, path.Join(dir, "memory.usage_in_bytes"), path.Join(dir, "memory.stat"), "total_inactive_file"}
-			}
+	for _, dir := range v1 {
+		if limit, ok := readLimit(fsys, path.Join(dir, "memory.limit_in_bytes")); ok {
+			return cgroupFiles{limit, path.Join(dir, "memory.usage_in_bytes"), path.Join(dir, "memory.stat"), "total_inactive_file"}
 		}
 	}
-	if haveV2 {
-		for _, dir := range []string{path.Join("sys/fs/cgroup", v2), "sys/fs/cgroup"} {
-			if limit, ok := readLimit(fsys, path.Join(dir, "memory.max")); ok {
-				return cgroupFiles{limit, path.Join(dir, "memory.current"), path.Join(dir, "memory.stat"), "inactive_file"}
-			}
+	for _, dir := range v2 {
+		if limit, ok := readLimit(fsys, path.Join(dir, "memory.max")); ok {
+			return cgroupFiles{limit, path.Join(dir, "memory.current"), path.Join(dir, "memory.stat"), "inactive_file"}
 		}
 	}
 	return cgroupFiles{}
 }
 
-func hasController(list, name string) bool {
-	for c := range strings.SplitSeq(list, ",") {
-		if c == name {
-			return true
-		}
-	}
-	return false
-}
-
 // readLimit reads a cgroup memory limit; "max" (v2) or a value of noLimit
 // and over (v1) mean none is set.
 func readLimit(fsys fs.FS, name string) (uint64, bool) {
-	b, err := fs.ReadFile(fsys, name)
-	if err != nil {
-		return 0, false
-	}
-	n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
-	if err != nil || n == 0 || n >= noLimit {
-		return 0, false
-	}
-	return n, true
+	n, err := strconv.ParseUint(readString(fsys, name), 10, 64)
+	return n, err == nil && n > 0 && n < noLimit
 }
 
 // readCgroupUsage returns the cgroup's memory usage less its inactive page
 // cache, which the kernel reclaims before it would hit the limit.
 func readCgroupUsage(fsys fs.FS, cg cgroupFiles) (uint64, bool) {
-	b, err := fs.ReadFile(fsys, cg.usage)
+	used, err := strconv.ParseUint(readString(fsys, cg.usage), 10, 64)
 	if err != nil {
 		return 0, false
 	}
-	used, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
-	if err != nil {
-		return 0, false
-	}
-	if stat, err := fs.ReadFile(fsys, cg.stat); err == nil {
-		for line := range bytes.Lines(stat) {
-			key, value, _ := strings.Cut(strings.TrimSpace(string(line)), " ")
-			if key == cg.inactiveKey {
-				if n, err := strconv.ParseUint(value, 10, 64); err == nil && n <= used {
-					used -= n
-				}
-				break
+	stat, _ := fs.ReadFile(fsys, cg.stat)
+	for line := range strings.Lines(string(stat)) {
+		if key, value, _ := strings.Cut(strings.TrimSpace(line), " "); key == cg.inactiveKey {
+			if n, err := strconv.ParseUint(value, 10, 64); err == nil && n <= used {
+				used -= n
 			}
+			break
 		}
 	}
 	return used, true
+}
+
+// readString returns a file's text without the white space around it, or ""
+// if it cannot be read.
+func readString(fsys fs.FS, name string) string {
+	b, _ := fs.ReadFile(fsys, name)
+	return strings.TrimSpace(string(b))
 }
