@@ -11,11 +11,12 @@
 //     connection drops, the session waits resumeWindow for the page to come
 //     back (GET /ws?resume=TOKEN&since=SEQ) as the same person, with the
 //     messages it missed.
-//   - A broadcast encodes its frame once and, under hub.mu, puts the same
-//     bytes in every client's outbox without blocking. Putting under the
-//     lock is what keeps every client's view in seq order. A client whose
-//     outbox is full is dropped, never waited for, and nothing touches a
-//     socket while hub.mu is held. Lock order: hub.mu, then an outbox's own.
+//   - A broadcast encodes and frames its message once and, under hub.mu,
+//     puts the same bytes in every client's outbox without blocking.
+//     Putting under the lock is what keeps every client's view in seq order.
+//     A client whose outbox is full is dropped, never waited for, and nothing
+//     touches a socket while hub.mu is held. Lock order: hub.mu, then an
+//     outbox's own.
 //   - A client has two goroutines. Its reader is the only reader of the
 //     socket; it decodes frames and calls into the hub. Its writer empties
 //     the outbox, the whole backlog in one write. x/net writes too (pongs,
@@ -335,12 +336,13 @@ func (h *hub) join(c *client, req joinRequest) bool {
 	// The history goes in already encoded: as a json.RawMessage it would be
 	// validated again, 47 µs a join with a full history against 3 µs.
 	head := encode(w)
-	frame := make([]byte, 0, len(head)+len(`,"history":`)+len(history))
+	n := len(head) + len(`,"history":`) + len(history)
+	frame := appendHeader(make([]byte, 0, 10+n), websocket.TextFrame, n)
 	frame = append(frame, head[:len(head)-1]...) // all but the closing brace
 	frame = append(append(append(frame, `,"history":`...), history...), '}')
 	first := [][]byte{frame}
 	if bad != nil && !resumed {
-		first = append(first, encodeRefusal(bad))
+		first = append(first, textFrame(encodeRefusal(bad)))
 	}
 	c.out.putFirst(first...)
 	return true
@@ -411,12 +413,12 @@ func (h *hub) rename(c *client, want string) *refusal {
 	return nil
 }
 
-// reply queues frame for c alone.
-func (h *hub) reply(c *client, frame []byte) {
+// reply queues a frame for c alone.
+func (h *hub) reply(c *client, payload []byte) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.inRoomLocked(c) {
-		h.offerLocked(c, frame)
+		h.offerLocked(c, textFrame(payload))
 	}
 }
 
@@ -430,15 +432,17 @@ func encodeRefusal(r *refusal) []byte {
 	}{"error", r})
 }
 
-// broadcastLocked offers frame to every client. The caller holds h.mu.
-func (h *hub) broadcastLocked(frame []byte) {
+// broadcastLocked frames payload once and offers the frame to every client.
+// The caller holds h.mu.
+func (h *hub) broadcastLocked(payload []byte) {
+	frame := textFrame(payload)
 	for c := range h.clients {
 		h.offerLocked(c, frame)
 	}
 }
 
-// offerLocked queues frame for c without blocking; if c's outbox is full, c
-// is too slow to keep up and is dropped. The caller holds h.mu.
+// offerLocked queues a frame for c without blocking; if c's outbox is full,
+// c is too slow to keep up and is dropped. The caller holds h.mu.
 func (h *hub) offerLocked(c *client, frame []byte) {
 	if !c.out.put(frame) {
 		h.dropLocked(c, closePolicyViolation, "too slow: outbound queue full")
@@ -464,7 +468,7 @@ func (h *hub) dropLocked(c *client, code int, text string) {
 	if code != closeNormal {
 		h.log.Debug("dropping client", "client", c.s.id, "code", code, "reason", text)
 	}
-	c.out.close(code, text, code == closePolicyViolation || code == closeReplaced)
+	c.out.close(appendClose(nil, code, text), code == closePolicyViolation || code == closeReplaced)
 	// A client out of the room gets closeGrace for the writes still to come
 	// (its backlog and the close frame) and for the one in progress: a
 	// client that stopped reading must not hold its connection, or the
@@ -559,9 +563,9 @@ func withSuffix(name string, i int) string {
 	return strings.TrimSpace(string(base)) + suffix
 }
 
-// pingAll asks every client's writer for a ping, and schedules the next
-// round while anyone is in the room. One timer for the whole hub, rather
-// than a ticker per client, keeps an idle connection cheap.
+// pingAll queues a ping for every client, and schedules the next round while
+// anyone is in the room. One timer for the whole hub, rather than a ticker
+// per client, keeps an idle connection cheap.
 func (h *hub) pingAll() {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -570,7 +574,7 @@ func (h *hub) pingAll() {
 		return
 	}
 	for c := range h.clients {
-		c.out.pingDue()
+		h.offerLocked(c, pingFrame)
 	}
 	time.AfterFunc(h.pingEvery, h.pingAll)
 }
@@ -769,8 +773,8 @@ func (h *hub) serve(ws *websocket.Conn, c *client, joined bool) {
 	log.Debug("left")
 }
 
-// pongFrame answers a client's ping.
-var pongFrame = []byte(`{"type":"pong"}`)
+// pong answers a client's {"type":"ping"}.
+var pong = []byte(`{"type":"pong"}`)
 
 // handle acts on one frame from c, or says why it refused it.
 func (h *hub) handle(c *client, data []byte) *refusal {
@@ -784,7 +788,7 @@ func (h *hub) handle(c *client, data []byte) *refusal {
 	case "rename":
 		return h.rename(c, in.Name)
 	case "ping":
-		h.reply(c, pongFrame)
+		h.reply(c, pong)
 	}
 	return nil
 }
@@ -872,30 +876,24 @@ func (c *client) write() {
 	}
 }
 
-// writeBatch writes every frame in c's outbox in one write, with a ping if
-// one is due and a close frame if the outbox is closed.
+// writeBatch writes every frame in c's outbox in one write, and reports
+// whether the last was the close frame.
 func (c *client) writeBatch() (closed bool, err error) {
-	frames, ping, code, reason := c.out.take()
+	frames, closed := c.out.take()
 	bp := batchPool.Get().(*[]byte)
 	buf := (*bp)[:0]
 	for _, f := range frames {
-		buf = appendFrame(buf, websocket.TextFrame, f)
+		buf = append(buf, f...)
 	}
 	c.out.done(frames)
-	if ping {
-		buf = appendFrame(buf, websocket.PingFrame, nil)
-	}
-	if code != 0 {
-		buf = appendClose(buf, code, reason) // under the closeGrace dropLocked set
-	}
 	if len(buf) > 0 {
-		_, err = c.wire.Write(buf)
+		_, err = c.wire.Write(buf) // a close frame goes under the closeGrace dropLocked set
 	}
 	if cap(buf) <= maxPooledBatch {
 		*bp = buf
 		batchPool.Put(bp)
 	}
-	return code != 0, err
+	return closed, err
 }
 
 // batchPool holds the writers' batch buffers (up to maxPooledBatch bytes
@@ -906,24 +904,22 @@ var batchPool = sync.Pool{New: func() any { return new([]byte) }}
 
 const maxPooledBatch = 64 << 10
 
-// outbox is a client's queue of frames waiting for its writer: the hub puts
-// frames in one at a time, the writer takes all of them at once. Closing it
-// tells the writer to send a close frame and stop.
+// outbox is a client's queue of frames, framed for the wire, waiting for its
+// writer: the hub puts them in one at a time (messages, pings, replies), the
+// writer takes all of them at once. A close frame is the last one in.
 type outbox struct {
 	mu     sync.Mutex // guards the fields below
-	frames [][]byte   // at most sendQueueFrames
+	frames [][]byte   // at most sendQueueFrames, a close frame aside
 	spare  [][]byte   // the writer's last batch, emptied, for the next one
-	ping   bool       // a ping is due
-	code   int        // the close code once closed; 0 while open
-	reason string
+	closed bool       // a close frame is queued: nothing more goes in
 
-	wake chan struct{} // one slot: a signal that frames arrived, a ping is due or the box closed
+	wake chan struct{} // one slot: a signal that frames arrived
 }
 
 // put queues frame. It reports false when the box is full (or closed).
 func (o *outbox) put(frame []byte) bool {
 	o.mu.Lock()
-	ok := o.code == 0 && len(o.frames) < sendQueueFrames
+	ok := !o.closed && len(o.frames) < sendQueueFrames
 	if ok {
 		o.frames = append(o.frames, frame)
 	}
@@ -941,23 +937,16 @@ func (o *outbox) putFirst(frames ...[]byte) {
 	o.signal()
 }
 
-// pingDue asks the writer to send a ping.
-func (o *outbox) pingDue() {
+// close queues a close frame last; discard drops the frames queued before it
+// (for a client too slow or hostile to deserve them).
+func (o *outbox) close(frame []byte, discard bool) {
 	o.mu.Lock()
-	o.ping = true
-	o.mu.Unlock()
-	o.signal()
-}
-
-// close closes the box with a close code; discard drops the frames still
-// queued (for a client too slow or hostile to deserve them).
-func (o *outbox) close(code int, reason string, discard bool) {
-	o.mu.Lock()
-	o.code, o.reason = code, reason
 	if discard {
 		clear(o.frames)
 		o.frames = o.frames[:0]
 	}
+	o.frames = append(o.frames, frame)
+	o.closed = true
 	o.mu.Unlock()
 	o.signal()
 }
@@ -969,15 +958,13 @@ func (o *outbox) signal() {
 	}
 }
 
-// take empties the box: every queued frame, whether a ping is due, and the
-// close code and reason (0 and "" while open). The writer gives the frames
-// back with done once it has framed them.
-func (o *outbox) take() (frames [][]byte, ping bool, code int, reason string) {
+// take empties the box, and reports whether its last frame was the close
+// frame. The writer gives the frames back with done once it has copied them.
+func (o *outbox) take() (frames [][]byte, closed bool) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	frames, o.frames, o.spare = o.frames, o.spare, nil
-	ping, o.ping = o.ping, false
-	return frames, ping, o.code, o.reason
+	return frames, o.closed
 }
 
 // done hands a taken batch back to be the next one, so that a busy client's
@@ -1147,26 +1134,33 @@ func (lr *liveReader) closeAfter(d time.Duration) {
 	lr.conn.SetReadDeadline(time.Now().Add(d))
 }
 
-// appendFrame appends one server frame (RFC 6455, section 5.2): final, not
-// masked, with the shortest length encoding.
-func appendFrame(b []byte, opcode byte, payload []byte) []byte {
+// appendHeader appends the header of a server frame with an n-byte payload
+// (RFC 6455, section 5.2): final, not masked, the shortest length encoding.
+func appendHeader(b []byte, opcode byte, n int) []byte {
 	b = append(b, 0x80|opcode)
-	switch n := len(payload); {
+	switch {
 	case n < 126:
-		b = append(b, byte(n))
+		return append(b, byte(n))
 	case n < 1<<16:
-		b = binary.BigEndian.AppendUint16(append(b, 126), uint16(n))
+		return binary.BigEndian.AppendUint16(append(b, 126), uint16(n))
 	default:
-		b = binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
+		return binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
 	}
-	return append(b, payload...)
 }
+
+// textFrame frames a JSON payload.
+func textFrame(payload []byte) []byte {
+	return append(appendHeader(make([]byte, 0, 10+len(payload)), websocket.TextFrame, len(payload)), payload...)
+}
+
+// pingFrame is the server's ping, shared by every client.
+var pingFrame = appendHeader(nil, websocket.PingFrame, 0)
 
 // appendClose appends a close frame with a status code and reason (RFC 6455,
 // section 5.5.1). The reason must fit the 123 bytes a control frame allows.
 func appendClose(b []byte, code int, reason string) []byte {
-	payload := binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(reason)), uint16(code))
-	return appendFrame(b, websocket.CloseFrame, append(payload, reason...))
+	b = binary.BigEndian.AppendUint16(appendHeader(b, websocket.CloseFrame, 2+len(reason)), uint16(code))
+	return append(b, reason...)
 }
 
 // rawFrame is one received frame. x/net does not reassemble fragments: each
