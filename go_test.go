@@ -6,7 +6,7 @@
 //	go test -race ./...                  everything, as CI runs it (about 70 s here)
 //	go test -short ./...                 without the 1000-client, slowloris, storm, container and browser tests (about 20 s)
 //	go test -run '^$' -bench Capacity -benchtime 1x    the capacity figures (server in a process of its own)
-//	go test -run Soak -soak 10m -v       the soak
+//	go test -run Soak -soak 10m -timeout 15m -v    the soak
 //	go test -run '^$' -fuzz FuzzDecodeFrame -fuzztime 5m
 //
 // POLLFREE_BROWSER=required makes a missing Chromium a failure rather than a
@@ -3179,10 +3179,13 @@ var soak = flag.Duration("soak", 0, "run TestSoak for this long (e.g. -soak 10m)
 // to what they were after a short warm-up of the same churn; its memory
 // figures are logged.
 //
-//	go test -run Soak -soak 10m -v
+//	go test -run Soak -soak 10m -timeout 15m -v
 func TestSoak(t *testing.T) {
 	if *soak == 0 {
 		t.Skip("runs only with -soak DURATION")
+	}
+	if deadline, ok := t.Deadline(); ok && time.Until(deadline) < *soak+time.Minute {
+		t.Fatalf("-soak %v does not fit in the test binary's -timeout (%v left): give -timeout %v", *soak, time.Until(deadline).Round(time.Second), *soak+5*time.Minute)
 	}
 	raiseFileLimit(t)
 	url, proc, _ := serverProcess(t)
