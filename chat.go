@@ -723,7 +723,8 @@ func (h *hub) checkOrigin(r *http.Request) error {
 // writer has finished; the caller then closes the connection.
 func (h *hub) serve(ws *websocket.Conn, c *client, joined bool) {
 	ws.MaxPayloadBytes = maxFrameBytes
-	if !joined {
+	if !joined { // never in the room, so bounded like a client leaving it
+		c.wire.stopBy(time.Now().Add(closeGrace))
 		c.wire.Write(appendClose(nil, closeGoingAway, "server shutting down"))
 		return
 	}

@@ -237,6 +237,7 @@ func (b *broadcaster) serveEvents(w http.ResponseWriter, r *http.Request) {
 	out := &wire{conn: conn, wait: b.writeTimeout}
 	sub := b.subscribe(out)
 	if sub == nil { // shutdown has begun
+		out.stopBy(time.Now().Add(closeGrace))
 		out.Write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"))
 		conn.Close()
 		return
