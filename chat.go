@@ -1,27 +1,29 @@
-// Chat over WebSocket: first the room, then one connection's life, then the
-// limits, and last the machinery x/net/websocket leaves to us.
+// Chat over WebSocket: a room that everyone in it hears.
+//
+// The idea fits in the first screens: the hub is the room. A connection
+// joins it, says things, may rename itself, and leaves; what one says is
+// broadcast to everyone, the sender included. Everything below the room is
+// machinery, each part under a divider that says why it exists: the
+// sessions that outlive a connection, one connection's life, the limits, the
+// tuning, and the frame layer. A first reading may stop at any divider.
 //
 // Who owns what:
-//   - The hub is the room. It owns everything the clients share, under one
-//     mutex (hub.mu): who is online, their names, the sessions that may
-//     still resume, the message sequence number, the history, and the joins
-//     and leaves not yet announced.
-//   - A person in the room is a session: an id, a name and a secret resume
-//     token. It speaks through one connection at a time, a client. When that
-//     connection drops, the session waits resumeWindow for the page to come
-//     back (GET /ws?resume=TOKEN&since=SEQ) as the same person, with the
-//     messages it missed.
+//   - The hub owns everything the clients share, under one mutex (hub.mu):
+//     who is online, their names, the sessions that may still resume, the
+//     message sequence number, the history, and the joins and leaves not
+//     yet announced.
 //   - A broadcast encodes and frames its message once and, under hub.mu,
 //     puts the same bytes in every client's outbox without blocking.
 //     Putting under the lock is what keeps every client's view in seq order.
-//     A client whose outbox is full is dropped, never waited for, and nothing
-//     touches a socket while hub.mu is held. Lock order: hub.mu, then an
+//     A client whose outbox is full is dropped, never waited for, and
+//     nothing is written to a socket while hub.mu is held (dropping a
+//     client only moves its write deadline). Lock order: hub.mu, then an
 //     outbox's own.
 //   - A client has two goroutines. Its reader is the only reader of the
-//     socket; it decodes frames and calls into the hub. Its writer empties
-//     the outbox, the whole backlog in one write. x/net writes too (pongs,
-//     from inside the reader's Read), so every write goes through the
-//     client's wire, which owns the write deadline.
+//     socket: it reads frames, decides what each means and calls into the
+//     hub. Its writer is the only writer after the handshake: it empties
+//     the outbox, the whole backlog in one write, pongs and the close frame
+//     included.
 package main
 
 import (
@@ -40,6 +42,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -51,110 +54,14 @@ import (
 	"golang.org/x/net/websocket"
 )
 
-// Chat limits. Sizes are in bytes, text lengths in characters (runes).
+// ----------------------------------------------------------------- the room --
+
+// The room's limits. Text lengths are in characters (runes).
 const (
-	maxFrameBytes    = 8 << 10                // a client frame's payload, at most; more closes with 1009
-	maxTextChars     = 2000                   // a message's text, after trimming
-	maxNameChars     = 32                     // a display name, after trimming
-	historySize      = 50                     // recent messages kept, for welcomes and resumes
-	resumeWindow     = 2 * time.Minute        // how long an ended session may be resumed
-	maxEndedSessions = 10_000                 // ended sessions kept for that, oldest forgotten first
-	welcomeUsers     = 100                    // users a welcome lists, so it stays small in a large room
-	presenceEvery    = 250 * time.Millisecond // joins and leaves within it share one presence frame
-	presenceNames    = 20                     // names in each presence list; the counts carry the totals
-	// sendQueueFrames bounds a client's outbox; a client whose outbox is full
-	// when a frame arrives is dropped. Frames are shared: one costs 24 bytes.
-	sendQueueFrames = 256
-	// writeWait bounds each write to a client, the writer's and x/net's pongs
-	// alike; a write that takes longer drops the client.
-	writeWait = 10 * time.Second
-	// The server pings every client each pingEvery (one timer for the room),
-	// and a client that sends nothing, not even a pong, for readIdle is gone:
-	// a vanished peer is removed within 75 s. pingEvery must be well under readIdle.
-	pingEvery = 30 * time.Second
-	readIdle  = 75 * time.Second
-	// closeGrace bounds every write to a client once it is out of the room,
-	// then the wait for its close frame. A stuck client costs it twice at
-	// shutdown, well inside shutdownTimeout.
-	closeGrace = time.Second
-	// The buffers x/net reads frames through and writes its handshake and
-	// pongs through; net/http's 4 KiB pair would be most of an idle client.
-	// The write buffer must hold a whole control frame (127 bytes), so that a
-	// pong is one write and cannot split a batch.
-	connReadBufferBytes  = 512
-	connWriteBufferBytes = 256
-	// A client may send rateBurst frames at once, refilled at ratePerSecond;
-	// more are refused. floodStrikes refusals within about floodWindow close
-	// it with 1008 (a second bucket, so that a flooder let through now and
-	// then as the first refills is not forgiven).
-	rateBurst     = 10
-	ratePerSecond = 5
-	floodStrikes  = 30
-	floodWindow   = 10 * time.Second
+	maxTextChars = 2000 // a message's text, after trimming
+	historySize  = 50   // recent messages kept, for welcomes and resumes
+	welcomeUsers = 100  // users a welcome lists, so it stays small in a large room
 )
-
-// WebSocket close codes (RFC 6455, section 7.4.1).
-const (
-	closeNormal          = 1000
-	closeGoingAway       = 1001 // server shutting down
-	closeProtocolError   = 1002 // a frame with a reserved opcode
-	closeUnsupported     = 1003 // a binary frame: the protocol is JSON text
-	closePolicyViolation = 1008 // flooding, or too slow to read
-	closeTooBig          = 1009 // frame over maxFrameBytes
-	closeReplaced        = 4000 // a resume took over the session (a private-use code)
-)
-
-// Error codes carried by {"type":"error"} frames.
-const (
-	errBadJSON     = "bad_json"
-	errUnknownType = "unknown_type"
-	errEmpty       = "empty"
-	errTooLong     = "too_long"
-	errBadName     = "bad_name"
-	errRateLimited = "rate_limited"
-)
-
-// user is a session's public identity on the wire.
-type user struct {
-	ID   string `json:"id"`
-	Name string `json:"name"`
-}
-
-// inbound is any frame a client sends; which fields matter depends on Type.
-type inbound struct {
-	Type string `json:"type"` // "message", "rename" or "ping"
-	Text string `json:"text"` // message
-	Name string `json:"name"` // rename
-}
-
-// message is a chat message as broadcast and kept in history.
-type message struct {
-	Type string `json:"type"` // "message"
-	Seq  int64  `json:"seq"`  // strictly increasing per server run
-	From user   `json:"from"`
-	Text string `json:"text"`
-	Time string `json:"time"`
-}
-
-// welcome is the first frame on every connection. Its history goes in
-// already encoded (see join).
-type welcome struct {
-	Type    string `json:"type"` // "welcome"
-	You     user   `json:"you"`
-	Online  int    `json:"online"`
-	Users   []user `json:"users"` // at most welcomeUsers, you first
-	Run     string `json:"run"`
-	Time    string `json:"time"`
-	Resume  string `json:"resume"`  // the token that continues this session; for its owner only
-	Resumed bool   `json:"resumed"` // this connection continues a session
-	Missed  int64  `json:"missed"`  // messages after the client's since that are no longer kept
-}
-
-// refusal is why a client's frame was refused; it goes back as an error frame.
-type refusal struct {
-	Code string `json:"code"`
-	Text string `json:"error"`
-}
 
 // hub is the chat room: the http.Handler for GET /ws and everything the
 // clients share.
@@ -165,9 +72,10 @@ type hub struct {
 	run          string          // this server run; every id carries it, and seq restarts with it
 	// The timings of the same names, changeable by tests before serving.
 	pingEvery, readIdle, writeWait, resumeWindow time.Duration
+	hook                                         func(c *client, msg []byte) // tests only: runs in the reader before each message
 
 	admitted atomic.Int64   // connections past admission, including mid-handshake
-	handlers sync.WaitGroup // one per upgraded connection, for shutdown
+	handlers sync.WaitGroup // one per admitted connection until its goroutines end, for shutdown
 
 	mu       sync.Mutex           // guards the fields below, and every session's fields but id and secret
 	clients  map[*client]struct{} // the connections in the room: one per live session
@@ -177,7 +85,7 @@ type hub struct {
 	bases    map[string]*nameBase // by foldName of a name asked for
 	lastID   int64
 	seq      int64
-	history  [][]byte // encoded message frames, oldest first, at most historySize
+	history  [][]byte // encoded messages, oldest first, at most historySize
 	histJSON []byte   // history as one JSON array, built on the first join after a change
 	joined   map[*session]bool
 	left     map[*session]user // with the name it left under
@@ -185,24 +93,6 @@ type hub struct {
 	pinging  bool              // a round of pings is scheduled
 	closed   bool              // shutdown has begun: no joins, no frames
 }
-
-// session is one person in the room, across connections.
-type session struct {
-	id     string
-	secret string // the resume token is id + "." + secret
-
-	name    string        // unique among live sessions
-	asked   string        // the name asked for, which suffixes go on
-	client  *client       // the connection it speaks through; nil once that ended
-	ended   *list.Element // its place in hub.ended, while client is nil
-	endedAt time.Time
-}
-
-func (s *session) user() user { return user{s.id, s.name} }
-
-// nameBase is what the hub keeps for one name asked for: the next suffix to
-// try when it is taken, and how many live sessions asked for it.
-type nameBase struct{ next, holders int }
 
 func newHub(log *slog.Logger, maxClients int, allowOrigins []string) *hub {
 	h := &hub{
@@ -234,113 +124,29 @@ func (h *hub) online() int {
 	return len(h.clients)
 }
 
-// joinRequest is GET /ws?name=NAME&resume=TOKEN&since=SEQ, each part optional.
-type joinRequest struct {
-	name   string // a display name for a new session
-	resume string // a token, to continue a session
-	since  int64  // the last seq the client shows, or -1
-}
-
-// parseJoin reads a join request; a since that is not a whole number from 0
-// up counts as not given.
-func parseJoin(q url.Values) joinRequest {
-	req := joinRequest{name: q.Get("name"), resume: q.Get("resume"), since: -1}
-	if n, err := strconv.ParseInt(q.Get("since"), 10, 64); err == nil && n >= 0 {
-		req.since = n
-	}
-	return req
-}
-
 // join puts c in the room and queues its welcome, and reports false once
-// shutdown has begun. If req.resume names a session still kept, c continues
-// it: same id and name, and the messages after req.since. Otherwise c starts
-// a new session under the name asked for (or a random one, with an error
-// frame saying why). join runs before c's writer starts: the welcome is
-// encoded outside the lock, then put in front of what reached c meanwhile.
+// shutdown has begun. c continues the session req.resume names, if it is
+// still kept, or starts a new one. join runs before c's writer starts: the
+// welcome is encoded outside the lock, then put in front of what reached c
+// meanwhile.
 func (h *hub) join(c *client, req joinRequest) bool {
-	var bad *refusal
-	name := randomName()
-	if req.name != "" {
-		if n, ref := cleanName(req.name); ref != nil {
-			bad = ref
-		} else {
-			name = n
-		}
-	}
-	secret := crand.Text()
-	now := time.Now()
+	name, bad := askedName(req.name)
+	secret, now := crand.Text(), time.Now()
 
 	h.mu.Lock()
 	if h.closed {
 		h.mu.Unlock()
 		return false
 	}
-	h.forgetEndedLocked(now)
-	s := h.resumableLocked(req.resume)
-	resumed := s != nil
-	switch {
-	case !resumed:
-		h.lastID++
-		s = &session{id: h.run + "-" + strconv.FormatInt(h.lastID, 10), secret: secret}
-		h.sessions[s.id] = s
-		h.takeNameLocked(s, name, name)
-		h.joined[s] = true
-	case s.client != nil:
-		// Its old connection is still open: the server has not noticed it
-		// drop, or the page opened another. The session never left the room,
-		// so nobody hears of the switch.
-		old := s.client
-		s.client = c // first, so that dropping old does not end the session
-		h.dropLocked(old, closeReplaced, "replaced by a new connection")
-	default:
-		// Back within resumeWindow, under its old name if that is free.
-		h.ended.Remove(s.ended)
-		s.ended = nil
-		oldName := s.name
-		h.takeNameLocked(s, s.name, s.asked)
-		if _, ok := h.left[s]; ok && s.name == oldName {
-			delete(h.left, s) // left and came back inside one window: in neither list
-		} else {
-			h.joined[s] = true
-		}
-	}
+	s, resumed := h.sessionLocked(c, req.resume, name, secret, now)
 	s.client, c.s = c, s
 	h.clients[c] = struct{}{}
 	h.schedulePresenceLocked()
-	if !h.pinging {
-		h.pinging = true
-		time.AfterFunc(h.pingEvery, h.pingAll)
-	}
-	users := []user{s.user()}
-	for other := range h.clients {
-		if len(users) == welcomeUsers {
-			break
-		}
-		if other != c {
-			users = append(users, other.s.user())
-		}
-	}
-	var history []byte
-	var missed int64
-	if resumed && req.since >= 0 {
-		history, missed = h.historySinceLocked(req.since)
-	} else {
-		if h.histJSON == nil {
-			h.histJSON = jsonArray(h.history)
-		}
-		history = h.histJSON // replaced, never changed
-	}
-	w := welcome{"welcome", s.user(), len(h.clients), users, h.run, stamp(now), s.id + "." + s.secret, resumed, missed}
+	h.schedulePingsLocked()
+	w, history := h.welcomeLocked(s, resumed, req.since, now)
 	h.mu.Unlock()
 
-	// The history goes in already encoded: as a json.RawMessage it would be
-	// validated again, 47 µs a join with a full history against 3 µs.
-	head := encode(w)
-	n := len(head) + len(`,"history":`) + len(history)
-	frame := appendHeader(make([]byte, 0, 10+n), websocket.TextFrame, n)
-	frame = append(frame, head[:len(head)-1]...) // all but the closing brace
-	frame = append(append(append(frame, `,"history":`...), history...), '}')
-	first := [][]byte{frame}
+	first := [][]byte{welcomeFrame(w, history)}
 	if bad != nil && !resumed {
 		first = append(first, textFrame(encodeRefusal(bad)))
 	}
@@ -348,21 +154,7 @@ func (h *hub) join(c *client, req joinRequest) bool {
 	return true
 }
 
-// historySinceLocked returns, as a JSON array, the kept messages with a seq
-// above since, and how many messages above since are no longer kept. The
-// caller holds h.mu.
-func (h *hub) historySinceLocked(since int64) (history []byte, missed int64) {
-	oldest := h.seq - int64(len(h.history)) + 1 // the seq of h.history[0]
-	since = min(since, h.seq)
-	from := max(since+1, oldest)
-	return jsonArray(h.history[from-oldest:]), from - (since + 1)
-}
-
-func jsonArray(frames [][]byte) []byte {
-	return append(append([]byte("["), bytes.Join(frames, []byte(","))...), ']')
-}
-
-// say broadcasts a message from c, already checked by decodeFrame.
+// say broadcasts a message from c, already checked by decodeMessage.
 func (h *hub) say(c *client, text string) {
 	now := time.Now()
 	h.mu.Lock()
@@ -371,21 +163,14 @@ func (h *hub) say(c *client, text string) {
 		return
 	}
 	h.seq++
-	frame := encode(message{"message", h.seq, c.s.user(), text, stamp(now)})
+	msg := encode(message{"message", h.seq, c.s.user(), text, stamp(now)})
 	if len(h.history) == historySize {
 		copy(h.history, h.history[1:])
 		h.history = h.history[:historySize-1]
 	}
-	h.history = append(h.history, frame)
+	h.history = append(h.history, msg)
 	h.histJSON = nil
-	h.broadcastLocked(frame)
-}
-
-// inRoomLocked reports whether c is still in the room (not dropped, and the
-// server not shutting down). The caller holds h.mu.
-func (h *hub) inRoomLocked(c *client) bool {
-	_, ok := h.clients[c]
-	return ok && !h.closed
+	h.broadcastLocked(msg)
 }
 
 // rename changes c's display name and tells everyone.
@@ -413,23 +198,29 @@ func (h *hub) rename(c *client, want string) *refusal {
 	return nil
 }
 
-// reply queues a frame for c alone.
-func (h *hub) reply(c *client, payload []byte) {
+// drop takes c out of the room, if it is still there, and has its writer
+// close the connection with code: this is how every client leaves.
+func (h *hub) drop(c *client, code int, why string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.inRoomLocked(c) {
-		h.offerLocked(c, textFrame(payload))
-	}
+	h.dropLocked(c, code, why)
 }
 
-// refuse tells c why its last frame was refused; the connection stays open.
-func (h *hub) refuse(c *client, r *refusal) { h.reply(c, encodeRefusal(r)) }
-
-func encodeRefusal(r *refusal) []byte {
-	return encode(struct {
-		Type string `json:"type"` // "error"
-		*refusal
-	}{"error", r})
+func (h *hub) dropLocked(c *client, code int, why string) {
+	if _, ok := h.clients[c]; !ok {
+		return
+	}
+	delete(h.clients, c)
+	if s := c.s; s.client == c { // not replaced: the session leaves the room
+		h.endLocked(s)
+	}
+	h.log.Debug("dropping client", "client", c.s.id, "code", code, "reason", why)
+	c.out.close(appendClose(nil, code, why), code == closePolicyViolation || code == closeReplaced)
+	// A client out of the room gets closeGrace for the writes still to come
+	// (its backlog and the close frame) and for the one in progress: a
+	// client that stopped reading must not hold its connection, or the
+	// server's shutdown, for a whole writeWait.
+	c.wire.stopBy(time.Now().Add(closeGrace))
 }
 
 // broadcastLocked frames payload once and offers the frame to every client.
@@ -449,31 +240,309 @@ func (h *hub) offerLocked(c *client, frame []byte) {
 	}
 }
 
-// drop takes c out of the room, if it is still there, and has its writer
-// close the connection with code.
-func (h *hub) drop(c *client, code int, text string) {
+// reply queues a frame for c alone: an answer, an error, a pong.
+func (h *hub) reply(c *client, frame []byte) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.dropLocked(c, code, text)
+	if h.inRoomLocked(c) {
+		h.offerLocked(c, frame)
+	}
 }
 
-func (h *hub) dropLocked(c *client, code int, text string) {
-	if _, ok := h.clients[c]; !ok {
-		return
+// inRoomLocked reports whether c is still in the room (not dropped, and the
+// server not shutting down). The caller holds h.mu.
+func (h *hub) inRoomLocked(c *client) bool {
+	_, ok := h.clients[c]
+	return ok && !h.closed
+}
+
+// shutdown closes every client with 1001 and refuses new ones. Like every
+// dropped client, each then has closeGrace to take what is queued for it.
+func (h *hub) shutdown() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.closed = true
+	for c := range h.clients {
+		h.dropLocked(c, closeGoingAway, "server shutting down")
 	}
-	delete(h.clients, c)
-	if s := c.s; s.client == c { // not replaced: the session leaves the room
-		h.endLocked(s)
+}
+
+// ----------------------------------------------------- what is on the wire --
+//
+// Every frame is a text frame holding one JSON object with a "type".
+
+// user is a session's public identity on the wire.
+type user struct {
+	ID   string `json:"id"`
+	Name string `json:"name"`
+}
+
+// inbound is any message a client sends; which fields matter depends on Type.
+type inbound struct {
+	Type string `json:"type"` // "message", "rename" or "ping"
+	Text string `json:"text"` // message
+	Name string `json:"name"` // rename
+}
+
+// message is a chat message as broadcast and kept in history.
+type message struct {
+	Type string `json:"type"` // "message"
+	Seq  int64  `json:"seq"`  // strictly increasing per server run
+	From user   `json:"from"`
+	Text string `json:"text"`
+	Time string `json:"time"`
+}
+
+// welcome is the first frame on every connection. Its history goes in
+// already encoded (see welcomeFrame).
+type welcome struct {
+	Type    string `json:"type"` // "welcome"
+	You     user   `json:"you"`
+	Online  int    `json:"online"`
+	Users   []user `json:"users"` // at most welcomeUsers, you first
+	Run     string `json:"run"`
+	Time    string `json:"time"`
+	Resume  string `json:"resume"`  // the token that continues this session; for its owner only
+	Resumed bool   `json:"resumed"` // this connection continues a session
+	Missed  int64  `json:"missed"`  // messages after the client's since that are no longer kept
+}
+
+// refusal is why a client's message was refused; it goes back as an error frame.
+type refusal struct {
+	Code string `json:"code"`
+	Text string `json:"error"`
+}
+
+// Error codes carried by {"type":"error"} frames.
+const (
+	errBadJSON     = "bad_json"
+	errUnknownType = "unknown_type"
+	errEmpty       = "empty"
+	errTooLong     = "too_long"
+	errBadName     = "bad_name"
+	errRateLimited = "rate_limited"
+)
+
+// pongReply answers a client's {"type":"pong"}, framed once for everyone.
+var pongReply = textFrame([]byte(`{"type":"pong"}`))
+
+// handle acts on one message from c, or says why it refused it.
+func (h *hub) handle(c *client, data []byte) *refusal {
+	in, ref := decodeMessage(data)
+	if ref != nil {
+		return ref
 	}
-	if code != closeNormal {
-		h.log.Debug("dropping client", "client", c.s.id, "code", code, "reason", text)
+	switch in.Type {
+	case "message":
+		h.say(c, in.Text)
+	case "rename":
+		return h.rename(c, in.Name)
+	case "ping":
+		h.reply(c, pongReply)
 	}
-	c.out.close(appendClose(nil, code, text), code == closePolicyViolation || code == closeReplaced)
-	// A client out of the room gets closeGrace for the writes still to come
-	// (its backlog and the close frame) and for the one in progress: a
-	// client that stopped reading must not hold its connection, or the
-	// server's shutdown, for a whole writeWait.
-	c.wire.stopBy(time.Now().Add(closeGrace))
+	return nil
+}
+
+// decodeMessage parses and checks a client's message, valid UTF-8 already
+// (see nextMessage). It refuses what is not a JSON object, an unknown type,
+// and a text that, trimmed, is empty or over maxTextChars.
+func decodeMessage(data []byte) (inbound, *refusal) {
+	var in inbound
+	if err := json.Unmarshal(data, &in); err != nil {
+		return in, &refusal{errBadJSON, "message is not a JSON object of the chat protocol: " + err.Error()}
+	}
+	switch in.Type {
+	case "message":
+		in.Text = strings.TrimSpace(in.Text)
+		if in.Text == "" {
+			return in, &refusal{errEmpty, "message text is empty"}
+		}
+		if utf8.RuneCountInString(in.Text) > maxTextChars {
+			return in, &refusal{errTooLong, "message text is over " + strconv.Itoa(maxTextChars) + " characters"}
+		}
+	case "rename", "ping":
+	default:
+		return in, &refusal{errUnknownType, fmt.Sprintf("unknown message type %q: want message, rename or ping", in.Type)}
+	}
+	return in, nil
+}
+
+func encodeRefusal(r *refusal) []byte {
+	return encode(struct {
+		Type string `json:"type"` // "error"
+		*refusal
+	}{"error", r})
+}
+
+// encode marshals a frame: fixed structs of strings and numbers, which cannot fail.
+func encode(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic("chat: encoding frame: " + err.Error())
+	}
+	return b
+}
+
+// stamp formats t as the protocol's times are: RFC 3339, UTC, milliseconds.
+func stamp(t time.Time) string { return t.UTC().Format("2006-01-02T15:04:05.000Z07:00") }
+
+// ------------------------------------------- sessions, names and presence --
+//
+// Why this exists: a network blip must not cost a person their name or a
+// message, names must stay unique in a room of ten thousand, and a connect
+// storm must not cost every client a frame per join. A first reading may
+// skip it: the room above works without it.
+
+const (
+	resumeWindow     = 2 * time.Minute        // how long an ended session may be resumed
+	maxEndedSessions = 10_000                 // ended sessions kept for that, oldest forgotten first
+	maxNameChars     = 32                     // a display name, after trimming
+	presenceEvery    = 250 * time.Millisecond // joins and leaves within it share one presence frame
+	presenceNames    = 20                     // names in each presence list; the counts carry the totals
+)
+
+// session is one person in the room, across connections: an id, a name and
+// a secret resume token. It speaks through one connection at a time, a
+// client. When that connection drops, the session waits resumeWindow for
+// the page to come back as the same person, with the messages it missed.
+type session struct {
+	id     string
+	secret string // the resume token is id + "." + secret
+
+	name    string        // unique among live sessions
+	asked   string        // the name asked for, which suffixes go on
+	client  *client       // the connection it speaks through; nil once that ended
+	ended   *list.Element // its place in hub.ended, while client is nil
+	endedAt time.Time
+}
+
+func (s *session) user() user { return user{s.id, s.name} }
+
+// nameBase is what the hub keeps for one name asked for: the next suffix to
+// try when it is taken, and how many live sessions asked for it.
+type nameBase struct{ next, holders int }
+
+// joinRequest is what GET /ws asks for: ?name=NAME&since=SEQ in the URL, and
+// the resume token offered as the subprotocol "resume.TOKEN" (never in the
+// URL, which proxies log). Each part is optional.
+type joinRequest struct {
+	name   string // a display name for a new session
+	resume string // a token, to continue a session
+	since  int64  // the last seq the client shows, or -1
+}
+
+// subprotocol is what pollfree's page asks for, and the only subprotocol
+// the server selects; resumePrefix marks the one that carries the token.
+const (
+	subprotocol  = "pollfree"
+	resumePrefix = "resume."
+)
+
+// parseJoin reads a join request from the URL's query and the subprotocols
+// offered; a since that is not a whole number from 0 up counts as not
+// given, and a ?resume= in the URL is ignored.
+func parseJoin(q url.Values, protocols []string) joinRequest {
+	req := joinRequest{name: q.Get("name"), since: -1}
+	if n, err := strconv.ParseInt(q.Get("since"), 10, 64); err == nil && n >= 0 {
+		req.since = n
+	}
+	for _, p := range protocols {
+		if token, ok := strings.CutPrefix(p, resumePrefix); ok {
+			req.resume = token
+		}
+	}
+	return req
+}
+
+// askedName is the name a new session starts with: the one asked for, or a
+// random one (with the refusal that says why, when the one asked for was bad).
+func askedName(asked string) (string, *refusal) {
+	if asked == "" {
+		return randomName(), nil
+	}
+	name, bad := cleanName(asked)
+	if bad != nil {
+		return randomName(), bad
+	}
+	return name, nil
+}
+
+// sessionLocked returns the session c speaks for, and whether c continues
+// it: the one token names if it is still kept, or a new one under name.
+// The caller holds h.mu.
+func (h *hub) sessionLocked(c *client, token, name, secret string, now time.Time) (s *session, resumed bool) {
+	h.forgetEndedLocked(now)
+	s = h.resumableLocked(token)
+	switch {
+	case s == nil:
+		h.lastID++
+		s = &session{id: h.run + "-" + strconv.FormatInt(h.lastID, 10), secret: secret}
+		h.sessions[s.id] = s
+		h.takeNameLocked(s, name, name)
+		h.joined[s] = true
+		return s, false
+	case s.client != nil:
+		// Its old connection is still open: the server has not noticed it
+		// drop, or the page opened another. The session never left the room,
+		// so nobody hears of the switch.
+		old := s.client
+		s.client = c // first, so that dropping old does not end the session
+		h.dropLocked(old, closeReplaced, "replaced by a new connection")
+	default:
+		// Back within resumeWindow, under its old name if that is free.
+		h.ended.Remove(s.ended)
+		s.ended = nil
+		oldName := s.name
+		h.takeNameLocked(s, s.name, s.asked)
+		if _, ok := h.left[s]; ok && s.name == oldName {
+			delete(h.left, s) // left and came back inside one window: in neither list
+		} else {
+			h.joined[s] = true
+		}
+	}
+	return s, true
+}
+
+// welcomeLocked builds s's welcome, and the history that goes with it as a
+// JSON array: the messages after since for a resumed session, else the
+// whole history. The caller holds h.mu.
+func (h *hub) welcomeLocked(s *session, resumed bool, since int64, now time.Time) (welcome, []byte) {
+	users := []user{s.user()}
+	for other := range h.clients {
+		if len(users) == welcomeUsers {
+			break
+		}
+		if other.s != s {
+			users = append(users, other.s.user())
+		}
+	}
+	w := welcome{"welcome", s.user(), len(h.clients), users, h.run, stamp(now), s.id + "." + s.secret, resumed, 0}
+	if resumed && since >= 0 {
+		oldest := h.seq - int64(len(h.history)) + 1 // the seq of h.history[0]
+		since = min(since, h.seq)
+		from := max(since+1, oldest)
+		w.Missed = from - (since + 1)
+		return w, jsonArray(h.history[from-oldest:])
+	}
+	if h.histJSON == nil {
+		h.histJSON = jsonArray(h.history)
+	}
+	return w, h.histJSON // replaced, never changed
+}
+
+// welcomeFrame frames w with its history spliced in already encoded: as a
+// json.RawMessage it would be validated again, 47 µs a join with a full
+// history against 3 µs.
+func welcomeFrame(w welcome, history []byte) []byte {
+	head := encode(w)
+	n := len(head) + len(`,"history":`) + len(history)
+	frame := appendHeader(make([]byte, 0, 10+n), websocket.TextFrame, n)
+	frame = append(frame, head[:len(head)-1]...) // all but the closing brace
+	return append(append(append(frame, `,"history":`...), history...), '}')
+}
+
+func jsonArray(frames [][]byte) []byte {
+	return append(append([]byte("["), bytes.Join(frames, []byte(","))...), ']')
 }
 
 // endLocked takes s out of the room: its leave is announced, its name is
@@ -563,20 +632,16 @@ func withSuffix(name string, i int) string {
 	return strings.TrimSpace(string(base)) + suffix
 }
 
-// pingAll queues a ping for every client, and schedules the next round while
-// anyone is in the room. One timer for the whole hub, rather than a ticker
-// per client, keeps an idle connection cheap.
-func (h *hub) pingAll() {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.closed || len(h.clients) == 0 {
-		h.pinging = false
-		return
-	}
-	for c := range h.clients {
-		h.offerLocked(c, pingFrame)
-	}
-	time.AfterFunc(h.pingEvery, h.pingAll)
+var (
+	nameAdjectives = []string{"amber", "brave", "calm", "clever", "eager", "gentle", "happy", "jolly",
+		"keen", "lucky", "merry", "nimble", "quiet", "rapid", "sunny", "witty"}
+	nameAnimals = []string{"badger", "crane", "dolphin", "falcon", "gecko", "heron", "koala", "lynx",
+		"marmot", "otter", "panda", "quokka", "raven", "seal", "tapir", "wombat"}
+)
+
+// randomName picks a readable name for a client that asked for none.
+func randomName() string {
+	return nameAdjectives[rand.IntN(len(nameAdjectives))] + "-" + nameAnimals[rand.IntN(len(nameAnimals))]
 }
 
 // schedulePresenceLocked makes sure a presence flush is on its way. The
@@ -591,6 +656,7 @@ func (h *hub) schedulePresenceLocked() {
 // flushPresence broadcasts one presence frame covering every join and leave
 // since the last one.
 func (h *hub) flushPresence() {
+	defer recoverPanic(h.log, "presence")
 	now := time.Now()
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -626,27 +692,35 @@ func (h *hub) flushPresence() {
 	h.broadcastLocked(frame)
 }
 
-// shutdown closes every client with 1001 and refuses new ones. Like every
-// dropped client, each then has closeGrace to take what is queued for it.
-func (h *hub) shutdown() {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.closed = true
-	for c := range h.clients {
-		h.dropLocked(c, closeGoingAway, "server shutting down")
-	}
-}
+// ---------------------------------------------------- a connection's life --
+//
+// Why this exists: to turn an HTTP request into a client in the room, and
+// to end it cleanly. A first reading may skip it.
 
-// ---------------------------------------------------------- a connection --
+// A connection's timing.
+const (
+	// writeWait bounds each write to a client; a write that takes longer
+	// drops the client.
+	writeWait = 10 * time.Second
+	// The server pings every client each pingEvery (one timer for the room),
+	// and a client that sends nothing, not even a pong, for readIdle is gone:
+	// a vanished peer is removed within 75 s. pingEvery must be well under readIdle.
+	pingEvery = 30 * time.Second
+	readIdle  = 75 * time.Second
+	// closeGrace bounds every write to a client once it is out of the room,
+	// then the wait for its close frame. A stuck client costs it twice at
+	// shutdown, well inside shutdownTimeout.
+	closeGrace = time.Second
+)
 
 // client is one connection to the chat, and the session speaking through it.
 type client struct {
-	s    *session    // set by join, then fixed
-	conn net.Conn    // the hijacked connection; closed by the client's own goroutine
-	live *liveReader // reads conn, and owns its read deadline; set at upgrade
-	wire *wire       // writes conn, and owns its write deadline; set at upgrade
+	s    *session     // set by join, then fixed
+	conn net.Conn     // the hijacked connection; closed by the client's own goroutine
+	in   *frameReader // reads conn, and owns its read deadline; set at the handshake
+	wire *wire        // writes conn, and owns its write deadline; set at the handshake
 
-	out        outbox        // frames for the writer; put only while holding hub.mu
+	out        outbox        // frames for the writer: put by the hub under hub.mu, but for the welcome
 	writerDone chan struct{} // closed when the writer goroutine exits
 }
 
@@ -673,23 +747,32 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "chat is full, try again later", http.StatusServiceUnavailable)
 		return
 	}
-	c := newClient()
-	req := parseJoin(r.URL.Query())
 	h.handlers.Add(1) // before the hijack, while Shutdown still waits for this request
+	c := newClient()
+	var req joinRequest
+	// x/net calls Handshake and then Handler on this goroutine, before
+	// ServeHTTP returns: req and started need no lock.
 	started := false
-	ws := websocket.Server{Handler: func(ws *websocket.Conn) {
-		// Join, then serve from a goroutine of the connection's own: net/http's
-		// goroutine ends, and with it the request's buffers and deep stack,
-		// most of what an idle connection would otherwise hold.
-		started = true
-		joined := h.join(c, req)
-		go func() {
-			defer h.handlers.Done()
-			defer h.admitted.Add(-1)
-			defer c.conn.Close()
-			h.serve(ws, c, joined)
-		}()
-	}}
+	ws := websocket.Server{
+		// Select "pollfree" when offered, never the token beside it.
+		Handshake: func(cfg *websocket.Config, r *http.Request) error {
+			req = parseJoin(r.URL.Query(), cfg.Protocol)
+			offered := slices.Contains(cfg.Protocol, subprotocol)
+			cfg.Protocol = nil
+			if offered {
+				cfg.Protocol = []string{subprotocol}
+			}
+			return nil
+		},
+		// Join, then serve from a goroutine of the connection's own:
+		// net/http's goroutine ends, and with it the request's buffers and
+		// deep stack, most of what an idle connection would otherwise hold.
+		Handler: func(*websocket.Conn) {
+			started = true
+			joined := h.join(c, req)
+			go h.serve(c, joined)
+		},
+	}
 	ws.ServeHTTP(hijacker{w, c, h.readIdle, h.writeWait}, r)
 	if !started { // the handshake failed
 		if c.conn != nil {
@@ -718,107 +801,194 @@ func (h *hub) checkOrigin(r *http.Request) error {
 	return fmt.Errorf("origin %s may not open a WebSocket on %s (see -allow-origin)", origin, r.Host)
 }
 
-// serve runs a client's reader: it is the only reader of ws. joined says
-// whether join let c in (not once shutdown has begun). It returns once the
-// writer has finished; the caller then closes the connection.
-func (h *hub) serve(ws *websocket.Conn, c *client, joined bool) {
-	ws.MaxPayloadBytes = maxFrameBytes
+// serve is c's reader goroutine, the only reader of its connection: it
+// starts the writer, hands each message to the hub, and once the connection
+// is closing waits for the writer and closes it. joined says whether join
+// let c in (not once shutdown has begun). A panic here closes this
+// connection with 1011 and no other.
+func (h *hub) serve(c *client, joined bool) {
+	defer h.handlers.Done()
+	defer h.admitted.Add(-1)
+	defer c.conn.Close()
+	defer func() { <-c.writerDone }()
 	if !joined { // never in the room, so bounded like a client leaving it
 		c.wire.stopBy(time.Now().Add(closeGrace))
-		c.wire.Write(appendClose(nil, closeGoingAway, "server shutting down"))
-		return
+		c.out.close(appendClose(nil, closeGoingAway, "server shutting down"), true)
 	}
-	log := h.log.With("client", c.s.id)
-	log.Debug("joined", "remote", c.conn.RemoteAddr())
-	go c.write()
+	go h.write(c)
+	defer func() {
+		if p := recover(); p != nil {
+			logPanic(h.log, "chat reader", p)
+			h.drop(c, closeInternalError, "internal error")
+		}
+	}()
+	if joined {
+		h.log.Debug("joined", "client", c.s.id, "remote", c.conn.RemoteAddr())
+		h.read(c)
+	}
+}
 
+// read hands each message c sends to the hub, until the connection closes:
+// a close frame from the peer is answered with its own code, a violation of
+// RFC 6455 fails the connection with the code nextMessage chose.
+func (h *hub) read(c *client) {
 	limit := newBucket(rateBurst, ratePerSecond)
 	strikes := newBucket(floodStrikes, floodStrikes/floodWindow.Seconds())
+	pong := func(p []byte) { h.reply(c, appendFrame(nil, websocket.PongFrame, p)) }
 	for {
-		var in rawFrame
 		// Once c is out of the room this goes on reading (and the hub
 		// ignoring) what the peer sends, until its close frame or closeGrace.
-		err := frameCodec.Receive(ws, &in)
-		if errors.Is(err, websocket.ErrFrameTooLarge) {
-			h.drop(c, closeTooBig, "frame over "+strconv.Itoa(maxFrameBytes)+" bytes")
-			continue
+		msg, err := c.in.nextMessage(pong)
+		var ce *closeError
+		if errors.As(err, &ce) {
+			h.drop(c, ce.code, ce.reason)
+			c.in.linger()
+			return
 		}
-		if err != nil {
-			log.Debug("read ended", "err", err)
-			break
-		}
-		switch in.opcode {
-		case websocket.TextFrame:
-		case websocket.BinaryFrame:
-			h.drop(c, closeUnsupported, "text frames only")
-			continue
-		default: // x/net passes reserved opcodes on as data
-			h.drop(c, closeProtocolError, "reserved opcode "+strconv.Itoa(int(in.opcode)))
-			continue
+		if err != nil { // the peer went, or stayed silent for readIdle
+			h.drop(c, closeNormal, "read ended: "+err.Error())
+			return
 		}
 		if now := time.Now(); !limit.take(now) {
 			if !strikes.take(now) {
 				h.drop(c, closePolicyViolation, "flooding")
 				continue
 			}
-			h.refuse(c, &refusal{errRateLimited, "too many frames: at most " +
-				strconv.Itoa(rateBurst) + " at once or " + strconv.Itoa(ratePerSecond) + " a second"})
+			h.reply(c, textFrame(encodeRefusal(&refusal{errRateLimited, "too many messages: at most " +
+				strconv.Itoa(rateBurst) + " at once or " + strconv.Itoa(ratePerSecond) + " a second"})))
 			continue
 		}
-		if ref := h.handle(c, in.data); ref != nil {
-			h.refuse(c, ref)
+		if h.hook != nil {
+			h.hook(c, msg)
+		}
+		if ref := h.handle(c, msg); ref != nil {
+			h.reply(c, textFrame(encodeRefusal(ref)))
 		}
 	}
-	h.drop(c, closeNormal, "")
-	<-c.writerDone
-	log.Debug("left")
 }
 
-// pong answers a client's {"type":"ping"}.
-var pong = []byte(`{"type":"pong"}`)
-
-// handle acts on one frame from c, or says why it refused it.
-func (h *hub) handle(c *client, data []byte) *refusal {
-	in, ref := decodeFrame(data)
-	if ref != nil {
-		return ref
+// write is c's writer goroutine, the only one that writes to c's
+// connection after the handshake: each time it wakes, the whole outbox in
+// one write. Once it has written the close frame it gives the peer
+// closeGrace to answer. A write that fails or blocks past writeWait drops c
+// with 1008; the close frame is still tried when the failed write stopped
+// between two frames. A panic here closes this connection with 1011.
+func (h *hub) write(c *client) {
+	defer close(c.writerDone)
+	defer func() {
+		if p := recover(); p != nil {
+			logPanic(h.log, "chat writer", p)
+			h.drop(c, closeInternalError, "internal error")
+			c.wire.Write(appendClose(nil, closeInternalError, "internal error"))
+			c.in.closeAfter(closeGrace)
+		}
+	}()
+	for range c.out.wake {
+		closed, whole, err := c.writeBatch()
+		if err != nil && !closed {
+			h.drop(c, closePolicyViolation, "too slow: "+err.Error())
+			if whole {
+				continue // the close frame is queued; try it under closeGrace
+			}
+		}
+		if err != nil || closed {
+			c.in.closeAfter(closeGrace)
+			return
+		}
 	}
-	switch in.Type {
-	case "message":
-		h.say(c, in.Text)
-	case "rename":
-		return h.rename(c, in.Name)
-	case "ping":
-		h.reply(c, pong)
-	}
-	return nil
 }
 
-// decodeFrame parses and checks a client frame. It refuses what is not a JSON
-// object, an unknown type, and a message whose trimmed text is empty or over
-// maxTextChars. Invalid UTF-8 is refused, so it can never be relayed.
-func decodeFrame(data []byte) (inbound, *refusal) {
-	var in inbound
-	if !utf8.Valid(data) {
-		return in, &refusal{errBadJSON, "frame is not valid UTF-8"}
+// writeBatch writes every frame in c's outbox in one write, and reports
+// whether the last was the close frame, and, when the write failed, whether
+// it stopped between two frames. (It is a function of its own so that the
+// writer's stack stays small between wake-ups: inlined, 2 KB more a client.)
+func (c *client) writeBatch() (closed, whole bool, err error) {
+	frames, closed := c.out.take()
+	bp := batchPool.Get().(*[]byte)
+	buf := (*bp)[:0]
+	for _, f := range frames {
+		buf = append(buf, f...)
 	}
-	if err := json.Unmarshal(data, &in); err != nil {
-		return in, &refusal{errBadJSON, "frame is not a JSON object of the chat protocol: " + err.Error()}
+	c.out.done(frames)
+	n := 0
+	if len(buf) > 0 {
+		n, err = c.wire.Write(buf) // a close frame goes under the closeGrace dropLocked set
 	}
-	switch in.Type {
-	case "message":
-		in.Text = strings.TrimSpace(in.Text)
-		if in.Text == "" {
-			return in, &refusal{errEmpty, "message text is empty"}
-		}
-		if utf8.RuneCountInString(in.Text) > maxTextChars {
-			return in, &refusal{errTooLong, "message text is over " + strconv.Itoa(maxTextChars) + " characters"}
-		}
-	case "rename", "ping":
-	default:
-		return in, &refusal{errUnknownType, fmt.Sprintf("unknown frame type %q: want message, rename or ping", in.Type)}
+	whole = n == 0
+	if cap(buf) <= maxPooledBatch {
+		*bp = buf
+		batchPool.Put(bp)
 	}
-	return in, nil
+	return closed, whole, err
+}
+
+// schedulePingsLocked makes sure a round of pings is on its way. The caller
+// holds h.mu.
+func (h *hub) schedulePingsLocked() {
+	if !h.pinging {
+		h.pinging = true
+		time.AfterFunc(h.pingEvery, h.pingAll)
+	}
+}
+
+// pingAll queues a ping for every client, and schedules the next round while
+// anyone is in the room. One timer for the whole hub, rather than a ticker
+// per client, keeps an idle connection cheap.
+func (h *hub) pingAll() {
+	defer recoverPanic(h.log, "pings")
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.pinging = false
+	if h.closed || len(h.clients) == 0 {
+		return
+	}
+	h.schedulePingsLocked() // first, so that a panic below stops one round only
+	for c := range h.clients {
+		h.offerLocked(c, pingFrame)
+	}
+}
+
+// ------------------------------------------------------------- the limits --
+//
+// Why this exists: bad input gets an answer and changes nothing else. A
+// first reading may skip it.
+
+const (
+	// A client may send rateBurst messages at once, refilled at
+	// ratePerSecond; more are refused. floodStrikes refusals within about
+	// floodWindow close it with 1008 (a second bucket, so that a flooder let
+	// through now and then as the first refills is not forgiven).
+	rateBurst     = 10
+	ratePerSecond = 5
+	floodStrikes  = 30
+	floodWindow   = 10 * time.Second
+	// A client may send pingBurst pings at once, refilled at pingsPerSecond;
+	// one more closes it with 1008. Each ping costs the server a pong.
+	pingBurst      = 20
+	pingsPerSecond = 10
+)
+
+// bucket is a token bucket: it holds up to size tokens, refills at perSecond,
+// and take takes one if there is one. A client's reader keeps three: for its
+// messages (the rate limit), its refused messages (the flood limit) and its
+// pings. Only that reader uses them.
+type bucket struct {
+	tokens, size, perSecond float64
+	last                    time.Time
+}
+
+func newBucket(size, perSecond float64) bucket {
+	return bucket{tokens: size, size: size, perSecond: perSecond, last: time.Now()}
+}
+
+func (b *bucket) take(now time.Time) bool {
+	b.tokens = min(b.size, b.tokens+now.Sub(b.last).Seconds()*b.perSecond)
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
 }
 
 // cleanName returns the display name a client asked for, trimmed and with
@@ -844,66 +1014,24 @@ func cleanName(s string) (string, *refusal) {
 	return s, nil
 }
 
-var (
-	nameAdjectives = []string{"amber", "brave", "calm", "clever", "eager", "gentle", "happy", "jolly",
-		"keen", "lucky", "merry", "nimble", "quiet", "rapid", "sunny", "witty"}
-	nameAnimals = []string{"badger", "crane", "dolphin", "falcon", "gecko", "heron", "koala", "lynx",
-		"marmot", "otter", "panda", "quokka", "raven", "seal", "tapir", "wombat"}
+// ------------------------------------------------------------- the tuning --
+//
+// Why this exists: memory and CPU at ten thousand clients. The outbox lets
+// the hub hand a frame over without waiting, and the batch pool lets an
+// idle client hold no buffer. A first reading may skip it.
+
+const (
+	// sendQueueFrames bounds a client's outbox; a client whose outbox is full
+	// when a frame arrives is dropped. Frames are shared: one costs 24 bytes.
+	sendQueueFrames = 256
+	maxPooledBatch  = 64 << 10 // the largest batch buffer the pool keeps, in bytes
 )
-
-// randomName picks a readable name for a client that asked for none.
-func randomName() string {
-	return nameAdjectives[rand.IntN(len(nameAdjectives))] + "-" + nameAnimals[rand.IntN(len(nameAnimals))]
-}
-
-// write is c's writer goroutine, the only one that writes frames to c's
-// connection: each time it wakes, the whole outbox in one write. Once the
-// outbox is closed and its close frame sent, it gives the peer closeGrace to
-// answer; if a write fails, the peer is gone or stuck, and the reader ends
-// too. (writeBatch is its own function so that this goroutine's stack stays
-// small between wake-ups: inlined, it cost 2 KB more per client.)
-func (c *client) write() {
-	defer close(c.writerDone)
-	for range c.out.wake {
-		closed, err := c.writeBatch()
-		switch {
-		case err != nil:
-			c.live.closeAfter(0)
-			return
-		case closed:
-			c.live.closeAfter(closeGrace)
-			return
-		}
-	}
-}
-
-// writeBatch writes every frame in c's outbox in one write, and reports
-// whether the last was the close frame.
-func (c *client) writeBatch() (closed bool, err error) {
-	frames, closed := c.out.take()
-	bp := batchPool.Get().(*[]byte)
-	buf := (*bp)[:0]
-	for _, f := range frames {
-		buf = append(buf, f...)
-	}
-	c.out.done(frames)
-	if len(buf) > 0 {
-		_, err = c.wire.Write(buf) // a close frame goes under the closeGrace dropLocked set
-	}
-	if cap(buf) <= maxPooledBatch {
-		*bp = buf
-		batchPool.Put(bp)
-	}
-	return closed, err
-}
 
 // batchPool holds the writers' batch buffers (up to maxPooledBatch bytes
 // each), so that an idle client holds none and a busy one does not allocate.
 // With a new buffer per batch and a new queue per take (see outbox.done),
 // 5000 clients held 1.9 KB more each.
 var batchPool = sync.Pool{New: func() any { return new([]byte) }}
-
-const maxPooledBatch = 64 << 10
 
 // outbox is a client's queue of frames, framed for the wire, waiting for its
 // writer: the hub puts them in one at a time (messages, pings, replies), the
@@ -930,7 +1058,7 @@ func (o *outbox) put(frame []byte) bool {
 }
 
 // putFirst queues frames ahead of everything already queued, whatever the
-// bound (a new client's welcome).
+// bound (a new client's welcome, put by join after it let go of hub.mu).
 func (o *outbox) putFirst(frames ...[]byte) {
 	o.mu.Lock()
 	o.frames = append(frames, o.frames...)
@@ -938,16 +1066,19 @@ func (o *outbox) putFirst(frames ...[]byte) {
 	o.signal()
 }
 
-// close queues a close frame last; discard drops the frames queued before it
-// (for a client too slow or hostile to deserve them).
+// close queues a close frame last, unless one is queued already; discard
+// drops the frames queued before it (for a client too slow or hostile to
+// deserve them).
 func (o *outbox) close(frame []byte, discard bool) {
 	o.mu.Lock()
-	if discard {
-		clear(o.frames)
-		o.frames = o.frames[:0]
+	if !o.closed {
+		if discard {
+			clear(o.frames)
+			o.frames = o.frames[:0]
+		}
+		o.frames = append(o.frames, frame)
+		o.closed = true
 	}
-	o.frames = append(o.frames, frame)
-	o.closed = true
 	o.mu.Unlock()
 	o.signal()
 }
@@ -977,45 +1108,293 @@ func (o *outbox) done(frames [][]byte) {
 	o.mu.Unlock()
 }
 
-// ---------------------------------------------------------------- limits --
+// -------------------------------------------------------- the frame layer --
+//
+// Why this exists: RFC 6455 asks a server to check every frame it reads, and
+// a text chat must never relay a message that is not whole, valid UTF-8.
+// A first reading may skip it.
+//
+// Which part of the wire is whose:
+//   - x/net/websocket reads the opening handshake, checks its version and
+//     key, and writes the 101 answer (through the wire, with the subprotocol
+//     ServeHTTP selected). That is all it does: its Conn is never read or
+//     written, so it never answers a ping or writes a close frame of its own.
+//   - After the handshake, pollfree reads every frame (nextMessage, below:
+//     fragments, control frames, UTF-8, close codes) and writes every frame
+//     (the client's writer). Server frames are simple: final, unmasked, a
+//     two- to ten-byte header.
 
-// bucket is a token bucket: it holds up to size tokens, refills at perSecond,
-// and take takes one if there is one. A client's reader keeps two: one for
-// its frames (the rate limit) and one for its refused frames (the flood
-// limit). Only that reader uses them.
-type bucket struct {
-	tokens, size, perSecond float64
-	last                    time.Time
+// Frame-level limits (RFC 6455, section 5).
+const (
+	maxFrameBytes   = 8 << 10 // a client's message, all its fragments together; more closes with 1009
+	maxControlBytes = 125     // a control frame's payload, at most (RFC 6455, section 5.5)
+	// The buffers the connection is read and its handshake written through;
+	// net/http's 4 KiB pair would be most of an idle client.
+	connReadBufferBytes  = 512
+	connWriteBufferBytes = 256
+)
+
+// WebSocket close codes (RFC 6455, section 7.4.1).
+const (
+	closeNormal          = 1000
+	closeGoingAway       = 1001 // server shutting down
+	closeProtocolError   = 1002 // a frame that breaks RFC 6455
+	closeUnsupported     = 1003 // a binary frame: the protocol is JSON text
+	closeBadData         = 1007 // a text message that is not UTF-8
+	closePolicyViolation = 1008 // flooding, or too slow to read
+	closeTooBig          = 1009 // a message over maxFrameBytes
+	closeInternalError   = 1011 // a panic while serving this connection
+	closeReplaced        = 4000 // a resume took over the session (a private-use code)
+)
+
+// closeError ends a connection with a close code: the peer's own close
+// (echoed), or a reason to fail the connection.
+type closeError struct {
+	code   int
+	reason string
 }
 
-func newBucket(size, perSecond float64) bucket {
-	return bucket{tokens: size, size: size, perSecond: perSecond, last: time.Now()}
+func (e *closeError) Error() string { return "close " + strconv.Itoa(e.code) + ": " + e.reason }
+
+func fail(code int, reason string) *closeError { return &closeError{code: code, reason: reason} }
+
+// frameReader reads one client's frames (RFC 6455, section 5.2) from its
+// connection. Only the client's reader goroutine calls its methods, but for
+// closeAfter, which the writer calls.
+type frameReader struct {
+	conn net.Conn
+	br   *bufio.Reader // conn, after the handshake
+	idle time.Duration
+
+	msg   []byte // the data message being put together; nil when none is open
+	valid int    // how much of msg is checked UTF-8
+	op    byte   // the current frame's opcode
+	left  int64  // what is still unread of its payload
+	pings bucket
+
+	mu      sync.Mutex // orders the read deadline's moves between nextMessage and closeAfter
+	closing bool       // closeAfter has fixed the deadline: nextMessage no longer moves it
 }
 
-func (b *bucket) take(now time.Time) bool {
-	b.tokens = min(b.size, b.tokens+now.Sub(b.last).Seconds()*b.perSecond)
-	b.last = now
-	if b.tokens < 1 {
-		return false
+// header is one frame's header.
+type header struct {
+	fin, masked bool
+	rsv, opcode byte
+	length      int64
+	key         [4]byte
+}
+
+// nextMessage returns the next whole text message. Control frames between
+// its fragments, or between messages, are handled here: a ping is answered
+// through pong with its payload, a pong only shows the peer is there, a
+// close frame ends the connection. It returns a *closeError when the
+// connection must close with a code, and otherwise only the connection's
+// own errors (the peer went, or sent nothing for idle). A message is judged
+// as it arrives: it fails at the first byte that cannot be valid UTF-8.
+func (fr *frameReader) nextMessage(pong func(payload []byte)) ([]byte, error) {
+	for {
+		f, err := fr.header()
+		if err != nil {
+			return nil, err
+		}
+		control := f.opcode&0x8 != 0
+		switch {
+		case !f.masked:
+			return nil, fail(closeProtocolError, "client frames must be masked")
+		case f.rsv != 0:
+			return nil, fail(closeProtocolError, "reserved bits set, and no extension agreed")
+		case control && (!f.fin || f.length > maxControlBytes):
+			return nil, fail(closeProtocolError, "control frame fragmented or over 125 bytes")
+		}
+		switch f.opcode {
+		case websocket.PingFrame, websocket.PongFrame, websocket.CloseFrame:
+			p := make([]byte, f.length)
+			if err := fr.payload(p, f.key, false); err != nil {
+				return nil, err
+			}
+			switch {
+			case f.opcode == websocket.CloseFrame:
+				return nil, peerClose(p)
+			case f.opcode == websocket.PongFrame:
+			case !fr.pings.take(time.Now()):
+				return nil, fail(closePolicyViolation, "ping flood")
+			default:
+				pong(p)
+			}
+			continue
+		case websocket.TextFrame, websocket.BinaryFrame:
+			if fr.msg != nil {
+				return nil, fail(closeProtocolError, "a new message inside a fragmented one")
+			}
+			if f.opcode == websocket.BinaryFrame {
+				return nil, fail(closeUnsupported, "text frames only")
+			}
+		case websocket.ContinuationFrame:
+			if fr.msg == nil {
+				return nil, fail(closeProtocolError, "a continuation with no message to continue")
+			}
+		default:
+			return nil, fail(closeProtocolError, "reserved opcode "+strconv.Itoa(int(f.opcode)))
+		}
+		if int64(len(fr.msg))+f.length > maxFrameBytes {
+			return nil, fail(closeTooBig, "message over "+strconv.Itoa(maxFrameBytes)+" bytes")
+		}
+		if fr.msg == nil {
+			fr.msg, fr.valid = make([]byte, 0, f.length), 0
+		}
+		start := len(fr.msg)
+		fr.msg = slices.Grow(fr.msg, int(f.length))[:start+int(f.length)]
+		if err := fr.payload(fr.msg[start:], f.key, true); err != nil {
+			return nil, err
+		}
+		if f.fin {
+			msg := fr.msg
+			fr.msg = nil
+			if !fr.checkUTF8(msg, true) {
+				return nil, fail(closeBadData, "text message is not valid UTF-8")
+			}
+			return msg, nil
+		}
 	}
-	b.tokens--
+}
+
+// header reads a frame's header; any frame shows the peer is there, so it
+// moves the read deadline idle on.
+func (fr *frameReader) header() (f header, err error) {
+	var b [2]byte
+	for i := range b {
+		if b[i], err = fr.br.ReadByte(); err != nil {
+			return f, err
+		}
+	}
+	fr.mu.Lock()
+	if !fr.closing {
+		fr.conn.SetReadDeadline(time.Now().Add(fr.idle))
+	}
+	fr.mu.Unlock()
+	f.fin, f.rsv, f.opcode = b[0]&0x80 != 0, b[0]>>4&0x7, b[0]&0xf
+	f.masked, f.length = b[1]&0x80 != 0, int64(b[1]&0x7f)
+	extra := 0 // bytes of extended length
+	switch f.length {
+	case 126:
+		extra, f.length = 2, 0
+	case 127:
+		extra, f.length = 8, 0
+	}
+	for range extra {
+		c, err := fr.br.ReadByte()
+		if err != nil {
+			return f, err
+		}
+		f.length = f.length<<8 | int64(c)
+	}
+	if f.length < 0 { // the top bit of a 64-bit length must be 0
+		return f, fail(closeProtocolError, "frame length over 2^63")
+	}
+	for i := range f.key {
+		if f.masked {
+			if f.key[i], err = fr.br.ReadByte(); err != nil {
+				return f, err
+			}
+		}
+	}
+	fr.op, fr.left = f.opcode, f.length
+	return f, nil
+}
+
+// payload reads the current frame's payload into p, unmasking it. A text
+// fragment (p then ends fr.msg) is checked piece by piece as it arrives.
+func (fr *frameReader) payload(p []byte, key [4]byte, text bool) error {
+	start := len(fr.msg) - len(p)
+	for got := 0; got < len(p); {
+		n, err := fr.br.Read(p[got:])
+		for i := got; i < got+n; i++ {
+			p[i] ^= key[i%4]
+		}
+		got += n
+		fr.left -= int64(n)
+		if text && !fr.checkUTF8(fr.msg[:start+got], false) {
+			return fail(closeBadData, "text message is not valid UTF-8")
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkUTF8 checks msg, what has arrived of a text message, from where the
+// last check stopped. It must be valid UTF-8, but for a last character cut
+// short that more bytes could still complete, unless the message is whole.
+func (fr *frameReader) checkUTF8(msg []byte, whole bool) bool {
+	rest := msg[fr.valid:]
+	if utf8.Valid(rest) {
+		fr.valid = len(msg)
+		return true
+	}
+	for len(rest) > 0 {
+		r, size := utf8.DecodeRune(rest)
+		if r == utf8.RuneError && size == 1 {
+			return !whole && !utf8.FullRune(rest) // FullRune is false only for a valid beginning
+		}
+		rest = rest[size:]
+		fr.valid += size
+	}
 	return true
 }
 
-// ------------------------------------------------- what x/net leaves to us --
-//
-// A first reading may stop here. x/net/websocket does the handshake and the
-// reading, and leaves us this:
-//   - It writes one frame per system call, and its Close always sends 1000.
-//     The writer frames its own batches, close codes included; server
-//     frames are simple (unmasked, a two- to ten-byte header).
-//   - It writes pongs from inside Read, on our writer's socket: both go
-//     through the wire, which owns the write deadline.
-//   - It swallows pongs, so liveReader pushes the read deadline forward on
-//     any bytes from the peer, and a silent peer times out.
+// peerClose is the answer to the peer's close frame: its code echoed (1000
+// when it gave none), or a failure when the frame is malformed. Either way
+// the peer has said its last.
+func peerClose(p []byte) *closeError {
+	code, reason := closeNormal, ""
+	switch {
+	case len(p) == 1:
+		code, reason = closeProtocolError, "close frame with a one-byte payload"
+	case len(p) == 0:
+	case !validCloseCode(int(binary.BigEndian.Uint16(p))):
+		code, reason = closeProtocolError, "close code "+strconv.Itoa(int(binary.BigEndian.Uint16(p)))+" is not one to send"
+	case !utf8.Valid(p[2:]):
+		code, reason = closeBadData, "close reason is not UTF-8"
+	default:
+		code = int(binary.BigEndian.Uint16(p))
+	}
+	return &closeError{code, reason}
+}
 
-// hijacker hands x/net the hijacked connection, with small buffers, reading
-// through a liveReader, writing through a wire, and not closed by x/net.
+// validCloseCode reports whether a close frame may carry code (RFC 6455,
+// section 7.4, and the IANA registry: 1012-1014 came later).
+func validCloseCode(code int) bool {
+	return 1000 <= code && code <= 1003 || 1007 <= code && code <= 1014 || 3000 <= code && code <= 4999
+}
+
+// linger reads and drops what the peer still sends once the connection is
+// closing, up to its close frame: closed with bytes unread, the connection
+// would be reset, and the peer could lose the close frame that says why.
+// The writer's closeAfter bounds it.
+func (fr *frameReader) linger() {
+	for {
+		if _, err := fr.br.Discard(int(fr.left)); err != nil || fr.op == websocket.CloseFrame {
+			return
+		}
+		if _, err := fr.header(); err != nil {
+			return
+		}
+	}
+}
+
+// closeAfter stops nextMessage moving the read deadline, and gives the peer
+// d to finish. The writer calls it once the close frame is out, or cannot go.
+func (fr *frameReader) closeAfter(d time.Duration) {
+	fr.mu.Lock()
+	defer fr.mu.Unlock()
+	fr.closing = true
+	fr.conn.SetReadDeadline(time.Now().Add(d))
+}
+
+// hijacker hands x/net the hijacked connection, with small buffers: x/net
+// reads the handshake and writes its answer through the client's wire, and
+// the client's frameReader reads the same buffer afterwards.
 type hijacker struct {
 	http.ResponseWriter
 	c         *client
@@ -1028,38 +1407,35 @@ func (hj hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	hj.c.conn = conn
-	hj.c.live = &liveReader{conn: conn, idle: hj.idle}
-	hj.c.wire = &wire{conn: conn, wait: hj.writeWait}
-	var r io.Reader = hj.c.live
-	if n := brw.Reader.Buffered(); n > 0 { // bytes that came with the handshake
+	var r io.Reader = conn
+	if n := brw.Reader.Buffered(); n > 0 { // frames that came with the handshake
 		early, _ := brw.Reader.Peek(n)
-		r = io.MultiReader(bytes.NewReader(bytes.Clone(early)), r)
+		r = io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn)
 	}
-	conn.SetReadDeadline(time.Now().Add(hj.idle)) // the first; from the first read on, the liveReader's alone
-	// New small buffers, so that net/http's can go with its request. x/net
-	// writes its handshake answer and its pongs through the wire.
-	brw = bufio.NewReadWriter(bufio.NewReaderSize(r, connReadBufferBytes), bufio.NewWriterSize(hj.c.wire, connWriteBufferBytes))
-	return keepOpen{conn}, brw, nil
+	conn.SetReadDeadline(time.Now().Add(hj.idle)) // the first; from the first frame on, the frameReader's
+	c := hj.c
+	c.conn = conn
+	c.in = &frameReader{conn: conn, br: bufio.NewReaderSize(r, connReadBufferBytes), idle: hj.idle, pings: newBucket(pingBurst, pingsPerSecond)}
+	c.wire = &wire{conn: conn, wait: hj.writeWait}
+	// New small buffers, so that net/http's can go with its request.
+	return keepOpen{conn}, bufio.NewReadWriter(c.in.br, bufio.NewWriterSize(c.wire, connWriteBufferBytes)), nil
 }
 
 // keepOpen is the connection as x/net sees it: x/net closes it when its
-// handler returns, but the client's own goroutine serves on and closes it.
+// handler returns, but the client's own goroutines serve on and close it.
 type keepOpen struct{ net.Conn }
 
 func (keepOpen) Close() error { return nil }
 
-// wire is the one path by which bytes reach a connection, and the owner of
-// its write deadline. The deadline belongs to the socket, not to a write:
-// when the writer moved it only for its own writes, x/net's pongs ran under
-// a stale one and a client that pinged in a quiet room was cut off. So each
-// write sets its own deadline as it starts, and mu keeps the pair whole.
-// stopBy is the one other hand on it: the hub dropping a client and the
-// broadcaster stopping streams end the write in progress, and bound every
-// later one, so that a peer that stopped reading cannot hold up shutdown.
+// wire is the one path by which bytes reach a connection, chat or event
+// stream, and the owner of its write deadline: each write sets its own
+// deadline as it starts, and mu keeps the pair whole. stopBy is the one
+// other hand on it: the hub dropping a client and the broadcaster stopping
+// streams end the write in progress, and bound every later one, so that a
+// peer that stopped reading cannot hold up shutdown.
 type wire struct {
 	conn deadlineWriter
-	wait time.Duration // how long a write may take, unless it says otherwise
+	wait time.Duration // how long a write may take
 
 	mu sync.Mutex // held for one write and the deadline set for it
 
@@ -1104,37 +1480,6 @@ func (w *wire) stopBy(t time.Time) {
 	}
 }
 
-// liveReader pushes the read deadline forward whenever bytes arrive, so that
-// any traffic, the pongs x/net swallows included, proves the peer is there.
-// Once closing, the deadline stays where closeAfter put it.
-type liveReader struct {
-	conn net.Conn
-	idle time.Duration
-
-	mu      sync.Mutex // orders deadline updates between Read and closeAfter
-	closing bool
-}
-
-func (lr *liveReader) Read(p []byte) (int, error) {
-	n, err := lr.conn.Read(p)
-	if n > 0 {
-		lr.mu.Lock()
-		if !lr.closing {
-			lr.conn.SetReadDeadline(time.Now().Add(lr.idle))
-		}
-		lr.mu.Unlock()
-	}
-	return n, err
-}
-
-// closeAfter stops pushing the deadline and gives the peer d to finish.
-func (lr *liveReader) closeAfter(d time.Duration) {
-	lr.mu.Lock()
-	defer lr.mu.Unlock()
-	lr.closing = true
-	lr.conn.SetReadDeadline(time.Now().Add(d))
-}
-
 // appendHeader appends the header of a server frame with an n-byte payload
 // (RFC 6455, section 5.2): final, not masked, the shortest length encoding.
 func appendHeader(b []byte, opcode byte, n int) []byte {
@@ -1149,13 +1494,18 @@ func appendHeader(b []byte, opcode byte, n int) []byte {
 	}
 }
 
+// appendFrame appends a whole server frame.
+func appendFrame(b []byte, opcode byte, payload []byte) []byte {
+	return append(appendHeader(b, opcode, len(payload)), payload...)
+}
+
 // textFrame frames a JSON payload.
 func textFrame(payload []byte) []byte {
-	return append(appendHeader(make([]byte, 0, 10+len(payload)), websocket.TextFrame, len(payload)), payload...)
+	return appendFrame(make([]byte, 0, 10+len(payload)), websocket.TextFrame, payload)
 }
 
 // pingFrame is the server's ping, shared by every client.
-var pingFrame = appendHeader(nil, websocket.PingFrame, 0)
+var pingFrame = appendFrame(nil, websocket.PingFrame, nil)
 
 // appendClose appends a close frame with a status code and reason (RFC 6455,
 // section 5.5.1). The reason must fit the 123 bytes a control frame allows.
@@ -1163,28 +1513,3 @@ func appendClose(b []byte, code int, reason string) []byte {
 	b = binary.BigEndian.AppendUint16(appendHeader(b, websocket.CloseFrame, 2+len(reason)), uint16(code))
 	return append(b, reason...)
 }
-
-// rawFrame is one received frame. x/net does not reassemble fragments: each
-// is a rawFrame, continuations carrying the first one's opcode.
-type rawFrame struct {
-	opcode byte
-	data   []byte
-}
-
-// frameCodec receives one frame as a rawFrame.
-var frameCodec = websocket.Codec{Unmarshal: func(data []byte, opcode byte, v any) error {
-	*v.(*rawFrame) = rawFrame{opcode, data}
-	return nil
-}}
-
-// encode marshals a frame: fixed structs of strings and numbers, which cannot fail.
-func encode(v any) []byte {
-	b, err := json.Marshal(v)
-	if err != nil {
-		panic("chat: encoding frame: " + err.Error())
-	}
-	return b
-}
-
-// stamp formats t as the protocol's times are: RFC 3339, UTC, milliseconds.
-func stamp(t time.Time) string { return t.UTC().Format("2006-01-02T15:04:05.000Z07:00") }

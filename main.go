@@ -36,6 +36,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -307,4 +308,17 @@ func (s *server) serveHealthz(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	io.WriteString(w, "ok\n")
+}
+
+// recoverPanic, deferred at the top of a goroutine the server starts, logs
+// a panic there at error level with its stack, instead of ending the
+// process and every connection with it.
+func recoverPanic(log *slog.Logger, where string) {
+	if p := recover(); p != nil {
+		logPanic(log, where, p)
+	}
+}
+
+func logPanic(log *slog.Logger, where string, p any) {
+	log.Error("panic", "in", where, "panic", p, "stack", string(debug.Stack()))
 }
