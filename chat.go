@@ -71,8 +71,8 @@ type hub struct {
 	allowOrigins map[string]bool // lower-case "scheme://host[:port]"
 	run          string          // this server run; every id carries it, and seq restarts with it
 	// The timings of the same names, changeable by tests before serving.
-	pingEvery, readIdle, writeWait, resumeWindow time.Duration
-	hook                                         func(c *client, msg []byte) // tests only: runs in the reader before each message
+	pingEvery, readIdle, writeWait, resumeWindow, closeGrace time.Duration
+	hook                                                     func(c *client, msg []byte) // tests only: runs in the reader before each message
 
 	admitted atomic.Int64   // connections past admission, including mid-handshake
 	handlers sync.WaitGroup // one per admitted connection until its goroutines end, for shutdown
@@ -104,6 +104,7 @@ func newHub(log *slog.Logger, maxClients int, allowOrigins []string) *hub {
 		readIdle:     readIdle,
 		writeWait:    writeWait,
 		resumeWindow: resumeWindow,
+		closeGrace:   closeGrace,
 		clients:      make(map[*client]struct{}),
 		sessions:     make(map[string]*session),
 		byName:       make(map[string]*session),
@@ -220,7 +221,7 @@ func (h *hub) dropLocked(c *client, code int, why string) {
 	// (its backlog and the close frame) and for the one in progress: a
 	// client that stopped reading must not hold its connection, or the
 	// server's shutdown, for a whole writeWait.
-	c.wire.stopBy(time.Now().Add(closeGrace))
+	c.wire.stopBy(time.Now().Add(h.closeGrace))
 }
 
 // broadcastLocked frames payload once and offers the frame to every client.
@@ -812,7 +813,7 @@ func (h *hub) serve(c *client, joined bool) {
 	defer c.conn.Close()
 	defer func() { <-c.writerDone }()
 	if !joined { // never in the room, so bounded like a client leaving it
-		c.wire.stopBy(time.Now().Add(closeGrace))
+		c.wire.stopBy(time.Now().Add(h.closeGrace))
 		c.out.close(appendClose(nil, closeGoingAway, "server shutting down"), true)
 	}
 	go h.write(c)
@@ -880,19 +881,21 @@ func (h *hub) write(c *client) {
 			logPanic(h.log, "chat writer", p)
 			h.drop(c, closeInternalError, "internal error")
 			c.wire.Write(appendClose(nil, closeInternalError, "internal error"))
-			c.in.closeAfter(closeGrace)
+			c.in.closeAfter(h.closeGrace)
 		}
 	}()
 	for range c.out.wake {
 		closed, whole, err := c.writeBatch()
-		if err != nil && !closed {
-			h.drop(c, closePolicyViolation, "too slow: "+err.Error())
-			if whole {
-				continue // the close frame is queued; try it under closeGrace
+		if err != nil {
+			h.drop(c, closePolicyViolation, "too slow: a write failed or blocked") // nothing, once out of the room
+			if !closed && whole {
+				continue // the close frame is queued: it may still go, under closeGrace
 			}
+			c.in.closeAfter(0)
+			return
 		}
-		if err != nil || closed {
-			c.in.closeAfter(closeGrace)
+		if closed {
+			c.in.closeAfter(h.closeGrace)
 			return
 		}
 	}
@@ -1413,12 +1416,17 @@ func (hj hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		r = io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn)
 	}
 	conn.SetReadDeadline(time.Now().Add(hj.idle)) // the first; from the first frame on, the frameReader's
-	c := hj.c
-	c.conn = conn
-	c.in = &frameReader{conn: conn, br: bufio.NewReaderSize(r, connReadBufferBytes), idle: hj.idle, pings: newBucket(pingBurst, pingsPerSecond)}
-	c.wire = &wire{conn: conn, wait: hj.writeWait}
+	hj.c.attach(conn, r, hj.idle, hj.writeWait)
 	// New small buffers, so that net/http's can go with its request.
-	return keepOpen{conn}, bufio.NewReadWriter(c.in.br, bufio.NewWriterSize(c.wire, connWriteBufferBytes)), nil
+	return keepOpen{conn}, bufio.NewReadWriter(hj.c.in.br, bufio.NewWriterSize(hj.c.wire, connWriteBufferBytes)), nil
+}
+
+// attach makes conn c's connection, read from r (conn, after what came with
+// the handshake) and written through a wire.
+func (c *client) attach(conn net.Conn, r io.Reader, idle, writeWait time.Duration) {
+	c.conn = conn
+	c.in = &frameReader{conn: conn, br: bufio.NewReaderSize(r, connReadBufferBytes), idle: idle, pings: newBucket(pingBurst, pingsPerSecond)}
+	c.wire = &wire{conn: conn, wait: writeWait}
 }
 
 // keepOpen is the connection as x/net sees it: x/net closes it when its

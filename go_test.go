@@ -256,6 +256,37 @@ func TestHandlerPanicIsLoggedAsError(t *testing.T) {
 	}
 }
 
+// A panic in one chat connection's reader is logged with its stack and
+// closes that connection with 1011; the others lose nothing.
+func TestPanicInAConnectionClosesItWith1011(t *testing.T) {
+	var logs syncBuffer
+	s := newServer(config{maxClients: defaultMaxClients}, slog.New(slog.NewTextHandler(&logs, nil)))
+	s.chat.hook = func(_ *client, msg []byte) {
+		if bytes.Contains(msg, []byte("boom")) {
+			panic("boom")
+		}
+	}
+	_, url := serveTest(t, s)
+	watcher, _ := dial(t, url, "")
+	other, _ := dial(t, url, "")
+	raw, _ := dialRaw(t, url, "")
+	raw.readText(t) // welcome
+	other.say("before")
+	raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"boom"}`))
+	if code, _ := raw.readClose(t); code != closeInternalError {
+		t.Errorf("the panicking connection closed with %d, want %d", code, closeInternalError)
+	}
+	other.say("after")
+	for _, want := range []string{"before", "after"} {
+		if m := watcher.await("message"); m.Text != want {
+			t.Errorf("watcher got %q, want %q", m.Text, want)
+		}
+	}
+	if out := logs.String(); !strings.Contains(out, "level=ERROR msg=panic") || !strings.Contains(out, "chat reader") || !strings.Contains(out, "goroutine") {
+		t.Errorf("panic logged as:\n%s\nwant level=ERROR with where and the stack", out)
+	}
+}
+
 // syncBuffer is a bytes.Buffer safe for a logger and a test to share.
 type syncBuffer struct {
 	mu  sync.Mutex
@@ -1011,6 +1042,29 @@ func TestBadResumeTokensStartAfresh(t *testing.T) {
 	}
 }
 
+// The resume token travels as a subprotocol, never in a URL: the server
+// selects "pollfree" and never echoes the token, and a ?resume= in the URL
+// starts a new session.
+func TestResumeTokenTravelsAsASubprotocol(t *testing.T) {
+	_, url := newTestServer(t)
+	ada, w := dial(t, url, "?name=Ada")
+	ada.ws.Close()
+	if _, again := dial(t, url, "?resume="+neturl.QueryEscape(w.Resume)+"&since=0"); again.Resumed || again.You.ID == w.You.ID {
+		t.Errorf("a token in the URL resumed: you %+v resumed %v, want a new session", again.You, again.Resumed)
+	}
+	raw, status := dialRaw(t, url, "?since=0", "Sec-WebSocket-Protocol: resume."+w.Resume+", pollfree")
+	if got := raw.header.Values("Sec-WebSocket-Protocol"); status != 101 || !slices.Equal(got, []string{subprotocol}) {
+		t.Errorf("handshake %d selected %q, want 101 and just %q", status, got, subprotocol)
+	}
+	if f := raw.readText(t); !f.Resumed || f.You != w.You {
+		t.Errorf("the subprotocol token: you %+v resumed %v, want %+v resumed", f.You, f.Resumed, w.You)
+	}
+	bare, _ := dialRaw(t, url, "")
+	if got := bare.header.Get("Sec-WebSocket-Protocol"); got != "" {
+		t.Errorf("a client that offered no subprotocol got %q selected", got)
+	}
+}
+
 func TestParseJoin(t *testing.T) {
 	for _, tc := range []struct {
 		query string
@@ -1465,6 +1519,18 @@ func TestFrameAbuse(t *testing.T) {
 // code must be the one the suite expects, after exactly the events it
 // expects.
 func TestRFC6455Conformance(t *testing.T) {
+	_, url := newTestServer(t)
+	for _, c := range autobahnCases(t) {
+		t.Run(c.id, func(t *testing.T) {
+			t.Parallel()
+			c.run(t, url)
+		})
+	}
+}
+
+// autobahnCases are the rows of TestRFC6455Conformance, and seeds for
+// FuzzFrameReader.
+func autobahnCases(t testing.TB) []conformance {
 	hello := text(true, "Hello, world!")
 	twice := func(frames ...[]byte) []step { return steps(append(frames, frames...)...) }
 	cases := []conformance{
@@ -1581,14 +1647,57 @@ func TestRFC6455Conformance(t *testing.T) {
 		}
 		cases = append(cases, c)
 	}
+	return cases
+}
 
-	_, url := newTestServer(t)
-	for _, c := range cases {
-		t.Run(c.id, func(t *testing.T) {
-			t.Parallel()
-			c.run(t, url)
-		})
+// FuzzFrameReader feeds any byte stream to the server side of a chat
+// connection, reader and writer: no panic, no message handed to the hub
+// that is not valid UTF-8 or is over maxFrameBytes, and at most one close
+// frame, the last thing written.
+//
+//	go test -run '^$' -fuzz FuzzFrameReader -fuzztime 5m
+func FuzzFrameReader(f *testing.F) {
+	for _, c := range autobahnCases(f) {
+		var stream []byte
+		for _, s := range c.steps {
+			stream = append(stream, s.send...)
+		}
+		f.Add(stream)
 	}
+	f.Fuzz(func(t *testing.T, stream []byte) {
+		h := newHub(slog.New(slog.DiscardHandler), 10, nil)
+		h.closeGrace = 0
+		h.hook = func(_ *client, msg []byte) {
+			if !utf8.Valid(msg) || len(msg) > maxFrameBytes {
+				t.Errorf("handed the hub %d bytes: %q", len(msg), msg)
+			}
+		}
+		server, peer := net.Pipe()
+		c := newClient()
+		c.attach(server, server, time.Minute, time.Minute)
+		h.handlers.Add(1)
+		h.admitted.Add(1)
+		go h.serve(c, h.join(c, joinRequest{since: -1}))
+		go func() {
+			peer.Write(stream)
+			c.in.closeAfter(0) // all sent: the reader ends as at a timeout
+		}()
+		out, _ := io.ReadAll(peer) // until the server closes its side
+		peer.Close()
+		r := &rawConn{br: bufio.NewReader(bytes.NewReader(out))}
+		for closes := 0; ; {
+			op, _, err := r.readFrameNoDeadline()
+			if err != nil {
+				break
+			}
+			if closes > 0 {
+				t.Fatalf("a frame (opcode %d) after the close frame", op)
+			}
+			if op == websocket.CloseFrame {
+				closes++
+			}
+		}
+	})
 }
 
 // conformance is one Autobahn case: what the client sends, the events it
@@ -2237,6 +2346,9 @@ func TestChatWriteBlockedPastWriteWaitDropsTheClient(t *testing.T) {
 	}
 	if strings.Contains(logs.String(), "outbound queue full") {
 		t.Error("the stuck client was dropped for a full outbox, not by the write timeout")
+	}
+	if !regexp.MustCompile(`dropping client" .*code=1008 reason="too slow: a write failed or blocked"`).MatchString(logs.String()) {
+		t.Errorf("the drop is not logged as a 1008 for a blocked write:\n%s", logs.String()[max(0, len(logs.String())-3000):])
 	}
 }
 
@@ -4222,7 +4334,8 @@ func (c *chatClient) awaitJoinOrLeave(id, verb string) user {
 // will not send (invalid UTF-8, oversized frames).
 type rawConn struct {
 	net.Conn
-	br *bufio.Reader
+	br     *bufio.Reader
+	header http.Header // the handshake's answer
 }
 
 // dialRaw opens a TCP connection and sends a WebSocket handshake with the
@@ -4268,6 +4381,7 @@ func handshake(conn net.Conn, query string, header ...string) (*rawConn, int, er
 	if err != nil {
 		return nil, 0, err
 	}
+	rc.header = resp.Header
 	return rc, resp.StatusCode, nil
 }
 
