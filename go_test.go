@@ -1933,6 +1933,54 @@ func TestSlowHeadersAreCut(t *testing.T) {
 	}
 }
 
+// A request body that trickles in, on any endpoint (none reads a body), is
+// never waited for: the answer comes at once, and the connection is cut
+// within the body timeout.
+func TestTrickledBodyIsNeverWaitedFor(t *testing.T) {
+	t.Parallel()
+	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s.bodyTimeout = 300 * time.Millisecond
+	_, url := serveTest(t, s)
+	for _, req := range []string{"GET /healthz", "POST /"} {
+		t.Run(req, func(t *testing.T) {
+			conn, err := net.Dial("tcp", hostport(url))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			start := time.Now()
+			io.WriteString(conn, req+" HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+			go func() { // a byte every 20 ms, until the server hangs up
+				for conn.SetWriteDeadline(time.Now().Add(wait)) == nil {
+					if _, err := conn.Write([]byte("x")); err != nil {
+						return
+					}
+					time.Sleep(20 * time.Millisecond) // the attack's pace, not a synchronisation
+				}
+			}()
+			conn.SetReadDeadline(time.Now().Add(wait))
+			br := bufio.NewReader(conn)
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("%s with a trickled body: no answer after %v: %v", req, time.Since(start).Round(time.Millisecond), err)
+			}
+			if d := time.Since(start); d > s.bodyTimeout {
+				t.Errorf("%s with a trickled body answered after %v, want at once", req, d.Round(time.Millisecond))
+			}
+			if !resp.Close {
+				t.Errorf("%s with a trickled body: the answer keeps the connection, want Connection: close", req)
+			}
+			_, err = io.Copy(io.Discard, br) // until the server cuts the connection
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("%s with a trickled body: connection still open after %v", req, wait)
+			}
+			if d := time.Since(start); d > s.bodyTimeout+time.Second {
+				t.Errorf("connection cut after %v, want within the body timeout (%v)", d.Round(time.Millisecond), s.bodyTimeout)
+			}
+		})
+	}
+}
+
 // SIGTERM with 1000 chat clients, 1000 event streams and messages in flight:
 // every chat client gets close 1001, every stream ends, and the process
 // exits with status 0 within shutdownTimeout.

@@ -49,6 +49,7 @@ const (
 	defaultPort       = "3000"            // without -addr or $PORT
 	defaultMaxClients = 10_000            // concurrent chat connections; one more gets 503
 	readHeaderTimeout = 5 * time.Second   // for the request line and headers (slowloris)
+	bodyTimeout       = 10 * time.Second  // for what net/http reads of a request body no route wants; then the connection is cut
 	idleTimeout       = 120 * time.Second // a keep-alive connection with no request in flight
 	maxHeaderBytes    = 16 << 10          // the request line plus headers
 	shutdownTimeout   = 5 * time.Second   // the whole shutdown; run returns after it anyway
@@ -184,7 +185,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 func newHTTPServer(h http.Handler, logger *slog.Logger) *http.Server {
 	return &http.Server{
 		Handler: h,
-		// Headers must arrive promptly; bodies and streams set their own deadlines.
+		// Headers must arrive promptly. No ReadTimeout, which would cut /ws and
+		// /events: no route reads a body, and ServeHTTP bounds what net/http reads of one.
 		ReadHeaderTimeout: readHeaderTimeout,
 		// Idle keep-alive connections are closed after this long.
 		IdleTimeout: idleTimeout,
@@ -227,14 +229,15 @@ func listenURL(scheme string, addr net.Addr) string {
 // server is pollfree's http.Handler: the chat hub, the stats broadcaster and
 // the routes over them.
 type server struct {
-	chat     *hub
-	stats    *broadcaster
-	draining atomic.Bool // set once shutdown begins; /healthz then answers 503
-	mux      *http.ServeMux
+	chat        *hub
+	stats       *broadcaster
+	draining    atomic.Bool   // set once shutdown begins; /healthz then answers 503
+	bodyTimeout time.Duration // bodyTimeout, changeable by tests before serving
+	mux         *http.ServeMux
 }
 
 func newServer(cfg config, log *slog.Logger) *server {
-	s := &server{mux: http.NewServeMux()}
+	s := &server{mux: http.NewServeMux(), bodyTimeout: bodyTimeout}
 	s.chat = newHub(log, cfg.maxClients, cfg.allowOrigins)
 	s.stats = newBroadcaster(log, os.DirFS("/"), s.chat.online)
 	s.routes()
@@ -250,7 +253,20 @@ func (s *server) routes() {
 	s.mux.HandleFunc("GET /healthz", s.serveHealthz)
 }
 
-func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+// ServeHTTP serves every route. No route reads a request body, and none is
+// waited for: after a handler, net/http would read up to 256 KiB of an unread
+// body before answering, to keep the connection, so a GET /healthz with
+// Content-Length: 100000, trickled a byte a second, held its connection for
+// ever. An HTTP/1 request with a body is answered at once with
+// Connection: close instead, and what net/http still reads of the body as it
+// closes it must come within bodyTimeout. (HTTP/2 never waits for a body.)
+func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.ContentLength != 0 && r.ProtoMajor == 1 {
+		w.Header().Set("Connection", "close")
+		http.NewResponseController(w).SetReadDeadline(time.Now().Add(s.bodyTimeout))
+	}
+	s.mux.ServeHTTP(w, r)
+}
 
 // beginShutdown makes /healthz fail, closes every chat connection with 1001
 // and ends every event stream. It does not wait; see wait.
