@@ -128,7 +128,7 @@ func TestHelpListsEveryFlag(t *testing.T) {
 	if !errors.Is(err, flag.ErrHelp) {
 		t.Fatalf("run -h = %v, want flag.ErrHelp", err)
 	}
-	for _, name := range []string{"-addr", "-allow-origin", "-max-clients", "-tls-cert", "-tls-key", "-drain", "-log-level"} {
+	for _, name := range []string{"-addr", "-allow-origin", "-max-clients", "-max-streams", "-tls-cert", "-tls-key", "-drain", "-log-level"} {
 		if !strings.Contains(out.String(), name) {
 			t.Errorf("-h output lacks %s:\n%s", name, out.String())
 		}
@@ -1178,6 +1178,22 @@ func TestStatsEndpointReturnsOneSnapshot(t *testing.T) {
 	eventually(t, wait, "sampler stopped after /stats", func() bool { return !samplerRunning(s.stats) })
 }
 
+// clients.sse counts event streams only: a GET /stats, which waits for a
+// tick as a subscriber of its own, is not one.
+func TestStatsCountsStreamsOnly(t *testing.T) {
+	t.Parallel()
+	s, url := newTestServer(t)
+	if got := getStats(t, url).Clients.SSE; got != 0 {
+		t.Errorf("no stream open: /stats says sse %d, want 0", got)
+	}
+	eventually(t, wait, "sampler stopped after /stats", func() bool { return !samplerRunning(s.stats) })
+	_, br := openEvents(t, url)
+	readEvent(t, br)
+	if got := getStats(t, url).Clients.SSE; got != 1 {
+		t.Errorf("one stream open: /stats says sse %d, want 1", got)
+	}
+}
+
 // subscribers counts b's subscribers.
 func subscribers(b *broadcaster) int {
 	b.mu.Lock()
@@ -1646,6 +1662,34 @@ func TestMaxClientsAnswers503BeforeUpgrade(t *testing.T) {
 
 // In a large room a welcome lists welcomeUsers users, the newcomer first,
 // and counts everyone.
+// Event streams beyond -max-streams are answered 503, as a full chat room
+// is; GET /stats still answers, and a stream that ends makes room.
+func TestMaxStreamsAnswers503(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t, func(c *config) { c.maxStreams = 2 })
+	first, br := openEvents(t, url)
+	readEvent(t, br)
+	openEvents(t, url)
+	resp, err := http.Get(url + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("a third stream with -max-streams 2: %d, want 503", resp.StatusCode)
+	}
+	getStats(t, url)
+	first.Body.Close() // noticed at the stream's next write
+	eventually(t, wait, "a stream admitted once one ended", func() bool {
+		resp, err := http.Get(url + "/events")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
+
 func TestWelcomeListsAtMostWelcomeUsers(t *testing.T) {
 	_, url := newTestServer(t)
 	cs, _ := connectAll(t, hostport(url), welcomeUsers+5)
@@ -1854,7 +1898,7 @@ func TestSlowSubscriberSkipsTicksWithoutSlowingOthers(t *testing.T) {
 // subscriber that reads goes on receiving throughout.
 func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
 	t.Parallel()
-	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, testLogger(t))
 	s.stats.sampleEvery = time.Millisecond // fill the stuck socket fast
 	s.stats.writeTimeout = 200 * time.Millisecond
 	_, url := serveTest(t, s)
@@ -1883,7 +1927,7 @@ func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
 // that proxies do not take it for dead.
 func TestSilentStreamGetsAKeepAliveComment(t *testing.T) {
 	t.Parallel()
-	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, testLogger(t))
 	s.stats.sampleEvery = time.Hour // one tick at the start, then silence
 	s.stats.keepAlive = 50 * time.Millisecond
 	_, url := serveTest(t, s)
@@ -1938,7 +1982,7 @@ func TestSlowHeadersAreCut(t *testing.T) {
 // within the body timeout.
 func TestTrickledBodyIsNeverWaitedFor(t *testing.T) {
 	t.Parallel()
-	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, testLogger(t))
 	s.bodyTimeout = 300 * time.Millisecond
 	_, url := serveTest(t, s)
 	for _, req := range []string{"GET /healthz", "POST /"} {
@@ -3425,7 +3469,7 @@ func FuzzProcFiles(f *testing.F) {
 // below takes.
 func newTestServer(t testing.TB, edit ...func(*config)) (*server, string) {
 	t.Helper()
-	cfg := config{maxClients: defaultMaxClients}
+	cfg := config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}
 	for _, f := range edit {
 		f(&cfg)
 	}

@@ -12,7 +12,7 @@
 //
 // Usage:
 //
-//	pollfree [-addr :3000] [-allow-origin URL,...] [-max-clients N]
+//	pollfree [-addr :3000] [-allow-origin URL,...] [-max-clients N] [-max-streams N]
 //	         [-tls-cert FILE -tls-key FILE] [-drain 0s] [-log-level info]
 //
 // Without -addr, the PORT environment variable picks the port (the container
@@ -48,6 +48,7 @@ import (
 const (
 	defaultPort       = "3000"            // without -addr or $PORT
 	defaultMaxClients = 10_000            // concurrent chat connections; one more gets 503
+	defaultMaxStreams = 10_000            // concurrent event streams; one more gets 503
 	readHeaderTimeout = 5 * time.Second   // for the request line and headers (slowloris)
 	bodyTimeout       = 10 * time.Second  // for what net/http reads of a request body no route wants; then the connection is cut
 	idleTimeout       = 120 * time.Second // a keep-alive connection with no request in flight
@@ -75,6 +76,7 @@ type config struct {
 	addr         string
 	allowOrigins []string // extra origins allowed to open /ws, as "scheme://host[:port]"
 	maxClients   int
+	maxStreams   int
 	tlsCert      string
 	tlsKey       string
 	drain        time.Duration // how long /healthz says 503 before shutdown proper
@@ -90,6 +92,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	fs.StringVar(&cfg.addr, "addr", "", "listen address, host:port (default \":$PORT\", or \":"+defaultPort+"\" without $PORT)")
 	origins := fs.String("allow-origin", "", "comma-separated origins, besides the page's own, that may open /ws (e.g. https://example.com)")
 	fs.IntVar(&cfg.maxClients, "max-clients", defaultMaxClients, "most concurrent chat connections; more get 503")
+	fs.IntVar(&cfg.maxStreams, "max-streams", defaultMaxStreams, "most concurrent event streams (GET /events); more get 503")
 	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "certificate `file` (PEM) to serve HTTPS and HTTP/2; needs -tls-key")
 	fs.StringVar(&cfg.tlsKey, "tls-key", "", "private key `file` (PEM) for -tls-cert")
 	fs.DurationVar(&cfg.drain, "drain", 0, "on SIGTERM, keep serving for this `duration` with /healthz answering 503, then shut down (e.g. 5s behind a load balancer)")
@@ -119,6 +122,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	}
 	if cfg.maxClients < 1 {
 		return cfg, fmt.Errorf("-max-clients must be at least 1, got %d", cfg.maxClients)
+	}
+	if cfg.maxStreams < 1 {
+		return cfg, fmt.Errorf("-max-streams must be at least 1, got %d", cfg.maxStreams)
 	}
 	for o := range strings.SplitSeq(*origins, ",") {
 		if o = strings.TrimSpace(o); o != "" {
@@ -240,6 +246,7 @@ func newServer(cfg config, log *slog.Logger) *server {
 	s := &server{mux: http.NewServeMux(), bodyTimeout: bodyTimeout}
 	s.chat = newHub(log, cfg.maxClients, cfg.allowOrigins)
 	s.stats = newBroadcaster(log, os.DirFS("/"), s.chat.online)
+	s.stats.maxStreams = cfg.maxStreams
 	s.routes()
 	return s
 }

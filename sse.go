@@ -89,11 +89,16 @@ type broadcaster struct {
 	started     time.Time  // process start, for process.uptimeSeconds
 	// sampleEvery, sseKeepAlive and sseWriteTimeout, changeable by tests before serving.
 	sampleEvery, keepAlive, writeTimeout time.Duration
+	maxStreams                           int // -max-streams
 
-	streams sync.WaitGroup // one per open event stream, for shutdown
+	// streams counts the open event streams, for shutdown to wait on. Its
+	// Add is subscribe's alone, under mu and only while not closed: once
+	// shutdown has set closed, no Add can race wait's Wait.
+	streams sync.WaitGroup
 
 	mu      sync.Mutex           // guards the fields below, and every send on or close of a subscriber channel
 	subs    map[chan *tick]*wire // each with its stream's wire (nil for GET /stats)
+	open    int                  // event streams subscribed (what streams counts): clients.sse, at most maxStreams
 	latest  *tick                // the last tick, while the sampler runs
 	running bool
 	closed  bool
@@ -119,18 +124,20 @@ func newBroadcaster(log *slog.Logger, fsys fs.FS, chatClients func() int) *broad
 }
 
 // subscribe returns a channel that receives the latest tick at once (if any)
-// and then every tick it is ready for, or nil once shutdown has begun; it
-// starts the sampler if none runs. A stream subscribes with its wire, and
-// counts in b.streams until it unsubscribes.
+// and then every tick it is ready for; it starts the sampler if none runs.
+// A stream subscribes with its wire, and counts in b.open and b.streams
+// until it unsubscribes. subscribe returns nil once shutdown has begun, and
+// for a stream while maxStreams are open.
 func (b *broadcaster) subscribe(out *wire) chan *tick {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.closed {
+	if b.closed || out != nil && b.open >= b.maxStreams {
 		return nil
 	}
 	sub := make(chan *tick, 1)
 	b.subs[sub] = out
 	if out != nil {
+		b.open++
 		b.streams.Add(1)
 	}
 	if b.latest != nil {
@@ -152,6 +159,7 @@ func (b *broadcaster) unsubscribe(sub chan *tick, out *wire) {
 		close(sub)
 	}
 	if out != nil {
+		b.open--
 		b.streams.Done()
 	}
 }
@@ -236,7 +244,7 @@ func (b *broadcaster) serveEvents(w http.ResponseWriter, r *http.Request) {
 	}
 	out := &wire{conn: conn, wait: b.writeTimeout}
 	sub := b.subscribe(out)
-	if sub == nil { // shutdown has begun
+	if sub == nil { // shutdown has begun, or maxStreams are open
 		out.stopBy(time.Now().Add(closeGrace))
 		out.Write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"))
 		conn.Close()
@@ -256,7 +264,7 @@ func (b *broadcaster) serveHTTP2(w http.ResponseWriter, r *http.Request) {
 	out := &wire{conn: flushingResponse{w, http.NewResponseController(w)}, wait: b.writeTimeout}
 	sub := b.subscribe(out)
 	if sub == nil {
-		http.Error(w, "shutting down", http.StatusServiceUnavailable)
+		http.Error(w, "too many event streams, or shutting down", http.StatusServiceUnavailable)
 		return
 	}
 	defer b.unsubscribe(sub, out)
@@ -392,7 +400,7 @@ type processStats struct {
 
 type clientStats struct {
 	Chat int `json:"chat"` // chat connections now
-	SSE  int `json:"sse"`  // event-stream subscribers now
+	SSE  int `json:"sse"`  // event streams now (GET /stats requests are not counted)
 }
 
 // snapshot takes one sample. Only the sampler goroutine calls it.
@@ -411,7 +419,7 @@ func (b *broadcaster) snapshot() snapshot {
 	readSystem(b.fsys, info, &s, &b.cpu)
 
 	b.mu.Lock()
-	s.Clients.SSE = len(b.subs)
+	s.Clients.SSE = b.open
 	b.mu.Unlock()
 	s.Clients.Chat = b.chatClients()
 	return s
