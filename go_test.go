@@ -3439,6 +3439,7 @@ func FuzzProcFiles(f *testing.F) {
 	}
 	f.Add(read("meminfo"), read("stat"), read("loadavg"), read("self/cgroup"), []byte("536870912\n"))
 	f.Add([]byte("MemTotal: 10 kB\nMemFree: 20 kB\n"), []byte("cpu 1 2 3\n"), []byte("1 2"), []byte("0::/\n"), []byte("max\n"))
+	f.Add(read("meminfo"), read("stat"), []byte("NaN NaN NaN 1/1 1\n"), read("self/cgroup"), []byte("max\n")) // NaN does not encode
 	f.Fuzz(func(t *testing.T, meminfo, stat, loadavg, cgroup, limit []byte) {
 		if runtime.GOOS != "linux" {
 			t.Skip("/proc parsing is Linux only")

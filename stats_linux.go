@@ -180,7 +180,7 @@ func parseFloats(s string, n int) ([]float64, error) {
 	out := make([]float64, n)
 	for i := range out {
 		v, err := strconv.ParseFloat(f[i], 64)
-		if err != nil || v < 0 || v > 1e15 {
+		if err != nil || !(v >= 0 && v <= 1e15) { // NaN too: it has no JSON encoding
 			return nil, errors.New("bad number " + strconv.Quote(f[i]))
 		}
 		out[i] = v
