@@ -1947,6 +1947,83 @@ func TestSilentStreamGetsAKeepAliveComment(t *testing.T) {
 	}
 }
 
+// A panic in one event stream's goroutine (here a nil tick, as a bug in the
+// fan-out could send) is logged at error level with its stack; that stream
+// alone ends, another loses no event, and the server serves on.
+func TestStreamPanicEndsThatStreamAlone(t *testing.T) {
+	t.Parallel()
+	var logs syncBuffer
+	s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, slog.New(slog.NewTextHandler(&logs, nil)))
+	s.stats.sampleEvery = time.Hour // one tick at the start; the test publishes the rest
+	_, url := serveTest(t, s)
+	victim, vbr := openEvents(t, url)
+	readEvent(t, vbr)
+	var bad chan *tick
+	s.stats.mu.Lock()
+	for sub := range s.stats.subs {
+		bad = sub
+	}
+	s.stats.mu.Unlock()
+	_, br := openEvents(t, url)
+	id, _ := readEvent(t, br)
+
+	s.stats.mu.Lock() // sends on a subscriber channel are made under mu
+	select {
+	case <-bad:
+	default:
+	}
+	bad <- nil
+	s.stats.mu.Unlock()
+	if _, err := io.Copy(io.Discard, victim.Body); err != nil {
+		t.Errorf("the panicking stream did not end cleanly: %v", err)
+	}
+	eventually(t, wait, "the panic logged", func() bool { return strings.Contains(logs.String(), "stack=") })
+	if out := logs.String(); !strings.Contains(out, "level=ERROR") || !strings.Contains(out, "goroutine") {
+		t.Errorf("panic logged as:\n%s\nwant level=ERROR with the stack", out)
+	}
+	for range 3 { // the other stream gets every tick
+		s.stats.publish([]byte(`{}`))
+		next, _ := readEvent(t, br)
+		if prev, _ := strconv.Atoi(id); next != strconv.Itoa(prev+1) {
+			t.Fatalf("after the panic, the other stream got event %s after %s, want the next", next, id)
+		}
+		id = next
+	}
+	checkServes(t, url)
+}
+
+// A panic in the sampler (here in its count of chat clients) is logged at
+// error level with its stack; that tick is lost, and a new sampler takes the
+// next: a GET /stats waiting for a first tick gets one, a stream goes on,
+// and the sampler still stops when nobody listens.
+func TestSamplerPanicIsLoggedAndSamplingGoesOn(t *testing.T) {
+	t.Parallel()
+	var logs syncBuffer
+	s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, slog.New(slog.NewTextHandler(&logs, nil)))
+	s.stats.sampleEvery = 20 * time.Millisecond
+	var panics atomic.Int32 // how many samples panic from now on
+	panics.Store(1)
+	online := s.stats.chatClients
+	s.stats.chatClients = func() int {
+		if panics.Add(-1) >= 0 {
+			panic("test: the sampler fails")
+		}
+		return online()
+	}
+	_, url := serveTest(t, s)
+	getStats(t, url) // its first tick panics
+	if out := logs.String(); !strings.Contains(out, "level=ERROR") || !strings.Contains(out, "the sampler fails") || !strings.Contains(out, "goroutine") {
+		t.Errorf("panic logged as:\n%s\nwant level=ERROR with the stack", out)
+	}
+	resp, br := openEvents(t, url)
+	readEvent(t, br)
+	panics.Store(1)
+	readEvent(t, br)
+	readEvent(t, br)
+	resp.Body.Close()
+	eventually(t, wait, "sampler stopped", func() bool { return !samplerRunning(s.stats) })
+}
+
 // Request headers that trickle in, a line at a time, are cut off by
 // ReadHeaderTimeout however long the trickle lasts.
 func TestSlowHeadersAreCut(t *testing.T) {

@@ -36,6 +36,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -217,6 +218,19 @@ func (e serverErrors) Write(p []byte) (int, error) {
 	}
 	e.log.Log(context.Background(), level, msg)
 	return len(p), nil
+}
+
+// recoverTo keeps a panic in a goroutine the server starts, outside
+// net/http's own recovery, from killing the process: deferred first in that
+// goroutine (so that it runs last), it logs the panic at error level with its
+// stack, then calls then, if not nil, to let go of what the goroutine held.
+func recoverTo(log *slog.Logger, what string, then func()) {
+	if v := recover(); v != nil {
+		log.Error("panic", "in", what, "err", v, "stack", string(debug.Stack()))
+		if then != nil {
+			then()
+		}
+	}
 }
 
 // listenURL turns a listener address into a URL a person can click:

@@ -104,8 +104,8 @@ type broadcaster struct {
 	closed  bool
 	lastID  uint64 // the last tick's id; ids go on increasing across sampler runs
 
-	// Owned by the sampler goroutine. One run stops (in publish) before the
-	// next starts (in subscribe), both under mu.
+	// Owned by the sampler goroutine. One run stops (in publish, or restart
+	// after a panic) before the next starts (in subscribe or restart), all under mu.
 	info *hostInfo // read on the first run: it does not change while the server runs
 	cpu  cpuTimes  // the last CPU sample, kept across runs: a run's first tick covers the pause before it
 }
@@ -185,7 +185,9 @@ func (b *broadcaster) shutdown() {
 
 // sample is the sampler goroutine: it reads the system once per tick and
 // publishes the result, until a tick finds no subscriber or shutdown begins.
+// A panic ends it, logged, and restart sees to the next tick.
 func (b *broadcaster) sample() {
+	defer recoverTo(b.log, "stats sampler", b.restart)
 	t := time.NewTicker(b.sampleEvery)
 	defer t.Stop()
 	for {
@@ -198,6 +200,21 @@ func (b *broadcaster) sample() {
 			return
 		}
 		<-t.C
+	}
+}
+
+// restart follows a sampler that panicked. Its tick is lost; if anyone still
+// listens, a new sampler takes the next one, so that no stream, and no
+// GET /stats waiting for a first tick, waits for ever. (A tick later, not at
+// once: a sampler that always panics costs a log line a tick, not a busy loop.)
+func (b *broadcaster) restart() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.running = len(b.subs) > 0 && !b.closed
+	if b.running {
+		time.AfterFunc(b.sampleEvery, b.sample)
+	} else {
+		b.latest = nil
 	}
 }
 
@@ -251,6 +268,7 @@ func (b *broadcaster) serveEvents(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	go func() {
+		defer recoverTo(b.log, "event stream", nil) // the calls below end this stream alone
 		defer conn.Close()
 		defer b.unsubscribe(sub, out)
 		b.log.Debug("stream opened", "remote", conn.RemoteAddr())
