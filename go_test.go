@@ -60,7 +60,6 @@ import (
 	neturl "net/url"
 	"os"
 	"os/exec"
-	"os/signal"
 	"regexp"
 	"runtime"
 	"runtime/pprof"
@@ -82,8 +81,8 @@ import (
 const wait = 5 * time.Second
 
 // TestMain lets a test run pollfree in a process of its own: started with
-// POLLFREE_SERVE set to its arguments, the test binary is the server, until
-// SIGTERM. Load tests use it so that the server's CPU and memory are its own.
+// POLLFREE_SERVE set to its arguments, the test binary is the server (main,
+// with its signals and exit status), until SIGTERM. Load tests use it so that the server's CPU and memory are its own.
 // POLLFREE_SERVER_CPUPROFILE=FILE profiles that server process (-cpuprofile
 // would profile the clients):
 //
@@ -98,8 +97,6 @@ func TestMain(m *testing.M) {
 		return
 	}
 	if args := os.Getenv("POLLFREE_SERVE"); args != "" {
-		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
-		defer stop()
 		if name := os.Getenv("POLLFREE_SERVER_CPUPROFILE"); name != "" {
 			f, err := os.Create(name)
 			if err == nil {
@@ -111,10 +108,8 @@ func TestMain(m *testing.M) {
 			}
 			defer pprof.StopCPUProfile()
 		}
-		if err := run(ctx, strings.Fields(args), os.Getenv, os.Stderr); err != nil {
-			fmt.Fprintln(os.Stderr, "pollfree:", err)
-			os.Exit(1)
-		}
+		os.Args = append(os.Args[:1], strings.Fields(args)...)
+		main()
 		return
 	}
 	os.Exit(m.Run())
@@ -2224,6 +2219,63 @@ func TestSIGTERMWithAStuckClientExitsInTime(t *testing.T) {
 	t.Logf("exit %v after SIGTERM", time.Since(start).Round(time.Millisecond))
 	if code := <-closeCode; code != closeGoingAway {
 		t.Errorf("a reading client got close %d, want %d", code, closeGoingAway)
+	}
+}
+
+// A second SIGTERM during the drain (or the shutdown) stops the process at
+// once, with status 1, as a second Ctrl-C does.
+func TestSecondSignalStopsAtOnce(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("no SIGTERM")
+	}
+	t.Parallel()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe)
+	cmd.Env = append(os.Environ(), "POLLFREE_SERVE=-addr 127.0.0.1:0 -drain 1m")
+	logs, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	var exit error
+	go func() {
+		exit = cmd.Wait()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+	})
+	var url string
+	select {
+	case url = <-scanURL(logs):
+	case <-time.After(wait):
+		t.Fatal("pollfree logged no URL")
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	eventually(t, wait, "/healthz 503 (draining)", func() bool {
+		resp, err := http.Get(url + "/healthz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusServiceUnavailable
+	})
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-exited:
+		var status *exec.ExitError
+		if !errors.As(exit, &status) || status.ExitCode() != 1 {
+			t.Errorf("exit after a second SIGTERM: %v, want status 1", exit)
+		}
+	case <-time.After(wait):
+		t.Fatalf("still running %v after a second SIGTERM, in a 1m drain", wait)
 	}
 }
 

@@ -60,9 +60,19 @@ const (
 //go:embed index.html
 var page []byte
 
+// main owns the signals. The first SIGINT or SIGTERM cancels run's ctx, and
+// run drains and shuts down; a second one stops the process at once, with
+// status 1, as a second Ctrl-C does.
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
+	ctx, cancel := context.WithCancel(context.Background())
+	signals := make(chan os.Signal, 2)
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-signals
+		cancel()
+		fmt.Fprintln(os.Stderr, "pollfree: stopped at once by a second signal:", <-signals)
+		os.Exit(1)
+	}()
 	if err := run(ctx, os.Args[1:], os.Getenv, os.Stderr); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return
