@@ -2222,6 +2222,42 @@ func TestSIGTERMWithAStuckClientExitsInTime(t *testing.T) {
 	}
 }
 
+// Over HTTPS, closing a connection first writes a TLS alert (close_notify),
+// under a deadline of crypto/tls's own, 5 s. A chat client that floods pings
+// and never reads fills its socket with small pongs until not even that
+// alert fits: SIGTERM must still end its connection, and the process exit 0,
+// within shutdownTimeout.
+func TestSIGTERMWithAFullTLSSocketExitsInTime(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("no SIGTERM")
+	}
+	t.Parallel()
+	certFile, keyFile, _ := selfSignedCert(t)
+	url, _, stop := serverProcess(t, "-tls-cert", certFile, "-tls-key", keyFile)
+	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
+	}}
+	stuck, status := dialRawWith(t, small, url, "")
+	if status != 101 {
+		t.Fatalf("handshake = %d", status)
+	}
+	// Ping until the server stops reading: it is blocked writing a pong, on a full socket.
+	ping := frameBytes(true, 0, websocket.PingFrame, true, 125, bytes.Repeat([]byte("p"), 125))
+	for stuck.SetWriteDeadline(time.Now().Add(time.Second)) == nil {
+		if _, err := stuck.Write(ping); err != nil {
+			break
+		}
+	}
+	start := time.Now()
+	if err := stop(); err != nil {
+		t.Errorf("exit after SIGTERM: %v, want status 0", err)
+	}
+	t.Logf("exit %v after SIGTERM", time.Since(start).Round(time.Millisecond))
+	if d := time.Since(start); d > shutdownTimeout {
+		t.Errorf("exit took %v, want under %v", d, shutdownTimeout)
+	}
+}
+
 // A second SIGTERM during the drain (or the shutdown) stops the process at
 // once, with status 1, as a second Ctrl-C does.
 func TestSecondSignalStopsAtOnce(t *testing.T) {
@@ -3916,6 +3952,10 @@ type rawConn struct {
 	br *bufio.Reader
 }
 
+// testTLS is how a raw test client speaks to a server of the test's own with
+// a self-signed certificate (an https URL).
+var testTLS = &tls.Config{InsecureSkipVerify: true}
+
 // dialRaw opens a TCP connection and sends a WebSocket handshake with the
 // given extra header lines; it returns the response's status code.
 func dialRaw(t testing.TB, url string, query string, header ...string) (*rawConn, int) {
@@ -3928,6 +3968,9 @@ func dialRawWith(t testing.TB, d *net.Dialer, url string, query string, header .
 	conn, err := d.Dial("tcp", hostport(url))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if strings.HasPrefix(url, "https:") {
+		conn = tls.Client(conn, testTLS)
 	}
 	t.Cleanup(func() { conn.Close() })
 	rc, status, err := handshake(conn, query, header...)
