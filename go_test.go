@@ -1224,8 +1224,8 @@ func TestProcHostWithoutMemoryLimit(t *testing.T) {
 	if !strings.HasPrefix(s.Host.Kernel, "Linux ") || s.Host.Hostname == "" || s.CPU.Model == "" {
 		t.Errorf("host = %+v / cpu model %q, want kernel, hostname and model", s.Host, s.CPU.Model)
 	}
-	if len(s.Host.Load) != 3 || s.Host.UptimeSeconds <= 0 || s.Process.RSSBytes == 0 {
-		t.Errorf("load %v uptime %v rss %d, want all three", s.Host.Load, s.Host.UptimeSeconds, s.Process.RSSBytes)
+	if up, _ := measured(s.Host.UptimeSeconds).(float64); len(s.Host.Load) != 3 || up <= 0 || s.Process.RSSBytes == 0 {
+		t.Errorf("load %v uptime %v rss %d, want all three", s.Host.Load, measured(s.Host.UptimeSeconds), s.Process.RSSBytes)
 	}
 }
 
@@ -1259,6 +1259,43 @@ func TestNoProcFallsBackToRuntime(t *testing.T) {
 	if s.Host.User == "" {
 		t.Error("host.user is empty; want a name or the uid")
 	}
+}
+
+// A figure the platform cannot measure is left out of the JSON, not sent as
+// 0: stats_other.go measures no CPU use, uptime or load, and neither does
+// Linux without /proc (as here). A measured 0 % CPU is sent as 0.
+func TestUnmeasuredFiguresAreAbsent(t *testing.T) {
+	figures := func(fsys fs.FS) map[string]map[string]any {
+		b := newBroadcaster(slog.New(slog.DiscardHandler), fsys, func() int { return 0 })
+		data, err := json.Marshal(b.snapshot())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m map[string]map[string]any
+		json.Unmarshal(data, &m)
+		return m
+	}
+	m := figures(fstest.MapFS{})
+	for _, f := range []struct{ group, key string }{{"cpu", "usedPercent"}, {"host", "uptimeSeconds"}, {"host", "load"}} {
+		if v, ok := m[f.group][f.key]; ok {
+			t.Errorf("unmeasured %s.%s sent as %v, want it absent", f.group, f.key, v)
+		}
+	}
+	if runtime.GOOS != "linux" {
+		return
+	}
+	m = figures(fstest.MapFS{"proc/stat": {Data: []byte("cpu  0 0 0 100 0 0 0 0 0 0\n")}})
+	if v, ok := m["cpu"]["usedPercent"]; !ok || v != 0.0 {
+		t.Errorf("an idle CPU: cpu.usedPercent = %v (present: %v), want 0", v, ok)
+	}
+}
+
+// measured is a figure as a test reports it: its value, or "absent".
+func measured(f *float64) any {
+	if f == nil {
+		return "absent"
+	}
+	return *f
 }
 
 // countingFS counts how often each file is opened. (The map is a field, not
@@ -1303,8 +1340,8 @@ func TestSamplerRunsShareHostInfoAndCPUBaseline(t *testing.T) {
 	// Since the first sample: 300 busy ticks of 500, 60 %. Since boot: 500 of 1500, 33 %.
 	fsys.files["proc/stat"] = &fstest.MapFile{Data: []byte("cpu  250 0 250 800 200 0 0 0 0 0\n")}
 	s := run()
-	if s.CPU.UsedPercent != 60 {
-		t.Errorf("first CPU figure of a new run = %v %%, want 60 (since the last sample)", s.CPU.UsedPercent)
+	if got := measured(s.CPU.UsedPercent); got != 60.0 {
+		t.Errorf("first CPU figure of a new run = %v %%, want 60 (since the last sample)", got)
 	}
 	if n := fsys.opened["proc/cpuinfo"]; n != 1 {
 		t.Errorf("/proc/cpuinfo read %d times over two sampler runs, want 1", n)
@@ -1322,8 +1359,8 @@ func TestCPUPercentFromTwoSamples(t *testing.T) {
 	// 300 busy ticks later, with 100 more idle and 100 more iowait: 60 % busy.
 	fsys["proc/stat"] = &fstest.MapFile{Data: []byte("cpu  250 0 250 800 200 0 0 0 0 0\n")}
 	readSystem(fsys, hostInfo{}, &s, &cpu)
-	if s.CPU.UsedPercent != 60 {
-		t.Errorf("cpu usedPercent = %v, want 60", s.CPU.UsedPercent)
+	if got := measured(s.CPU.UsedPercent); got != 60.0 {
+		t.Errorf("cpu usedPercent = %v, want 60", got)
 	}
 }
 
@@ -3618,8 +3655,9 @@ func FuzzProcFiles(f *testing.F) {
 		var cpu cpuTimes
 		readSystem(fsys, readHostInfo(fsys), &s, &cpu)
 		m := s.Memory
-		if m.UsedBytes > m.TotalBytes || m.UsedPercent < 0 || m.UsedPercent > 100 || s.CPU.UsedPercent < 0 || s.CPU.UsedPercent > 100 {
-			t.Fatalf("impossible figures: memory %+v cpu %v", m, s.CPU.UsedPercent)
+		busy, _ := measured(s.CPU.UsedPercent).(float64)
+		if m.UsedBytes > m.TotalBytes || m.UsedPercent < 0 || m.UsedPercent > 100 || busy < 0 || busy > 100 {
+			t.Fatalf("impossible figures: memory %+v cpu %v", m, busy)
 		}
 		if _, err := json.Marshal(s); err != nil {
 			t.Fatalf("snapshot does not encode: %v", err)

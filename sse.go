@@ -371,7 +371,9 @@ func (b *broadcaster) serveStats(w http.ResponseWriter, r *http.Request) {
 // A first reading may stop here: what a tick carries, from the Go runtime
 // everywhere and the platform file (stats_linux.go, stats_other.go).
 
-// snapshot is one stats event's data. Sizes are in bytes.
+// snapshot is one stats event's data. Sizes are in bytes. A figure the
+// platform cannot measure is nil, and absent from the JSON: 0 would be a
+// measurement.
 type snapshot struct {
 	Time    string       `json:"time"`
 	Host    hostStats    `json:"host"`
@@ -383,12 +385,12 @@ type snapshot struct {
 
 type hostStats struct {
 	Hostname      string    `json:"hostname"`
-	OS            string    `json:"os"`     // GOOS
-	Arch          string    `json:"arch"`   // GOARCH
-	Kernel        string    `json:"kernel"` // e.g. "Linux 6.1.0"
-	User          string    `json:"user"`   // user name, or the uid where there is no passwd file
-	UptimeSeconds float64   `json:"uptimeSeconds"`
-	Load          []float64 `json:"load,omitempty"` // 1, 5 and 15 minute load averages (Linux)
+	OS            string    `json:"os"`                      // GOOS
+	Arch          string    `json:"arch"`                    // GOARCH
+	Kernel        string    `json:"kernel"`                  // e.g. "Linux 6.1.0"
+	User          string    `json:"user"`                    // user name, or the uid where there is no passwd file
+	UptimeSeconds *float64  `json:"uptimeSeconds,omitempty"` // Linux
+	Load          []float64 `json:"load,omitempty"`          // 1, 5 and 15 minute load averages (Linux)
 }
 
 type memoryStats struct {
@@ -403,9 +405,9 @@ type memoryStats struct {
 }
 
 type cpuStats struct {
-	Cores       int     `json:"cores"`
-	Model       string  `json:"model"`
-	UsedPercent float64 `json:"usedPercent"` // busy share of all cores since the last sample
+	Cores       int      `json:"cores"`
+	Model       string   `json:"model"`
+	UsedPercent *float64 `json:"usedPercent,omitempty"` // busy share of all cores since the last sample (Linux)
 }
 
 type processStats struct {

@@ -71,14 +71,15 @@ func readHostInfo(fsys fs.FS) hostInfo {
 // last call, replaced by this one; the first call measures since boot.
 func readSystem(fsys fs.FS, info hostInfo, s *snapshot, prev *cpuTimes) {
 	if f, err := parseFloats(readString(fsys, "proc/uptime"), 1); err == nil {
-		s.Host.UptimeSeconds = f[0]
+		s.Host.UptimeSeconds = &f[0]
 	}
 	if f, err := parseFloats(readString(fsys, "proc/loadavg"), 3); err == nil {
 		s.Host.Load = f
 	}
 	if b, err := fs.ReadFile(fsys, "proc/stat"); err == nil {
 		if now, err := parseCPUTimes(b); err == nil {
-			s.CPU.UsedPercent = cpuPercent(*prev, now)
+			used := cpuPercent(*prev, now)
+			s.CPU.UsedPercent = &used
 			*prev = now
 		}
 	}
