@@ -19,8 +19,9 @@
 // convention); without either, pollfree listens on :3000. On SIGINT or
 // SIGTERM /healthz answers 503 at once; after -drain (while everything else
 // still serves, so a load balancer sees the 503 and moves traffic away) it
-// stops accepting, closes every chat connection with code 1001, ends every
-// event stream and exits within five seconds.
+// closes every chat connection with code 1001 and ends every event stream
+// (refusing new ones), stops accepting, and exits within five seconds. A
+// second SIGINT or SIGTERM stops it at once.
 package main
 
 import (
@@ -185,7 +186,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		log.Info("draining", "for", cfg.drain)
 		time.Sleep(cfg.drain)
 	}
-	// Shutdown: refuse new work, tell every client, wait for them, bounded.
+	// Shutdown: tell every client (chat and streams refuse newcomers from
+	// then on), stop accepting, wait for them all, bounded.
 	log.Info("shutting down")
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()

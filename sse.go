@@ -296,7 +296,10 @@ func (b *broadcaster) serveHTTP2(w http.ResponseWriter, r *http.Request) {
 }
 
 // flushingResponse lets a wire write to an HTTP/2 response: each write is
-// flushed at once, and the write deadline is the stream's.
+// flushed at once, and the write deadline is the stream's. Two goroutines
+// set it through the wire: the handler's, before each write, and shutdown's
+// (stopBy). net/http hands each SetWriteDeadline to the connection's serve
+// goroutine, which owns the stream's timer, so either may; the wire orders them.
 type flushingResponse struct {
 	w  http.ResponseWriter
 	rc *http.ResponseController
