@@ -16,7 +16,7 @@
 // Where each behaviour is proved:
 //
 //	flags, $PORT, -drain, panics   TestHelpListsEveryFlag, TestAddressFromFlagOrPORT, TestDrainAnswers503WhileStillServing, TestHandlerPanicIsLoggedAsError
-//	shutdown                       TestShutdownClosesChatWith1001EndsStreamsAndReturns, TestSIGTERMUnderLoad, TestSIGTERMWithAStuckClientExitsInTime
+//	shutdown                       TestShutdownClosesChatWith1001EndsStreamsAndReturns, TestSIGTERMUnderLoad, TestSIGTERMWithAStuckClientExitsInTime, TestSecondSignalStopsAtOnce
 //	the page, /healthz             TestIndexServesEmbeddedPage, TestPageLoadsNothingFromElsewhere, TestHealthz
 //	HTTP/1.1's six connections     TestBrowserSevenStreamsNeedHTTP2
 //	polling against pushing        BenchmarkPollVersusPush
