@@ -6,8 +6,7 @@
 // load, so here the snapshot keeps what readRuntime fills in: memory is the
 // Go runtime's own (source "runtime"); cpu.usedPercent, host.uptimeSeconds
 // and host.load stay nil, and are left out of the JSON; the host figures are
-// those the os package knows. Linux reads the real figures
-// in stats_linux.go.
+// those the os package knows. Linux reads the real figures in stats_linux.go.
 package main
 
 import (
