@@ -657,7 +657,7 @@ func (h *hub) schedulePresenceLocked() {
 // flushPresence broadcasts one presence frame covering every join and leave
 // since the last one.
 func (h *hub) flushPresence() {
-	defer recoverPanic(h.log, "presence")
+	defer recoverTo(h.log, "presence", nil)
 	now := time.Now()
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -817,12 +817,7 @@ func (h *hub) serve(c *client, joined bool) {
 		c.out.close(appendClose(nil, closeGoingAway, "server shutting down"), true)
 	}
 	go h.write(c)
-	defer func() {
-		if p := recover(); p != nil {
-			logPanic(h.log, "chat reader", p)
-			h.drop(c, closeInternalError, "internal error")
-		}
-	}()
+	defer recoverTo(h.log, "chat reader", func() { h.drop(c, closeInternalError, "internal error") })
 	if joined {
 		h.log.Debug("joined", "client", c.s.id, "remote", c.conn.RemoteAddr())
 		h.read(c)
@@ -876,14 +871,11 @@ func (h *hub) read(c *client) {
 // between two frames. A panic here closes this connection with 1011.
 func (h *hub) write(c *client) {
 	defer close(c.writerDone)
-	defer func() {
-		if p := recover(); p != nil {
-			logPanic(h.log, "chat writer", p)
-			h.drop(c, closeInternalError, "internal error")
-			c.wire.Write(appendClose(nil, closeInternalError, "internal error"))
-			c.in.closeAfter(h.closeGrace)
-		}
-	}()
+	defer recoverTo(h.log, "chat writer", func() {
+		h.drop(c, closeInternalError, "internal error")
+		c.wire.Write(appendClose(nil, closeInternalError, "internal error")) // at a frame boundary: a panic is not a write
+		c.in.closeAfter(h.closeGrace)
+	})
 	for range c.out.wake {
 		closed, whole, err := c.writeBatch()
 		if err != nil {
@@ -938,7 +930,7 @@ func (h *hub) schedulePingsLocked() {
 // anyone is in the room. One timer for the whole hub, rather than a ticker
 // per client, keeps an idle connection cheap.
 func (h *hub) pingAll() {
-	defer recoverPanic(h.log, "pings")
+	defer recoverTo(h.log, "pings", nil)
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.pinging = false

@@ -16,7 +16,7 @@
 // Where each behaviour is proved:
 //
 //	flags, $PORT, -drain, panics   TestHelpListsEveryFlag, TestAddressFromFlagOrPORT, TestDrainAnswers503WhileStillServing, TestHandlerPanicIsLoggedAsError
-//	shutdown                       TestShutdownClosesChatWith1001EndsStreamsAndReturns, TestSIGTERMUnderLoad, TestSIGTERMWithAStuckClientExitsInTime
+//	shutdown                       TestShutdownClosesChatWith1001EndsStreamsAndReturns, TestSIGTERMUnderLoad, TestSIGTERMWithAStuckClientExitsInTime, TestSecondSignalStopsAtOnce
 //	the page, /healthz             TestIndexServesEmbeddedPage, TestPageLoadsNothingFromElsewhere, TestHealthz
 //	HTTP/1.1's six connections     TestBrowserSevenStreamsNeedHTTP2
 //	polling against pushing        BenchmarkPollVersusPush
@@ -61,7 +61,6 @@ import (
 	neturl "net/url"
 	"os"
 	"os/exec"
-	"os/signal"
 	"regexp"
 	"runtime"
 	"runtime/pprof"
@@ -83,8 +82,8 @@ import (
 const wait = 5 * time.Second
 
 // TestMain lets a test run pollfree in a process of its own: started with
-// POLLFREE_SERVE set to its arguments, the test binary is the server, until
-// SIGTERM. Load tests use it so that the server's CPU and memory are its own.
+// POLLFREE_SERVE set to its arguments, the test binary is the server (main,
+// with its signals and exit status), until SIGTERM. Load tests use it so that the server's CPU and memory are its own.
 // POLLFREE_SERVER_CPUPROFILE=FILE profiles that server process (-cpuprofile
 // would profile the clients):
 //
@@ -99,8 +98,6 @@ func TestMain(m *testing.M) {
 		return
 	}
 	if args := os.Getenv("POLLFREE_SERVE"); args != "" {
-		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
-		defer stop()
 		if name := os.Getenv("POLLFREE_SERVER_CPUPROFILE"); name != "" {
 			f, err := os.Create(name)
 			if err == nil {
@@ -112,10 +109,8 @@ func TestMain(m *testing.M) {
 			}
 			defer pprof.StopCPUProfile()
 		}
-		if err := run(ctx, strings.Fields(args), os.Getenv, os.Stderr); err != nil {
-			fmt.Fprintln(os.Stderr, "pollfree:", err)
-			os.Exit(1)
-		}
+		os.Args = append(os.Args[:1], strings.Fields(args)...)
+		main()
 		return
 	}
 	os.Exit(m.Run())
@@ -129,7 +124,7 @@ func TestHelpListsEveryFlag(t *testing.T) {
 	if !errors.Is(err, flag.ErrHelp) {
 		t.Fatalf("run -h = %v, want flag.ErrHelp", err)
 	}
-	for _, name := range []string{"-addr", "-allow-origin", "-max-clients", "-tls-cert", "-tls-key", "-drain", "-log-level"} {
+	for _, name := range []string{"-addr", "-allow-origin", "-max-clients", "-max-streams", "-tls-cert", "-tls-key", "-drain", "-log-level"} {
 		if !strings.Contains(out.String(), name) {
 			t.Errorf("-h output lacks %s:\n%s", name, out.String())
 		}
@@ -1237,6 +1232,22 @@ func TestStatsEndpointReturnsOneSnapshot(t *testing.T) {
 	eventually(t, wait, "sampler stopped after /stats", func() bool { return !samplerRunning(s.stats) })
 }
 
+// clients.sse counts event streams only: a GET /stats, which waits for a
+// tick as a subscriber of its own, is not one.
+func TestStatsCountsStreamsOnly(t *testing.T) {
+	t.Parallel()
+	s, url := newTestServer(t)
+	if got := getStats(t, url).Clients.SSE; got != 0 {
+		t.Errorf("no stream open: /stats says sse %d, want 0", got)
+	}
+	eventually(t, wait, "sampler stopped after /stats", func() bool { return !samplerRunning(s.stats) })
+	_, br := openEvents(t, url)
+	readEvent(t, br)
+	if got := getStats(t, url).Clients.SSE; got != 1 {
+		t.Errorf("one stream open: /stats says sse %d, want 1", got)
+	}
+}
+
 // subscribers counts b's subscribers.
 func subscribers(b *broadcaster) int {
 	b.mu.Lock()
@@ -1272,8 +1283,8 @@ func TestProcHostWithoutMemoryLimit(t *testing.T) {
 	if !strings.HasPrefix(s.Host.Kernel, "Linux ") || s.Host.Hostname == "" || s.CPU.Model == "" {
 		t.Errorf("host = %+v / cpu model %q, want kernel, hostname and model", s.Host, s.CPU.Model)
 	}
-	if len(s.Host.Load) != 3 || s.Host.UptimeSeconds <= 0 || s.Process.RSSBytes == 0 {
-		t.Errorf("load %v uptime %v rss %d, want all three", s.Host.Load, s.Host.UptimeSeconds, s.Process.RSSBytes)
+	if up, _ := measured(s.Host.UptimeSeconds).(float64); len(s.Host.Load) != 3 || up <= 0 || s.Process.RSSBytes == 0 {
+		t.Errorf("load %v uptime %v rss %d, want all three", s.Host.Load, measured(s.Host.UptimeSeconds), s.Process.RSSBytes)
 	}
 }
 
@@ -1307,6 +1318,43 @@ func TestNoProcFallsBackToRuntime(t *testing.T) {
 	if s.Host.User == "" {
 		t.Error("host.user is empty; want a name or the uid")
 	}
+}
+
+// A figure the platform cannot measure is left out of the JSON, not sent as
+// 0: stats_other.go measures no CPU use, uptime or load, and neither does
+// Linux without /proc (as here). A measured 0 % CPU is sent as 0.
+func TestUnmeasuredFiguresAreAbsent(t *testing.T) {
+	figures := func(fsys fs.FS) map[string]map[string]any {
+		b := newBroadcaster(slog.New(slog.DiscardHandler), fsys, func() int { return 0 })
+		data, err := json.Marshal(b.snapshot())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m map[string]map[string]any
+		json.Unmarshal(data, &m)
+		return m
+	}
+	m := figures(fstest.MapFS{})
+	for _, f := range []struct{ group, key string }{{"cpu", "usedPercent"}, {"host", "uptimeSeconds"}, {"host", "load"}} {
+		if v, ok := m[f.group][f.key]; ok {
+			t.Errorf("unmeasured %s.%s sent as %v, want it absent", f.group, f.key, v)
+		}
+	}
+	if runtime.GOOS != "linux" {
+		return
+	}
+	m = figures(fstest.MapFS{"proc/stat": {Data: []byte("cpu  0 0 0 100 0 0 0 0 0 0\n")}})
+	if v, ok := m["cpu"]["usedPercent"]; !ok || v != 0.0 {
+		t.Errorf("an idle CPU: cpu.usedPercent = %v (present: %v), want 0", v, ok)
+	}
+}
+
+// measured is a figure as a test reports it: its value, or "absent".
+func measured(f *float64) any {
+	if f == nil {
+		return "absent"
+	}
+	return *f
 }
 
 // countingFS counts how often each file is opened. (The map is a field, not
@@ -1351,8 +1399,8 @@ func TestSamplerRunsShareHostInfoAndCPUBaseline(t *testing.T) {
 	// Since the first sample: 300 busy ticks of 500, 60 %. Since boot: 500 of 1500, 33 %.
 	fsys.files["proc/stat"] = &fstest.MapFile{Data: []byte("cpu  250 0 250 800 200 0 0 0 0 0\n")}
 	s := run()
-	if s.CPU.UsedPercent != 60 {
-		t.Errorf("first CPU figure of a new run = %v %%, want 60 (since the last sample)", s.CPU.UsedPercent)
+	if got := measured(s.CPU.UsedPercent); got != 60.0 {
+		t.Errorf("first CPU figure of a new run = %v %%, want 60 (since the last sample)", got)
 	}
 	if n := fsys.opened["proc/cpuinfo"]; n != 1 {
 		t.Errorf("/proc/cpuinfo read %d times over two sampler runs, want 1", n)
@@ -1370,8 +1418,8 @@ func TestCPUPercentFromTwoSamples(t *testing.T) {
 	// 300 busy ticks later, with 100 more idle and 100 more iowait: 60 % busy.
 	fsys["proc/stat"] = &fstest.MapFile{Data: []byte("cpu  250 0 250 800 200 0 0 0 0 0\n")}
 	readSystem(fsys, hostInfo{}, &s, &cpu)
-	if s.CPU.UsedPercent != 60 {
-		t.Errorf("cpu usedPercent = %v, want 60", s.CPU.UsedPercent)
+	if got := measured(s.CPU.UsedPercent); got != 60.0 {
+		t.Errorf("cpu usedPercent = %v, want 60", got)
 	}
 }
 
@@ -2278,6 +2326,34 @@ func TestMaxClientsAnswers503BeforeUpgrade(t *testing.T) {
 
 // In a large room a welcome lists welcomeUsers users, the newcomer first,
 // and counts everyone.
+// Event streams beyond -max-streams are answered 503, as a full chat room
+// is; GET /stats still answers, and a stream that ends makes room.
+func TestMaxStreamsAnswers503(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t, func(c *config) { c.maxStreams = 2 })
+	first, br := openEvents(t, url)
+	readEvent(t, br)
+	openEvents(t, url)
+	resp, err := http.Get(url + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("a third stream with -max-streams 2: %d, want 503", resp.StatusCode)
+	}
+	getStats(t, url)
+	first.Body.Close() // noticed at the stream's next write
+	eventually(t, wait, "a stream admitted once one ended", func() bool {
+		resp, err := http.Get(url + "/events")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
+
 func TestWelcomeListsAtMostWelcomeUsers(t *testing.T) {
 	_, url := newTestServer(t)
 	cs, _ := connectAll(t, hostport(url), welcomeUsers+5)
@@ -2489,7 +2565,7 @@ func TestSlowSubscriberSkipsTicksWithoutSlowingOthers(t *testing.T) {
 // subscriber that reads goes on receiving throughout.
 func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
 	t.Parallel()
-	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, testLogger(t))
 	s.stats.sampleEvery = time.Millisecond // fill the stuck socket fast
 	s.stats.writeTimeout = 200 * time.Millisecond
 	_, url := serveTest(t, s)
@@ -2518,7 +2594,7 @@ func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
 // that proxies do not take it for dead.
 func TestSilentStreamGetsAKeepAliveComment(t *testing.T) {
 	t.Parallel()
-	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
+	s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, testLogger(t))
 	s.stats.sampleEvery = time.Hour // one tick at the start, then silence
 	s.stats.keepAlive = 50 * time.Millisecond
 	_, url := serveTest(t, s)
@@ -2536,6 +2612,83 @@ func TestSilentStreamGetsAKeepAliveComment(t *testing.T) {
 			t.Fatalf("got %q during the silence, want a keep-alive comment", line)
 		}
 	}
+}
+
+// A panic in one event stream's goroutine (here a nil tick, as a bug in the
+// fan-out could send) is logged at error level with its stack; that stream
+// alone ends, another loses no event, and the server serves on.
+func TestStreamPanicEndsThatStreamAlone(t *testing.T) {
+	t.Parallel()
+	var logs syncBuffer
+	s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, slog.New(slog.NewTextHandler(&logs, nil)))
+	s.stats.sampleEvery = time.Hour // one tick at the start; the test publishes the rest
+	_, url := serveTest(t, s)
+	victim, vbr := openEvents(t, url)
+	readEvent(t, vbr)
+	var bad chan *tick
+	s.stats.mu.Lock()
+	for sub := range s.stats.subs {
+		bad = sub
+	}
+	s.stats.mu.Unlock()
+	_, br := openEvents(t, url)
+	id, _ := readEvent(t, br)
+
+	s.stats.mu.Lock() // sends on a subscriber channel are made under mu
+	select {
+	case <-bad:
+	default:
+	}
+	bad <- nil
+	s.stats.mu.Unlock()
+	if _, err := io.Copy(io.Discard, victim.Body); err != nil {
+		t.Errorf("the panicking stream did not end cleanly: %v", err)
+	}
+	eventually(t, wait, "the panic logged", func() bool { return strings.Contains(logs.String(), "stack=") })
+	if out := logs.String(); !strings.Contains(out, "level=ERROR") || !strings.Contains(out, "goroutine") {
+		t.Errorf("panic logged as:\n%s\nwant level=ERROR with the stack", out)
+	}
+	for range 3 { // the other stream gets every tick
+		s.stats.publish([]byte(`{}`))
+		next, _ := readEvent(t, br)
+		if prev, _ := strconv.Atoi(id); next != strconv.Itoa(prev+1) {
+			t.Fatalf("after the panic, the other stream got event %s after %s, want the next", next, id)
+		}
+		id = next
+	}
+	checkServes(t, url)
+}
+
+// A panic in the sampler (here in its count of chat clients) is logged at
+// error level with its stack; that tick is lost, and a new sampler takes the
+// next: a GET /stats waiting for a first tick gets one, a stream goes on,
+// and the sampler still stops when nobody listens.
+func TestSamplerPanicIsLoggedAndSamplingGoesOn(t *testing.T) {
+	t.Parallel()
+	var logs syncBuffer
+	s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, slog.New(slog.NewTextHandler(&logs, nil)))
+	s.stats.sampleEvery = 20 * time.Millisecond
+	var panics atomic.Int32 // how many samples panic from now on
+	panics.Store(1)
+	online := s.stats.chatClients
+	s.stats.chatClients = func() int {
+		if panics.Add(-1) >= 0 {
+			panic("test: the sampler fails")
+		}
+		return online()
+	}
+	_, url := serveTest(t, s)
+	getStats(t, url) // its first tick panics
+	if out := logs.String(); !strings.Contains(out, "level=ERROR") || !strings.Contains(out, "the sampler fails") || !strings.Contains(out, "goroutine") {
+		t.Errorf("panic logged as:\n%s\nwant level=ERROR with the stack", out)
+	}
+	resp, br := openEvents(t, url)
+	readEvent(t, br)
+	panics.Store(1)
+	readEvent(t, br)
+	readEvent(t, br)
+	resp.Body.Close()
+	eventually(t, wait, "sampler stopped", func() bool { return !samplerRunning(s.stats) })
 }
 
 // Request headers that trickle in, a line at a time, are cut off by
@@ -2565,6 +2718,54 @@ func TestSlowHeadersAreCut(t *testing.T) {
 	io.Copy(io.Discard, conn) // returns when the server closes the connection
 	if d := time.Since(start); d < readHeaderTimeout-time.Second || d > readHeaderTimeout+2*time.Second {
 		t.Errorf("slow headers cut after %v, want about %v", d.Round(time.Millisecond), readHeaderTimeout)
+	}
+}
+
+// A request body that trickles in, on any endpoint (none reads a body), is
+// never waited for: the answer comes at once, and the connection is cut
+// within the body timeout.
+func TestTrickledBodyIsNeverWaitedFor(t *testing.T) {
+	t.Parallel()
+	s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, testLogger(t))
+	s.bodyTimeout = 300 * time.Millisecond
+	_, url := serveTest(t, s)
+	for _, req := range []string{"GET /healthz", "POST /"} {
+		t.Run(req, func(t *testing.T) {
+			conn, err := net.Dial("tcp", hostport(url))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			start := time.Now()
+			io.WriteString(conn, req+" HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+			go func() { // a byte every 20 ms, until the server hangs up
+				for conn.SetWriteDeadline(time.Now().Add(wait)) == nil {
+					if _, err := conn.Write([]byte("x")); err != nil {
+						return
+					}
+					time.Sleep(20 * time.Millisecond) // the attack's pace, not a synchronisation
+				}
+			}()
+			conn.SetReadDeadline(time.Now().Add(wait))
+			br := bufio.NewReader(conn)
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("%s with a trickled body: no answer after %v: %v", req, time.Since(start).Round(time.Millisecond), err)
+			}
+			if d := time.Since(start); d > s.bodyTimeout {
+				t.Errorf("%s with a trickled body answered after %v, want at once", req, d.Round(time.Millisecond))
+			}
+			if !resp.Close {
+				t.Errorf("%s with a trickled body: the answer keeps the connection, want Connection: close", req)
+			}
+			_, err = io.Copy(io.Discard, br) // until the server cuts the connection
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("%s with a trickled body: connection still open after %v", req, wait)
+			}
+			if d := time.Since(start); d > s.bodyTimeout+time.Second {
+				t.Errorf("connection cut after %v, want within the body timeout (%v)", d.Round(time.Millisecond), s.bodyTimeout)
+			}
+		})
 	}
 }
 
@@ -2690,6 +2891,99 @@ func TestSIGTERMWithAStuckClientExitsInTime(t *testing.T) {
 	t.Logf("exit %v after SIGTERM", time.Since(start).Round(time.Millisecond))
 	if code := <-closeCode; code != closeGoingAway {
 		t.Errorf("a reading client got close %d, want %d", code, closeGoingAway)
+	}
+}
+
+// Over HTTPS, closing a connection first writes a TLS alert (close_notify),
+// under a deadline of crypto/tls's own, 5 s. A chat client that floods pings
+// and never reads fills its socket with small pongs until not even that
+// alert fits: SIGTERM must still end its connection, and the process exit 0,
+// within shutdownTimeout.
+func TestSIGTERMWithAFullTLSSocketExitsInTime(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("no SIGTERM")
+	}
+	t.Parallel()
+	certFile, keyFile, _ := selfSignedCert(t)
+	url, _, stop := serverProcess(t, "-tls-cert", certFile, "-tls-key", keyFile)
+	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
+	}}
+	stuck, status := dialRawWith(t, small, url, "")
+	if status != 101 {
+		t.Fatalf("handshake = %d", status)
+	}
+	// Ping until the server stops reading: it is blocked writing a pong, on a full socket.
+	ping := frameBytes(true, 0, websocket.PingFrame, true, 125, bytes.Repeat([]byte("p"), 125))
+	for stuck.SetWriteDeadline(time.Now().Add(time.Second)) == nil {
+		if _, err := stuck.Write(ping); err != nil {
+			break
+		}
+	}
+	start := time.Now()
+	if err := stop(); err != nil {
+		t.Errorf("exit after SIGTERM: %v, want status 0", err)
+	}
+	t.Logf("exit %v after SIGTERM", time.Since(start).Round(time.Millisecond))
+	if d := time.Since(start); d > shutdownTimeout {
+		t.Errorf("exit took %v, want under %v", d, shutdownTimeout)
+	}
+}
+
+// A second SIGTERM during the drain (or the shutdown) stops the process at
+// once, with status 1, as a second Ctrl-C does.
+func TestSecondSignalStopsAtOnce(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("no SIGTERM")
+	}
+	t.Parallel()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe)
+	cmd.Env = append(os.Environ(), "POLLFREE_SERVE=-addr 127.0.0.1:0 -drain 1m")
+	logs, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	var exit error
+	go func() {
+		exit = cmd.Wait()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+	})
+	var url string
+	select {
+	case url = <-scanURL(logs):
+	case <-time.After(wait):
+		t.Fatal("pollfree logged no URL")
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	eventually(t, wait, "/healthz 503 (draining)", func() bool {
+		resp, err := http.Get(url + "/healthz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusServiceUnavailable
+	})
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-exited:
+		var status *exec.ExitError
+		if !errors.As(exit, &status) || status.ExitCode() != 1 {
+			t.Errorf("exit after a second SIGTERM: %v, want status 1", exit)
+		}
+	case <-time.After(wait):
+		t.Fatalf("still running %v after a second SIGTERM, in a 1m drain", wait)
 	}
 }
 
@@ -3984,6 +4278,7 @@ func FuzzProcFiles(f *testing.F) {
 	}
 	f.Add(read("meminfo"), read("stat"), read("loadavg"), read("self/cgroup"), []byte("536870912\n"))
 	f.Add([]byte("MemTotal: 10 kB\nMemFree: 20 kB\n"), []byte("cpu 1 2 3\n"), []byte("1 2"), []byte("0::/\n"), []byte("max\n"))
+	f.Add(read("meminfo"), read("stat"), []byte("NaN NaN NaN 1/1 1\n"), read("self/cgroup"), []byte("max\n")) // NaN does not encode
 	f.Fuzz(func(t *testing.T, meminfo, stat, loadavg, cgroup, limit []byte) {
 		if runtime.GOOS != "linux" {
 			t.Skip("/proc parsing is Linux only")
@@ -3997,8 +4292,9 @@ func FuzzProcFiles(f *testing.F) {
 		var cpu cpuTimes
 		readSystem(fsys, readHostInfo(fsys), &s, &cpu)
 		m := s.Memory
-		if m.UsedBytes > m.TotalBytes || m.UsedPercent < 0 || m.UsedPercent > 100 || s.CPU.UsedPercent < 0 || s.CPU.UsedPercent > 100 {
-			t.Fatalf("impossible figures: memory %+v cpu %v", m, s.CPU.UsedPercent)
+		busy, _ := measured(s.CPU.UsedPercent).(float64)
+		if m.UsedBytes > m.TotalBytes || m.UsedPercent < 0 || m.UsedPercent > 100 || busy < 0 || busy > 100 {
+			t.Fatalf("impossible figures: memory %+v cpu %v", m, busy)
 		}
 		if _, err := json.Marshal(s); err != nil {
 			t.Fatalf("snapshot does not encode: %v", err)
@@ -4014,7 +4310,7 @@ func FuzzProcFiles(f *testing.F) {
 // below takes.
 func newTestServer(t testing.TB, edit ...func(*config)) (*server, string) {
 	t.Helper()
-	cfg := config{maxClients: defaultMaxClients}
+	cfg := config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}
 	for _, f := range edit {
 		f(&cfg)
 	}
@@ -4338,6 +4634,10 @@ type rawConn struct {
 	header http.Header // the handshake's answer
 }
 
+// testTLS is how a raw test client speaks to a server of the test's own with
+// a self-signed certificate (an https URL).
+var testTLS = &tls.Config{InsecureSkipVerify: true}
+
 // dialRaw opens a TCP connection and sends a WebSocket handshake with the
 // given extra header lines; it returns the response's status code.
 func dialRaw(t testing.TB, url string, query string, header ...string) (*rawConn, int) {
@@ -4350,6 +4650,9 @@ func dialRawWith(t testing.TB, d *net.Dialer, url string, query string, header .
 	conn, err := d.Dial("tcp", hostport(url))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if strings.HasPrefix(url, "https:") {
+		conn = tls.Client(conn, testTLS)
 	}
 	t.Cleanup(func() { conn.Close() })
 	rc, status, err := handshake(conn, query, header...)

@@ -12,15 +12,16 @@
 //
 // Usage:
 //
-//	pollfree [-addr :3000] [-allow-origin URL,...] [-max-clients N]
+//	pollfree [-addr :3000] [-allow-origin URL,...] [-max-clients N] [-max-streams N]
 //	         [-tls-cert FILE -tls-key FILE] [-drain 0s] [-log-level info]
 //
 // Without -addr, the PORT environment variable picks the port (the container
 // convention); without either, pollfree listens on :3000. On SIGINT or
 // SIGTERM /healthz answers 503 at once; after -drain (while everything else
 // still serves, so a load balancer sees the 503 and moves traffic away) it
-// stops accepting, closes every chat connection with code 1001, ends every
-// event stream and exits within five seconds.
+// closes every chat connection with code 1001 and ends every event stream
+// (refusing new ones), stops accepting, and exits within five seconds. A
+// second SIGINT or SIGTERM stops it at once.
 package main
 
 import (
@@ -49,7 +50,9 @@ import (
 const (
 	defaultPort       = "3000"            // without -addr or $PORT
 	defaultMaxClients = 10_000            // concurrent chat connections; one more gets 503
+	defaultMaxStreams = 10_000            // concurrent event streams; one more gets 503
 	readHeaderTimeout = 5 * time.Second   // for the request line and headers (slowloris)
+	bodyTimeout       = 10 * time.Second  // for what net/http reads of a request body no route wants; then the connection is cut
 	idleTimeout       = 120 * time.Second // a keep-alive connection with no request in flight
 	maxHeaderBytes    = 16 << 10          // the request line plus headers
 	shutdownTimeout   = 5 * time.Second   // the whole shutdown; run returns after it anyway
@@ -58,9 +61,19 @@ const (
 //go:embed index.html
 var page []byte
 
+// main owns the signals. The first SIGINT or SIGTERM cancels run's ctx, and
+// run drains and shuts down; a second one stops the process at once, with
+// status 1, as a second Ctrl-C does.
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
+	ctx, cancel := context.WithCancel(context.Background())
+	signals := make(chan os.Signal, 2)
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-signals
+		cancel()
+		fmt.Fprintln(os.Stderr, "pollfree: stopped at once by a second signal:", <-signals)
+		os.Exit(1)
+	}()
 	if err := run(ctx, os.Args[1:], os.Getenv, os.Stderr); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return
@@ -75,6 +88,7 @@ type config struct {
 	addr         string
 	allowOrigins []string // extra origins allowed to open /ws, as "scheme://host[:port]"
 	maxClients   int
+	maxStreams   int
 	tlsCert      string
 	tlsKey       string
 	drain        time.Duration // how long /healthz says 503 before shutdown proper
@@ -90,6 +104,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	fs.StringVar(&cfg.addr, "addr", "", "listen address, host:port (default \":$PORT\", or \":"+defaultPort+"\" without $PORT)")
 	origins := fs.String("allow-origin", "", "comma-separated origins, besides the page's own, that may open /ws (e.g. https://example.com)")
 	fs.IntVar(&cfg.maxClients, "max-clients", defaultMaxClients, "most concurrent chat connections; more get 503")
+	fs.IntVar(&cfg.maxStreams, "max-streams", defaultMaxStreams, "most concurrent event streams (GET /events); more get 503")
 	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "certificate `file` (PEM) to serve HTTPS and HTTP/2; needs -tls-key")
 	fs.StringVar(&cfg.tlsKey, "tls-key", "", "private key `file` (PEM) for -tls-cert")
 	fs.DurationVar(&cfg.drain, "drain", 0, "on SIGTERM, keep serving for this `duration` with /healthz answering 503, then shut down (e.g. 5s behind a load balancer)")
@@ -120,6 +135,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	if cfg.maxClients < 1 {
 		return cfg, fmt.Errorf("-max-clients must be at least 1, got %d", cfg.maxClients)
 	}
+	if cfg.maxStreams < 1 {
+		return cfg, fmt.Errorf("-max-streams must be at least 1, got %d", cfg.maxStreams)
+	}
 	for o := range strings.SplitSeq(*origins, ",") {
 		if o = strings.TrimSpace(o); o != "" {
 			cfg.allowOrigins = append(cfg.allowOrigins, o)
@@ -149,7 +167,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	scheme := "http"
 	if cfg.tlsCert != "" {
 		scheme = "https"
-		go func() { serveErr <- srv.ServeTLS(ln, cfg.tlsCert, cfg.tlsKey) }()
+		go func() { serveErr <- srv.ServeTLS(tlsUnder{ln}, cfg.tlsCert, cfg.tlsKey) }()
 	} else {
 		go func() { serveErr <- srv.Serve(ln) }()
 	}
@@ -168,7 +186,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		log.Info("draining", "for", cfg.drain)
 		time.Sleep(cfg.drain)
 	}
-	// Shutdown: refuse new work, tell every client, wait for them, bounded.
+	// Shutdown: tell every client (chat and streams refuse newcomers from
+	// then on), stop accepting, wait for them all, bounded.
 	log.Info("shutting down")
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
@@ -185,7 +204,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 func newHTTPServer(h http.Handler, logger *slog.Logger) *http.Server {
 	return &http.Server{
 		Handler: h,
-		// Headers must arrive promptly; bodies and streams set their own deadlines.
+		// Headers must arrive promptly. No ReadTimeout, which would cut /ws and
+		// /events: no route reads a body, and ServeHTTP bounds what net/http reads of one.
 		ReadHeaderTimeout: readHeaderTimeout,
 		// Idle keep-alive connections are closed after this long.
 		IdleTimeout: idleTimeout,
@@ -194,6 +214,34 @@ func newHTTPServer(h http.Handler, logger *slog.Logger) *http.Server {
 		// No WriteTimeout: /events streams for hours. Each stream write has its own deadline.
 		ErrorLog: log.New(serverErrors{logger}, "", 0),
 	}
+}
+
+// tlsUnder hands crypto/tls the connections it runs over, each closing itself
+// when a write to it fails. Closing a TLS connection first writes an alert
+// (close_notify) under a 5 s write deadline of crypto/tls's own, which no
+// stopBy can shorten: to a client whose socket was full to the brim, that
+// alert held a chat connection, and shutdown, past its bound. A connection
+// whose write failed or timed out is broken anyway; closed at once, it fails
+// the alert at once. (Plain TCP connections stay as they are: net/http uses
+// their CloseWrite.)
+type tlsUnder struct{ net.Listener }
+
+func (l tlsUnder) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return closeOnWriteError{c}, nil
+}
+
+type closeOnWriteError struct{ net.Conn }
+
+func (c closeOnWriteError) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	if err != nil {
+		c.Conn.Close()
+	}
+	return n, err
 }
 
 // serverErrors takes net/http's own error lines into the structured log: a
@@ -212,6 +260,19 @@ func (e serverErrors) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// recoverTo keeps a panic in a goroutine the server starts, outside
+// net/http's own recovery, from killing the process: deferred first in that
+// goroutine (so that it runs last), it logs the panic at error level with its
+// stack, then calls then, if not nil, to let go of what the goroutine held.
+func recoverTo(log *slog.Logger, what string, then func()) {
+	if v := recover(); v != nil {
+		log.Error("panic", "in", what, "err", v, "stack", string(debug.Stack()))
+		if then != nil {
+			then()
+		}
+	}
+}
+
 // listenURL turns a listener address into a URL a person can click:
 // an unspecified host (":3000", "[::]:3000") becomes localhost.
 func listenURL(scheme string, addr net.Addr) string {
@@ -228,16 +289,18 @@ func listenURL(scheme string, addr net.Addr) string {
 // server is pollfree's http.Handler: the chat hub, the stats broadcaster and
 // the routes over them.
 type server struct {
-	chat     *hub
-	stats    *broadcaster
-	draining atomic.Bool // set once shutdown begins; /healthz then answers 503
-	mux      *http.ServeMux
+	chat        *hub
+	stats       *broadcaster
+	draining    atomic.Bool   // set once shutdown begins; /healthz then answers 503
+	bodyTimeout time.Duration // bodyTimeout, changeable by tests before serving
+	mux         *http.ServeMux
 }
 
 func newServer(cfg config, log *slog.Logger) *server {
-	s := &server{mux: http.NewServeMux()}
+	s := &server{mux: http.NewServeMux(), bodyTimeout: bodyTimeout}
 	s.chat = newHub(log, cfg.maxClients, cfg.allowOrigins)
 	s.stats = newBroadcaster(log, os.DirFS("/"), s.chat.online)
+	s.stats.maxStreams = cfg.maxStreams
 	s.routes()
 	return s
 }
@@ -251,7 +314,20 @@ func (s *server) routes() {
 	s.mux.HandleFunc("GET /healthz", s.serveHealthz)
 }
 
-func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+// ServeHTTP serves every route. No route reads a request body, and none is
+// waited for: after a handler, net/http would read up to 256 KiB of an unread
+// body before answering, to keep the connection, so a GET /healthz with
+// Content-Length: 100000, trickled a byte a second, held its connection for
+// ever. An HTTP/1 request with a body is answered at once with
+// Connection: close instead, and what net/http still reads of the body as it
+// closes it must come within bodyTimeout. (HTTP/2 never waits for a body.)
+func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.ContentLength != 0 && r.ProtoMajor == 1 {
+		w.Header().Set("Connection", "close")
+		http.NewResponseController(w).SetReadDeadline(time.Now().Add(s.bodyTimeout))
+	}
+	s.mux.ServeHTTP(w, r)
+}
 
 // beginShutdown makes /healthz fail, closes every chat connection with 1001
 // and ends every event stream. It does not wait; see wait.
@@ -308,17 +384,4 @@ func (s *server) serveHealthz(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	io.WriteString(w, "ok\n")
-}
-
-// recoverPanic, deferred at the top of a goroutine the server starts, logs
-// a panic there at error level with its stack, instead of ending the
-// process and every connection with it.
-func recoverPanic(log *slog.Logger, where string) {
-	if p := recover(); p != nil {
-		logPanic(log, where, p)
-	}
-}
-
-func logPanic(log *slog.Logger, where string, p any) {
-	log.Error("panic", "in", where, "panic", p, "stack", string(debug.Stack()))
 }

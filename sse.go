@@ -89,18 +89,23 @@ type broadcaster struct {
 	started     time.Time  // process start, for process.uptimeSeconds
 	// sampleEvery, sseKeepAlive and sseWriteTimeout, changeable by tests before serving.
 	sampleEvery, keepAlive, writeTimeout time.Duration
+	maxStreams                           int // -max-streams
 
-	streams sync.WaitGroup // one per open event stream, for shutdown
+	// streams counts the open event streams, for shutdown to wait on. Its
+	// Add is subscribe's alone, under mu and only while not closed: once
+	// shutdown has set closed, no Add can race wait's Wait.
+	streams sync.WaitGroup
 
 	mu      sync.Mutex           // guards the fields below, and every send on or close of a subscriber channel
 	subs    map[chan *tick]*wire // each with its stream's wire (nil for GET /stats)
+	open    int                  // event streams subscribed (what streams counts): clients.sse, at most maxStreams
 	latest  *tick                // the last tick, while the sampler runs
 	running bool
 	closed  bool
 	lastID  uint64 // the last tick's id; ids go on increasing across sampler runs
 
-	// Owned by the sampler goroutine. One run stops (in publish) before the
-	// next starts (in subscribe), both under mu.
+	// Owned by the sampler goroutine. One run stops (in publish, or restart
+	// after a panic) before the next starts (in subscribe or restart), all under mu.
 	info *hostInfo // read on the first run: it does not change while the server runs
 	cpu  cpuTimes  // the last CPU sample, kept across runs: a run's first tick covers the pause before it
 }
@@ -119,18 +124,20 @@ func newBroadcaster(log *slog.Logger, fsys fs.FS, chatClients func() int) *broad
 }
 
 // subscribe returns a channel that receives the latest tick at once (if any)
-// and then every tick it is ready for, or nil once shutdown has begun; it
-// starts the sampler if none runs. A stream subscribes with its wire, and
-// counts in b.streams until it unsubscribes.
+// and then every tick it is ready for; it starts the sampler if none runs.
+// A stream subscribes with its wire, and counts in b.open and b.streams
+// until it unsubscribes. subscribe returns nil once shutdown has begun, and
+// for a stream while maxStreams are open.
 func (b *broadcaster) subscribe(out *wire) chan *tick {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.closed {
+	if b.closed || out != nil && b.open >= b.maxStreams {
 		return nil
 	}
 	sub := make(chan *tick, 1)
 	b.subs[sub] = out
 	if out != nil {
+		b.open++
 		b.streams.Add(1)
 	}
 	if b.latest != nil {
@@ -152,6 +159,7 @@ func (b *broadcaster) unsubscribe(sub chan *tick, out *wire) {
 		close(sub)
 	}
 	if out != nil {
+		b.open--
 		b.streams.Done()
 	}
 }
@@ -177,7 +185,9 @@ func (b *broadcaster) shutdown() {
 
 // sample is the sampler goroutine: it reads the system once per tick and
 // publishes the result, until a tick finds no subscriber or shutdown begins.
+// A panic ends it, logged, and restart sees to the next tick.
 func (b *broadcaster) sample() {
+	defer recoverTo(b.log, "stats sampler", b.restart)
 	t := time.NewTicker(b.sampleEvery)
 	defer t.Stop()
 	for {
@@ -190,6 +200,21 @@ func (b *broadcaster) sample() {
 			return
 		}
 		<-t.C
+	}
+}
+
+// restart follows a sampler that panicked. Its tick is lost; if anyone still
+// listens, a new sampler takes the next one, so that no stream, and no
+// GET /stats waiting for a first tick, waits for ever. (A tick later, not at
+// once: a sampler that always panics costs a log line a tick, not a busy loop.)
+func (b *broadcaster) restart() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.running = len(b.subs) > 0 && !b.closed
+	if b.running {
+		time.AfterFunc(b.sampleEvery, b.sample)
+	} else {
+		b.latest = nil
 	}
 }
 
@@ -236,13 +261,14 @@ func (b *broadcaster) serveEvents(w http.ResponseWriter, r *http.Request) {
 	}
 	out := &wire{conn: conn, wait: b.writeTimeout}
 	sub := b.subscribe(out)
-	if sub == nil { // shutdown has begun
+	if sub == nil { // shutdown has begun, or maxStreams are open
 		out.stopBy(time.Now().Add(closeGrace))
 		out.Write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"))
 		conn.Close()
 		return
 	}
 	go func() {
+		defer recoverTo(b.log, "event stream", nil) // the calls below end this stream alone
 		defer conn.Close()
 		defer b.unsubscribe(sub, out)
 		b.log.Debug("stream opened", "remote", conn.RemoteAddr())
@@ -256,7 +282,7 @@ func (b *broadcaster) serveHTTP2(w http.ResponseWriter, r *http.Request) {
 	out := &wire{conn: flushingResponse{w, http.NewResponseController(w)}, wait: b.writeTimeout}
 	sub := b.subscribe(out)
 	if sub == nil {
-		http.Error(w, "shutting down", http.StatusServiceUnavailable)
+		http.Error(w, "too many event streams, or shutting down", http.StatusServiceUnavailable)
 		return
 	}
 	defer b.unsubscribe(sub, out)
@@ -270,7 +296,10 @@ func (b *broadcaster) serveHTTP2(w http.ResponseWriter, r *http.Request) {
 }
 
 // flushingResponse lets a wire write to an HTTP/2 response: each write is
-// flushed at once, and the write deadline is the stream's.
+// flushed at once, and the write deadline is the stream's. Two goroutines
+// set it through the wire: the handler's, before each write, and shutdown's
+// (stopBy). net/http hands each SetWriteDeadline to the connection's serve
+// goroutine, which owns the stream's timer, so either may; the wire orders them.
 type flushingResponse struct {
 	w  http.ResponseWriter
 	rc *http.ResponseController
@@ -345,7 +374,9 @@ func (b *broadcaster) serveStats(w http.ResponseWriter, r *http.Request) {
 // A first reading may stop here: what a tick carries, from the Go runtime
 // everywhere and the platform file (stats_linux.go, stats_other.go).
 
-// snapshot is one stats event's data. Sizes are in bytes.
+// snapshot is one stats event's data. Sizes are in bytes. A figure the
+// platform cannot measure is nil, and absent from the JSON: 0 would be a
+// measurement.
 type snapshot struct {
 	Time    string       `json:"time"`
 	Host    hostStats    `json:"host"`
@@ -357,12 +388,12 @@ type snapshot struct {
 
 type hostStats struct {
 	Hostname      string    `json:"hostname"`
-	OS            string    `json:"os"`     // GOOS
-	Arch          string    `json:"arch"`   // GOARCH
-	Kernel        string    `json:"kernel"` // e.g. "Linux 6.1.0"
-	User          string    `json:"user"`   // user name, or the uid where there is no passwd file
-	UptimeSeconds float64   `json:"uptimeSeconds"`
-	Load          []float64 `json:"load,omitempty"` // 1, 5 and 15 minute load averages (Linux)
+	OS            string    `json:"os"`                      // GOOS
+	Arch          string    `json:"arch"`                    // GOARCH
+	Kernel        string    `json:"kernel"`                  // e.g. "Linux 6.1.0"
+	User          string    `json:"user"`                    // user name, or the uid where there is no passwd file
+	UptimeSeconds *float64  `json:"uptimeSeconds,omitempty"` // Linux
+	Load          []float64 `json:"load,omitempty"`          // 1, 5 and 15 minute load averages (Linux)
 }
 
 type memoryStats struct {
@@ -377,9 +408,9 @@ type memoryStats struct {
 }
 
 type cpuStats struct {
-	Cores       int     `json:"cores"`
-	Model       string  `json:"model"`
-	UsedPercent float64 `json:"usedPercent"` // busy share of all cores since the last sample
+	Cores       int      `json:"cores"`
+	Model       string   `json:"model"`
+	UsedPercent *float64 `json:"usedPercent,omitempty"` // busy share of all cores since the last sample (Linux)
 }
 
 type processStats struct {
@@ -392,7 +423,7 @@ type processStats struct {
 
 type clientStats struct {
 	Chat int `json:"chat"` // chat connections now
-	SSE  int `json:"sse"`  // event-stream subscribers now
+	SSE  int `json:"sse"`  // event streams now (GET /stats requests are not counted)
 }
 
 // snapshot takes one sample. Only the sampler goroutine calls it.
@@ -411,7 +442,7 @@ func (b *broadcaster) snapshot() snapshot {
 	readSystem(b.fsys, info, &s, &b.cpu)
 
 	b.mu.Lock()
-	s.Clients.SSE = len(b.subs)
+	s.Clients.SSE = b.open
 	b.mu.Unlock()
 	s.Clients.Chat = b.chatClients()
 	return s

@@ -71,14 +71,15 @@ func readHostInfo(fsys fs.FS) hostInfo {
 // last call, replaced by this one; the first call measures since boot.
 func readSystem(fsys fs.FS, info hostInfo, s *snapshot, prev *cpuTimes) {
 	if f, err := parseFloats(readString(fsys, "proc/uptime"), 1); err == nil {
-		s.Host.UptimeSeconds = f[0]
+		s.Host.UptimeSeconds = &f[0]
 	}
 	if f, err := parseFloats(readString(fsys, "proc/loadavg"), 3); err == nil {
 		s.Host.Load = f
 	}
 	if b, err := fs.ReadFile(fsys, "proc/stat"); err == nil {
 		if now, err := parseCPUTimes(b); err == nil {
-			s.CPU.UsedPercent = cpuPercent(*prev, now)
+			used := cpuPercent(*prev, now)
+			s.CPU.UsedPercent = &used
 			*prev = now
 		}
 	}
@@ -180,7 +181,7 @@ func parseFloats(s string, n int) ([]float64, error) {
 	out := make([]float64, n)
 	for i := range out {
 		v, err := strconv.ParseFloat(f[i], 64)
-		if err != nil || v < 0 || v > 1e15 {
+		if err != nil || !(v >= 0 && v <= 1e15) { // NaN too: it has no JSON encoding
 			return nil, errors.New("bad number " + strconv.Quote(f[i]))
 		}
 		out[i] = v

@@ -2,11 +2,11 @@
 
 // Stats on platforms other than Linux, from the Go runtime alone.
 //
-// Go has no portable way to read a machine's memory, CPU use or load, so
-// here the snapshot keeps what readRuntime fills in: memory is the Go
-// runtime's own (source "runtime"), CPU use and load are absent, and the
-// host figures are those the os package knows. Linux reads the real figures
-// in stats_linux.go.
+// Go has no portable way to read a machine's memory, CPU use, uptime or
+// load, so here the snapshot keeps what readRuntime fills in: memory is the
+// Go runtime's own (source "runtime"); cpu.usedPercent, host.uptimeSeconds
+// and host.load stay nil, and are left out of the JSON; the host figures are
+// those the os package knows. Linux reads the real figures in stats_linux.go.
 package main
 
 import (
