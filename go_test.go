@@ -1720,6 +1720,8 @@ func FuzzFrameReader(f *testing.F) {
 				t.Errorf("handed the hub %d bytes: %q", len(msg), msg)
 			}
 		}
+		stuck := time.AfterFunc(5*time.Second, func() { panic(fmt.Sprintf("stuck on %q", stream)) })
+		defer stuck.Stop()
 		server, peer := net.Pipe()
 		c := newClient()
 		c.attach(server, server, time.Minute, time.Minute)
