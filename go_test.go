@@ -17,7 +17,7 @@
 //
 //	flags, $PORT, -drain, panics   TestHelpListsEveryFlag, TestAddressFromFlagOrPORT, TestDrainAnswers503WhileStillServing, TestHandlerPanicIsLoggedAsError
 //	shutdown                       TestShutdownClosesChatWith1001EndsStreamsAndReturns, TestSIGTERMUnderLoad, TestSIGTERMWithAStuckClientExitsInTime
-//	the page, /healthz             TestIndexServesEmbeddedPage, TestPageLoadsNothingFromElsewhere, TestHealthz
+//	the page, its CSP, /healthz    TestIndexServesEmbeddedPage, TestPageCSPAllowsOnlyThePagesScriptAndStyleByHash, TestPageLoadsNothingFromElsewhere, TestHealthz
 //	HTTP/1.1's six connections     TestBrowserSevenStreamsNeedHTTP2
 //	polling against pushing        BenchmarkPollVersusPush
 //	welcome, order, identity       TestWelcome, TestEveryClientGetsEveryMessageInSeqOrder, TestCannotSpeakAsSomeoneElse
@@ -38,6 +38,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -304,6 +305,42 @@ func TestIndexServesEmbeddedPage(t *testing.T) {
 		if resp.StatusCode != 404 {
 			t.Errorf("GET %s = %d, want 404", path, resp.StatusCode)
 		}
+	}
+}
+
+// The page's CSP allows its one inline script and its one style element by
+// their hashes, and nothing inline besides: no 'unsafe-inline' (nor
+// 'unsafe-hashes'), so the page must have no style attributes either.
+func TestPageCSPAllowsOnlyThePagesScriptAndStyleByHash(t *testing.T) {
+	_, url := newTestServer(t)
+	resp, err := http.Get(url + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	csp := resp.Header.Get("Content-Security-Policy")
+	if strings.Contains(csp, "unsafe") {
+		t.Errorf("CSP allows unsafe sources: %s", csp)
+	}
+	directives := make(map[string]string)
+	for d := range strings.SplitSeq(csp, ";") {
+		name, sources, _ := strings.Cut(strings.TrimSpace(d), " ")
+		directives[name] = sources
+	}
+	for _, tag := range []string{"script", "style"} {
+		elements := regexp.MustCompile(`(?s)<` + tag + `\b[^>]*>(.*?)</` + tag + `>`).FindAllSubmatch(page, -1)
+		if len(elements) != 1 {
+			t.Errorf("index.html has %d <%s> elements, want 1", len(elements), tag)
+			continue
+		}
+		sum := sha256.Sum256(elements[0][1])
+		want := "'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"
+		if got := directives[tag+"-src"]; got != want {
+			t.Errorf("%s-src = %s, want the hash of the page's <%s>, %s", tag, got, tag, want)
+		}
+	}
+	if m := regexp.MustCompile(`<[^>]*\sstyle\s*=`).Find(page); m != nil {
+		t.Errorf("index.html has a style attribute, which the CSP blocks: %s", m)
 	}
 }
 
@@ -3084,14 +3121,6 @@ func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
 		}
 		t.Logf("screenshots of every page in %s", dir)
 	}
-
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for _, p := range append(pages, bob) {
-		for _, problem := range b.problems[p.session] {
-			t.Errorf("page %s: %s", p.name, problem)
-		}
-	}
 }
 
 // The wire panel shows every frame and event as it passes, and costs
@@ -3938,7 +3967,8 @@ type cdp struct {
 
 	mu       sync.Mutex // guards the fields below
 	replies  map[int64]chan cdpIn
-	problems map[string][]string // by session: uncaught exceptions and console errors
+	names    map[string]string   // by session: the page's name
+	problems map[string][]string // by session: uncaught exceptions, console errors, CSP violations
 }
 
 type cdpOut struct {
@@ -4008,9 +4038,19 @@ func startBrowser(t *testing.T) *cdp {
 		t.Fatal(err)
 	}
 	ws.MaxPayloadBytes = 64 << 20 // screenshots
-	b := &cdp{ws: ws, replies: make(map[int64]chan cdpIn), problems: make(map[string][]string)}
+	b := &cdp{ws: ws, replies: make(map[int64]chan cdpIn), names: make(map[string]string), problems: make(map[string][]string)}
 	go b.read()
 	t.Cleanup(func() { ws.Close() })
+	// Whatever a test checks itself, a problem on any of its pages fails it.
+	t.Cleanup(func() {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		for session, problems := range b.problems {
+			for _, problem := range problems {
+				t.Errorf("page %s: %s", b.names[session], problem)
+			}
+		}
+	})
 	return b
 }
 
@@ -4076,6 +4116,9 @@ func (b *cdp) newPageWith(t *testing.T, name, url string, before func(*browserPa
 	var attached struct{ SessionID string }
 	b.call(t, "", "Target.attachToTarget", map[string]any{"targetId": target.TargetID, "flatten": true}, &attached)
 	p := &browserPage{t, b, name, target.TargetID, attached.SessionID}
+	b.mu.Lock()
+	b.names[p.session] = name
+	b.mu.Unlock()
 	for _, domain := range []string{"Runtime.enable", "Page.enable", "Log.enable"} {
 		p.call(domain, nil, nil)
 	}
