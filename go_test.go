@@ -9,9 +9,11 @@
 //	go test -run Soak -soak 10m -timeout 15m -v    the soak
 //	go test -run '^$' -fuzz FuzzDecodeFrame -fuzztime 5m
 //
-// POLLFREE_BROWSER=required makes a missing Chromium a failure rather than a
-// skip (CI sets it); POLLFREE_SCREENSHOTS=DIR keeps the browser tests'
-// screenshots; POLLFREE_SERVER_CPUPROFILE=FILE profiles a benchmark's server.
+// POLLFREE_BROWSER=required makes a missing Chromium (or axe-core) a failure
+// rather than a skip (CI sets it); POLLFREE_AXE=FILE names axe-core's
+// axe.min.js for the accessibility test (.ci/run installs it);
+// POLLFREE_SCREENSHOTS=DIR keeps the browser tests' screenshots;
+// POLLFREE_SERVER_CPUPROFILE=FILE profiles a benchmark's server.
 //
 // Where each behaviour is proved:
 //
@@ -27,7 +29,7 @@
 //	/proc and cgroups              TestProcHostWithoutMemoryLimit, TestProcCgroupV2ContainerShowsItsLimit, TestRealCgroupLimitIsShown
 //	each row of the limits table   the test the README's table names, in the limits section below
 //	a scratch container, TLS       TestStaticBinaryRunsAloneLikeScratch, TestTLSServesHTTP2StreamsAndWebSocket
-//	the page in a browser          TestBrowserTwoPeopleChatAndWatchStats, TestBrowserShowsTheWireAndSpeaksChinese
+//	the page in a browser          TestBrowserTwoPeopleChatAndWatchStats, TestBrowserShowsTheWireAndSpeaksChinese, TestBrowserPageIsAccessible
 
 package main
 
@@ -328,7 +330,7 @@ func TestPageCSPAllowsOnlyThePagesScriptAndStyleByHash(t *testing.T) {
 		directives[name] = sources
 	}
 	for _, tag := range []string{"script", "style"} {
-		elements := regexp.MustCompile(`(?s)<` + tag + `\b[^>]*>(.*?)</` + tag + `>`).FindAllSubmatch(page, -1)
+		elements := regexp.MustCompile(`(?s)<`+tag+`\b[^>]*>(.*?)</`+tag+`>`).FindAllSubmatch(page, -1)
 		if len(elements) != 1 {
 			t.Errorf("index.html has %d <%s> elements, want 1", len(elements), tag)
 			continue
@@ -3201,6 +3203,58 @@ func TestBrowserShowsTheWireAndSpeaksChinese(t *testing.T) {
 	t.Logf("screenshots in %s", dir)
 }
 
+// axe-core finds nothing to report on the page (WCAG 2 A and AA, and its
+// best practices) in English and Chinese, light and dark, at a desktop's and
+// a phone's width, with messages of both sides and a notice shown and the
+// wire panel open. POLLFREE_AXE names axe.min.js; .ci/run installs it.
+func TestBrowserPageIsAccessible(t *testing.T) {
+	b := startBrowser(t)
+	axe := axeScript(t)
+	url, _, _ := startRun(t)
+	other := b.newPage(t, "other", url+"/")
+	other.waitFor("chat connected", jsConnected)
+	other.typeAndEnter("a message from someone else")
+	for i, c := range []struct{ language, scheme, width string }{
+		{"en", "light", "desktop"}, {"en", "light", "phone"}, {"en", "dark", "desktop"}, {"en", "dark", "phone"},
+		{"zh-CN", "light", "desktop"}, {"zh-CN", "light", "phone"}, {"zh-CN", "dark", "desktop"}, {"zh-CN", "dark", "phone"},
+	} {
+		p := b.newPageWith(t, c.language+"-"+c.scheme+"-"+c.width, url+"/", func(p *browserPage) {
+			p.speak(c.language)
+			p.scheme(c.scheme)
+			if c.width == "phone" {
+				p.call("Emulation.setDeviceMetricsOverride", map[string]any{"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}, nil)
+			}
+		})
+		p.waitFor("chat connected", jsConnected)
+		p.waitFor("others' messages", jsShowsMessage("a message from someone else"))
+		p.eval(`document.getElementById("wire-toggle").click()`, nil)
+		p.typeAndEnter("a message of my own")
+		p.waitFor("own message", `document.querySelector("#messages .msg.mine")`)
+		other.eval(`document.getElementById("name").value = "other-`+strconv.Itoa(i)+`"; document.getElementById("name-form").requestSubmit()`, nil)
+		p.waitFor("a notice", `document.querySelector("#messages .notice")`)
+		p.waitFor("stats and the wire", `points.length > 0 && document.querySelector("#wire-log .down")`)
+
+		p.eval(axe+"\n;axe.run({resultTypes: [\"violations\"]}).then(r => window.axeViolations = r.violations)", nil)
+		p.waitFor("axe's report", `window.axeViolations`)
+		var violations []struct {
+			ID, Impact, Help string
+			Nodes            []struct {
+				Target         []any
+				FailureSummary string
+			}
+		}
+		p.eval(`axeViolations`, &violations)
+		for _, v := range violations {
+			var where []any
+			for _, n := range v.Nodes {
+				where = append(where, n.Target...)
+			}
+			t.Errorf("%s: %s (%s, %s) at %d places %v: %s", p.name, v.ID, v.Help, v.Impact, len(where), where, v.Nodes[0].FailureSummary)
+		}
+		b.call(t, "", "Target.closeTarget", map[string]any{"targetId": p.target}, nil)
+	}
+}
+
 var soak = flag.Duration("soak", 0, "run TestSoak for this long (e.g. -soak 10m)")
 
 // TestSoak churns a few hundred clients for -soak: joining, chatting,
@@ -3958,6 +4012,23 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 // client, and cdp below is all the driver there is. POLLFREE_BROWSER=required
 // (set by .ci/run) turns "no Chromium here" from a skip into a failure;
 // POLLFREE_SCREENSHOTS=DIR saves every page's screenshot there at the end.
+
+// axeScript returns axe-core's axe.min.js, from the file POLLFREE_AXE names
+// (.ci/run installs it with npm, at the version it pins). Without it the
+// test skips, unless POLLFREE_BROWSER=required.
+func axeScript(t *testing.T) string {
+	t.Helper()
+	name := os.Getenv("POLLFREE_AXE")
+	b, err := os.ReadFile(name)
+	if name == "" || err != nil {
+		why := "no axe-core: npm install --prefix DIR axe-core, then POLLFREE_AXE=DIR/node_modules/axe-core/axe.min.js"
+		if os.Getenv("POLLFREE_BROWSER") == "required" {
+			t.Fatalf("POLLFREE_BROWSER=required but %s (%v)", why, err)
+		}
+		t.Skip(why)
+	}
+	return string(b)
+}
 
 // cdp is one DevTools connection to a browser. Each page is a target attached
 // in "flat" mode: its commands and events carry the page's session id.
