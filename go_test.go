@@ -2996,7 +2996,7 @@ func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
 		t.Logf("screenshots of every page in %s", dir)
 	})
 	open := func(name string) *browserPage {
-		p := b.newPage(t, name, url+"/")
+		p := b.newPageWith(t, name, url+"/", (*browserPage).recordSockets)
 		pages = append(pages, p)
 		p.waitFor("chat connected", jsConnected)
 		return p
@@ -3101,6 +3101,31 @@ func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
 	c.waitFor("C reconnected to the new server", jsConnected)
 	a.typeAndEnter("after restart")
 	c.waitFor("chat works after restart", jsShowsMessage("after restart"))
+
+	// Through all that, A offered its resume token as a subprotocol beside
+	// "pollfree", and never in a URL (proxies log URLs).
+	var sockets []struct {
+		URL, Token string
+		Protocols  []string
+	}
+	a.eval(`JSON.parse(sessionStorage.getItem("sockets"))`, &sockets)
+	resumes := 0
+	for _, s := range sockets {
+		want := []string{"pollfree"}
+		if s.Token != "" {
+			want = append(want, "resume."+s.Token)
+			resumes++
+		}
+		if strings.Contains(s.URL, "resume") || s.Token != "" && strings.Contains(s.URL, s.Token) {
+			t.Errorf("A opened %s: the resume token is in the URL", s.URL)
+		}
+		if !slices.Equal(s.Protocols, want) {
+			t.Errorf("A opened %s offering %q, want %q", s.URL, s.Protocols, want)
+		}
+	}
+	if resumes < 4 { // the drop, the half-open drop, the reload, the restart
+		t.Errorf("A resumed %d times in %d connections, want at least 4", resumes, len(sockets))
+	}
 	// A stranger on the new server is never drawn as A's own.
 	d := open("d")
 	d.typeAndEnter("a stranger speaks")
@@ -4237,6 +4262,21 @@ type browserPage struct {
 	name    string
 	target  string
 	session string
+}
+
+// recordSockets makes the page note every WebSocket it opens, with the
+// subprotocols offered and the resume token it held then, in a list in
+// sessionStorage ("sockets") that outlives a reload.
+func (p *browserPage) recordSockets() {
+	p.call("Page.addScriptToEvaluateOnNewDocument", map[string]any{"source": `
+		window.WebSocket = class extends WebSocket {
+			constructor(url, protocols) {
+				super(url, protocols);
+				const all = JSON.parse(sessionStorage.getItem("sockets") || "[]");
+				all.push({url: this.url, protocols: [].concat(protocols ?? []), token: sessionStorage.getItem("pollfree-resume") || ""});
+				sessionStorage.setItem("sockets", JSON.stringify(all));
+			}
+		};`}, nil)
 }
 
 // speak makes the page's browser prefer language (navigator.languages and
