@@ -346,6 +346,26 @@ func TestPageCSPAllowsOnlyThePagesScriptAndStyleByHash(t *testing.T) {
 	}
 }
 
+// The page's words live in one place, its table of strings, for English
+// as for Chinese: the markup holds none of its own. The chart's span is
+// one constant, from which its title and axis are made.
+func TestPageWordsAndNumbersHaveOneSource(t *testing.T) {
+	markup, _, _ := bytes.Cut(page, []byte("<script>"))
+	_, markup, _ = bytes.Cut(markup, []byte("<body>"))
+	for _, re := range []string{`<(\w+)[^>]*\bdata-t="\w+"[^>]*>[^<]+</`, `\saria-label=`, `\splaceholder=`} {
+		if m := regexp.MustCompile(re).Find(markup); m != nil {
+			t.Errorf("the markup holds words of its own, besides the table of strings: %s", m)
+		}
+	}
+	span := regexp.MustCompile(`const CHART_SECONDS = (\d+);`).FindSubmatch(page)
+	if span == nil {
+		t.Fatal("no CHART_SECONDS in index.html")
+	}
+	if n := len(regexp.MustCompile(`\b`+string(span[1])+`\b`).FindAll(page, -1)); n != 1 {
+		t.Errorf("the chart's span, %s s, is written %d times in index.html, want once (CHART_SECONDS)", span[1], n)
+	}
+}
+
 func TestPageLoadsNothingFromElsewhere(t *testing.T) {
 	if m := regexp.MustCompile(`(?i)(src|href)\s*=\s*["']?(https?:)?//`).Find(page); m != nil {
 		t.Errorf("index.html refers to an external asset: %s", m)
@@ -3164,6 +3184,13 @@ func TestBrowserShowsTheWireAndSpeaksChinese(t *testing.T) {
 
 	en := b.newPage(t, "en-light", url+"/")
 	en.waitFor("chat connected", jsConnected)
+	var untranslated []string
+	if en.eval(jsUntranslated, &untranslated); len(untranslated) > 0 {
+		t.Errorf("en: elements without their words: %s", untranslated)
+	}
+	if got, want := en.text(`document.getElementById("chart-title").textContent`), "Memory and CPU use, last 120 s"; got != want {
+		t.Errorf("en: the chart's title is %q, want %q", got, want)
+	}
 	en.eval(`document.getElementById("wire-toggle").click()`, nil)
 	en.typeAndEnter("over the wire")
 	lines := `[...document.querySelectorAll("#wire-log li")]`
@@ -3206,10 +3233,14 @@ func TestBrowserShowsTheWireAndSpeaksChinese(t *testing.T) {
 			`document.querySelector("[data-t=memFree]").textContent`: "闲置内存",
 			`document.querySelector("[data-t=uptime]").textContent`:  "系统正常运行时间",
 			`document.querySelector("[data-t=user]").textContent`:    "用户名",
+			`document.getElementById("chart-title").textContent`:     "最近 120 秒的内存和 CPU 使用率",
 		} {
 			if got := zh.text(expr); got != want {
 				t.Errorf("zh-%s: %s = %q, want %q", scheme, expr, got, want)
 			}
+		}
+		if zh.eval(jsUntranslated, &untranslated); len(untranslated) > 0 {
+			t.Errorf("zh-%s: elements without their words: %s", scheme, untranslated)
 		}
 		if scheme == "light" {
 			en.typeAndEnter("hello in English")
@@ -3226,6 +3257,73 @@ func TestBrowserShowsTheWireAndSpeaksChinese(t *testing.T) {
 	phone.waitFor("a stats event on the wire", line("down", "sse", `"memory"`))
 	phone.screenshot(dir)
 	t.Logf("screenshots in %s", dir)
+}
+
+// The page counts a message's characters as the server does, in code points
+// (maxlength counts UTF-16 units, two for an emoji): a message of 2000
+// emoji is sent and shown; one of 2001 characters is refused by the page,
+// in words, and stays in the box to be cut. A name likewise.
+func TestBrowserCountsCharactersAsTheServerDoes(t *testing.T) {
+	b := startBrowser(t)
+	url, _, _ := startRun(t)
+	p := b.newPage(t, "emoji", url+"/")
+	p.waitFor("chat connected", jsConnected)
+
+	longest := strings.Repeat("🙂", maxTextChars)
+	p.typeAndEnter(longest)
+	p.waitFor("2000 emoji sent and shown", jsShowsMessage(longest))
+	p.typeAndEnter(longest + "!")
+	p.waitFor("the page's refusal", jsNotice("That message has 2001 characters; at most 2000 are allowed."))
+	if got := p.text(`document.getElementById("text").value`); got != longest+"!" {
+		t.Errorf("after the refusal the box holds %d characters, want the 2001 typed", utf8.RuneCountInString(got))
+	}
+
+	name := strings.Repeat("🦊", maxNameChars)
+	p.eval(`document.getElementById("name").select()`, nil)
+	p.call("Input.insertText", map[string]any{"text": name}, nil)
+	p.eval(`document.getElementById("name-form").requestSubmit()`, nil)
+	p.waitFor("renamed to 32 emoji", `chat.me.name === `+jsString(name))
+	p.eval(`document.getElementById("name").select()`, nil)
+	p.call("Input.insertText", map[string]any{"text": name + "🦊"}, nil)
+	p.eval(`document.getElementById("name-form").requestSubmit()`, nil)
+	p.waitFor("the page's refusal of a long name", jsNotice("A name has at most 32 characters."))
+}
+
+// A figure the server leaves out of a snapshot (on platforms other than
+// Linux it cannot measure CPU use, uptime or load) shows as "–", not as
+// 0 or NaN, and the chart draws on.
+func TestBrowserShowsADashForAnAbsentFigure(t *testing.T) {
+	b := startBrowser(t)
+	url, _, _ := startRun(t)
+	p := b.newPage(t, "absent", url+"/")
+	p.waitFor("stats shown", `points.length > 0`)
+
+	resp, err := http.Get(url + "/stats")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var s map[string]any
+	err = json.NewDecoder(resp.Body).Decode(&s)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, cpu := s["host"].(map[string]any), s["cpu"].(map[string]any)
+	delete(cpu, "usedPercent")
+	delete(host, "uptimeSeconds")
+	delete(host, "load")
+	snapshot, _ := json.Marshal(s)
+	var shown map[string]string // read in the same task as showStats, before the next event
+	p.eval(`(() => { showStats(`+string(snapshot)+`);
+		return Object.fromEntries(["s-cpu", "s-uptime", "s-load"].map(id => [id, document.getElementById(id).textContent])); })()`, &shown)
+	if got := shown["s-cpu"]; !strings.HasPrefix(got, "– of ") {
+		t.Errorf("CPU shows %q for an absent usedPercent, want \"– of N cores…\"", got)
+	}
+	for _, id := range []string{"s-uptime", "s-load"} {
+		if got := shown[id]; got != "–" {
+			t.Errorf("#%s shows %q for an absent figure, want \"–\"", id, got)
+		}
+	}
 }
 
 // axe-core finds nothing to report on the page (WCAG 2 A and AA, and its
@@ -4388,6 +4486,10 @@ func jsString(s string) string {
 
 // JavaScript conditions on the page, by what a person sees.
 const (
+	// jsUntranslated lists the elements still without their words.
+	jsUntranslated = `[...document.querySelectorAll("[data-t], [data-t-label], [data-t-placeholder]")].filter(el =>
+		el.dataset.t !== undefined && !el.textContent || el.dataset.tLabel !== undefined && !el.getAttribute("aria-label") ||
+		el.dataset.tPlaceholder !== undefined && !el.placeholder).map(el => el.outerHTML)`
 	jsConnected = `document.getElementById("chat-state").classList.contains("ok")`
 	jsMessages  = `[...document.querySelectorAll("#messages .msg")]`
 )
