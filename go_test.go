@@ -20,7 +20,7 @@
 //	flags, $PORT, -drain, panics   TestHelpListsEveryFlag, TestAddressFromFlagOrPORT, TestDrainAnswers503WhileStillServing, TestHandlerPanicIsLoggedAsError
 //	shutdown                       TestShutdownClosesChatWith1001EndsStreamsAndReturns, TestSIGTERMUnderLoad, TestSIGTERMWithAStuckClientExitsInTime
 //	the page, its CSP, /healthz    TestIndexServesEmbeddedPage, TestPageCSPAllowsOnlyThePagesScriptAndStyleByHash, TestPageLoadsNothingFromElsewhere, TestHealthz
-//	HTTP/1.1's six connections     TestBrowserSevenStreamsNeedHTTP2
+//	HTTP/1.1's six connections     TestBrowserSevenStreamsNeedHTTP2, TestBrowserWebSocketsAreNotHeldToSix
 //	polling against pushing        BenchmarkPollVersusPush
 //	welcome, order, identity       TestWelcome, TestEveryClientGetsEveryMessageInSeqOrder, TestCannotSpeakAsSomeoneElse
 //	names, presence, history       TestNamesAreTrimmedUniqueAndServerChosenOtherwise, TestPresenceIsCoalesced, TestHistoryKeepsTheLast50InOrder
@@ -439,6 +439,34 @@ func TestBrowserSevenStreamsNeedHTTP2(t *testing.T) {
 			if n := p.count(`got.filter(n => n > 0).length`); n != tc.receiving {
 				t.Errorf("%d of 7 streams received events over %s, want %d", n, tc.name, tc.receiving)
 			}
+		})
+	}
+}
+
+// WebSockets are not held to those six. From one page over HTTP/1.1, with
+// eight EventSources open (six receive, two wait for a connection), twelve
+// WebSockets to /ws all open, whichever opens first: the browser counts
+// WebSockets apart from the six connections it pools for HTTP requests.
+func TestBrowserWebSocketsAreNotHeldToSix(t *testing.T) {
+	b := startBrowser(t)
+	url, _, _ := startRun(t)
+	const streams = `for (let i = 0; i < 8; i++) new EventSource("/events").addEventListener("stats", () => got[i]++);`
+	const sockets = `for (let i = 0; i < 12; i++) new WebSocket(location.origin.replace("http", "ws") + "/ws", ["pollfree"]).onopen = () => opened++;`
+	for _, tc := range []struct{ name, open string }{
+		{"streams-first", streams + sockets},
+		{"sockets-first", sockets + streams},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := b.newPage(t, tc.name, url+"/healthz") // a page that opens nothing itself
+			p.waitFor("the page", `document.body && document.body.textContent.includes("ok")`)
+			p.eval(`window.got = Array(8).fill(0); window.opened = 0; `+tc.open, nil)
+			p.waitFor("twelve WebSockets open", `opened === 12`)
+			p.waitFor("the first streams' events", `got.filter(n => n > 0).length >= 6`)
+			p.waitFor("three more ticks", `Math.max(...got) >= 4`)
+			if n := p.count(`got.filter(n => n > 0).length`); n != 6 {
+				t.Errorf("%d of 8 streams received events beside 12 WebSockets, want 6", n)
+			}
+			b.call(t, "", "Target.closeTarget", map[string]any{"targetId": p.target}, nil)
 		})
 	}
 }
