@@ -3317,6 +3317,34 @@ func TestBrowserCountsCharactersAsTheServerDoes(t *testing.T) {
 	p.waitFor("the page's refusal of a long name", jsNotice("A name has at most 32 characters."))
 }
 
+// Both logs, the messages and the wire, keep their newest line in view as
+// lines arrive, unless the reader has scrolled up to read older ones.
+func TestBrowserLogsKeepTheNewestInViewUnlessScrolledUp(t *testing.T) {
+	b := startBrowser(t)
+	url, _, _ := startRun(t)
+	p := b.newPage(t, "scroll", url+"/")
+	p.waitFor("chat connected", jsConnected)
+	p.eval(`document.getElementById("wire-toggle").click()`, nil)
+	for box, add := range map[string]string{
+		"messages": `notice("a line")`,
+		"wire-log": `wire("ws", "↓", "test", "a line")`,
+	} {
+		atBottom := `(b => b.scrollHeight - b.scrollTop - b.clientHeight < 1)(document.getElementById("` + box + `"))`
+		p.eval(`for (let i = 0; i < 100; i++) `+add, nil)
+		if !p.eval2bool(atBottom) {
+			t.Errorf("#%s: after 100 lines the newest is not in view", box)
+		}
+		p.eval(`document.getElementById("`+box+`").scrollTop = 0; `+add, nil)
+		if top := p.count(`document.getElementById("` + box + `").scrollTop`); top != 0 {
+			t.Errorf("#%s: scrolled to the top, a new line moved it to %d px", box, top)
+		}
+		p.eval(`document.getElementById("`+box+`").scrollTop = 1e9; `+add, nil)
+		if !p.eval2bool(atBottom) {
+			t.Errorf("#%s: back at the bottom, a new line is not in view", box)
+		}
+	}
+}
+
 // A figure the server leaves out of a snapshot (on platforms other than
 // Linux it cannot measure CPU use, uptime or load) shows as "–", not as
 // 0 or NaN, and the chart draws on.
