@@ -3384,8 +3384,8 @@ func TestBrowserShowsADashForAnAbsentFigure(t *testing.T) {
 
 // axe-core finds nothing to report on the page (WCAG 2 A and AA, and its
 // best practices) in English and Chinese, light and dark, at a desktop's and
-// a phone's width, with messages of both sides and a notice shown and the
-// wire panel open. POLLFREE_AXE names axe.min.js; .ci/run installs it.
+// a phone's width, with messages of both sides, a notice and an error shown
+// and the wire panel open. POLLFREE_AXE names axe.min.js; .ci/run installs it.
 func TestBrowserPageIsAccessible(t *testing.T) {
 	b := startBrowser(t)
 	axe := axeScript(t)
@@ -3409,6 +3409,8 @@ func TestBrowserPageIsAccessible(t *testing.T) {
 		p.eval(`document.getElementById("wire-toggle").click()`, nil)
 		p.typeAndEnter("a message of my own")
 		p.waitFor("own message", `document.querySelector("#messages .msg.mine")`)
+		p.typeAndEnter(strings.Repeat("x", maxTextChars+1))
+		p.waitFor("an error notice", `document.querySelector("#messages .notice.error")`)
 		other.eval(`document.getElementById("name").value = "other-`+strconv.Itoa(i)+`"; document.getElementById("name-form").requestSubmit()`, nil)
 		p.waitFor("a notice", `document.querySelector("#messages .notice")`)
 		p.waitFor("stats and the wire", `points.length > 0 && document.querySelector("#wire-log .down")`)
