@@ -3398,6 +3398,8 @@ func TestBrowserPageIsAccessible(t *testing.T) {
 		{"zh-CN", "light", "desktop"}, {"zh-CN", "light", "phone"}, {"zh-CN", "dark", "desktop"}, {"zh-CN", "dark", "phone"},
 	} {
 		p := b.newPageWith(t, c.language+"-"+c.scheme+"-"+c.width, url+"/", func(p *browserPage) {
+			// axe loads with the page: evaluated later, its 650 KB could take longer than a call may.
+			p.call("Page.addScriptToEvaluateOnNewDocument", map[string]any{"source": axe}, nil)
 			p.speak(c.language)
 			p.scheme(c.scheme)
 			if c.width == "phone" {
@@ -3415,7 +3417,7 @@ func TestBrowserPageIsAccessible(t *testing.T) {
 		p.waitFor("a notice", `document.querySelector("#messages .notice")`)
 		p.waitFor("stats and the wire", `points.length > 0 && document.querySelector("#wire-log .down")`)
 
-		p.eval(axe+"\n;axe.run({resultTypes: [\"violations\"]}).then(r => window.axeViolations = r.violations)", nil)
+		p.eval(`axe.run({resultTypes: ["violations"]}).then(r => window.axeViolations = r.violations)`, nil)
 		p.waitFor("axe's report", `window.axeViolations`)
 		var violations []struct {
 			ID, Impact, Help string
