@@ -30,6 +30,7 @@
 //	each row of the limits table   the test the README's table names, in the limits section below
 //	a scratch container, TLS       TestStaticBinaryRunsAloneLikeScratch, TestTLSServesHTTP2StreamsAndWebSocket
 //	the page in a browser          TestBrowserTwoPeopleChatAndWatchStats, TestBrowserShowsTheWireAndSpeaksChinese, TestBrowserPageIsAccessible
+//	the page's details             TestBrowserCountsCharactersAsTheServerDoes, TestBrowserLogsKeepTheNewestInViewUnlessScrolledUp, TestBrowserShowsADashForAnAbsentFigure, TestPageWordsAndNumbersHaveOneSource
 
 package main
 
