@@ -9,16 +9,18 @@
 //	go test -run Soak -soak 10m -timeout 15m -v    the soak
 //	go test -run '^$' -fuzz FuzzDecodeFrame -fuzztime 5m
 //
-// POLLFREE_BROWSER=required makes a missing Chromium a failure rather than a
-// skip (CI sets it); POLLFREE_SCREENSHOTS=DIR keeps the browser tests'
-// screenshots; POLLFREE_SERVER_CPUPROFILE=FILE profiles a benchmark's server.
+// POLLFREE_BROWSER=required makes a missing Chromium (or axe-core) a failure
+// rather than a skip (CI sets it); POLLFREE_AXE=FILE names axe-core's
+// axe.min.js for the accessibility test (.ci/run installs it);
+// POLLFREE_SCREENSHOTS=DIR keeps the browser tests' screenshots;
+// POLLFREE_SERVER_CPUPROFILE=FILE profiles a benchmark's server.
 //
 // Where each behaviour is proved:
 //
 //	flags, $PORT, -drain, panics   TestHelpListsEveryFlag, TestAddressFromFlagOrPORT, TestDrainAnswers503WhileStillServing, TestHandlerPanicIsLoggedAsError
 //	shutdown                       TestShutdownClosesChatWith1001EndsStreamsAndReturns, TestSIGTERMUnderLoad, TestSIGTERMWithAStuckClientExitsInTime, TestSecondSignalStopsAtOnce
-//	the page, /healthz             TestIndexServesEmbeddedPage, TestPageLoadsNothingFromElsewhere, TestHealthz
-//	HTTP/1.1's six connections     TestBrowserSevenStreamsNeedHTTP2
+//	the page, its CSP, /healthz    TestIndexServesEmbeddedPage, TestPageCSPAllowsOnlyThePagesScriptAndStyleByHash, TestPageLoadsNothingFromElsewhere, TestHealthz
+//	HTTP/1.1's six connections     TestBrowserSevenStreamsNeedHTTP2, TestBrowserWebSocketsAreNotHeldToSix
 //	polling against pushing        BenchmarkPollVersusPush
 //	welcome, order, identity       TestWelcome, TestEveryClientGetsEveryMessageInSeqOrder, TestCannotSpeakAsSomeoneElse
 //	names, presence, history       TestNamesAreTrimmedUniqueAndServerChosenOtherwise, TestPresenceIsCoalesced, TestHistoryKeepsTheLast50InOrder
@@ -27,7 +29,8 @@
 //	/proc and cgroups              TestProcHostWithoutMemoryLimit, TestProcCgroupV2ContainerShowsItsLimit, TestRealCgroupLimitIsShown
 //	each row of the limits table   the test the README's table names, in the limits section below
 //	a scratch container, TLS       TestStaticBinaryRunsAloneLikeScratch, TestTLSServesHTTP2StreamsAndWebSocket
-//	the page in a browser          TestBrowserTwoPeopleChatAndWatchStats, TestBrowserShowsTheWireAndSpeaksChinese
+//	the page in a browser          TestBrowserTwoPeopleChatAndWatchStats, TestBrowserShowsTheWireAndSpeaksChinese, TestBrowserPageIsAccessible
+//	the page's details             TestBrowserCountsCharactersAsTheServerDoes, TestBrowserLogsKeepTheNewestInViewUnlessScrolledUp, TestBrowserShowsADashForAnAbsentFigure, TestPageWordsAndNumbersHaveOneSource
 
 package main
 
@@ -38,6 +41,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -334,6 +338,62 @@ func TestIndexServesEmbeddedPage(t *testing.T) {
 	}
 }
 
+// The page's CSP allows its one inline script and its one style element by
+// their hashes, and nothing inline besides: no 'unsafe-inline' (nor
+// 'unsafe-hashes'), so the page must have no style attributes either.
+func TestPageCSPAllowsOnlyThePagesScriptAndStyleByHash(t *testing.T) {
+	_, url := newTestServer(t)
+	resp, err := http.Get(url + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	csp := resp.Header.Get("Content-Security-Policy")
+	if strings.Contains(csp, "unsafe") {
+		t.Errorf("CSP allows unsafe sources: %s", csp)
+	}
+	directives := make(map[string]string)
+	for d := range strings.SplitSeq(csp, ";") {
+		name, sources, _ := strings.Cut(strings.TrimSpace(d), " ")
+		directives[name] = sources
+	}
+	for _, tag := range []string{"script", "style"} {
+		elements := regexp.MustCompile(`(?s)<`+tag+`\b[^>]*>(.*?)</`+tag+`>`).FindAllSubmatch(page, -1)
+		if len(elements) != 1 {
+			t.Errorf("index.html has %d <%s> elements, want 1", len(elements), tag)
+			continue
+		}
+		sum := sha256.Sum256(elements[0][1])
+		want := "'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"
+		if got := directives[tag+"-src"]; got != want {
+			t.Errorf("%s-src = %s, want the hash of the page's <%s>, %s", tag, got, tag, want)
+		}
+	}
+	if m := regexp.MustCompile(`<[^>]*\sstyle\s*=`).Find(page); m != nil {
+		t.Errorf("index.html has a style attribute, which the CSP blocks: %s", m)
+	}
+}
+
+// The page's words live in one place, its table of strings, for English
+// as for Chinese: the markup holds none of its own. The chart's span is
+// one constant, from which its title and axis are made.
+func TestPageWordsAndNumbersHaveOneSource(t *testing.T) {
+	markup, _, _ := bytes.Cut(page, []byte("<script>"))
+	_, markup, _ = bytes.Cut(markup, []byte("<body>"))
+	for _, re := range []string{`<(\w+)[^>]*\bdata-t="\w+"[^>]*>[^<]+</`, `\saria-label=`, `\splaceholder=`} {
+		if m := regexp.MustCompile(re).Find(markup); m != nil {
+			t.Errorf("the markup holds words of its own, besides the table of strings: %s", m)
+		}
+	}
+	span := regexp.MustCompile(`const CHART_SECONDS = (\d+);`).FindSubmatch(page)
+	if span == nil {
+		t.Fatal("no CHART_SECONDS in index.html")
+	}
+	if n := len(regexp.MustCompile(`\b`+string(span[1])+`\b`).FindAll(page, -1)); n != 1 {
+		t.Errorf("the chart's span, %s s, is written %d times in index.html, want once (CHART_SECONDS)", span[1], n)
+	}
+}
+
 func TestPageLoadsNothingFromElsewhere(t *testing.T) {
 	if m := regexp.MustCompile(`(?i)(src|href)\s*=\s*["']?(https?:)?//`).Find(page); m != nil {
 		t.Errorf("index.html refers to an external asset: %s", m)
@@ -407,6 +467,34 @@ func TestBrowserSevenStreamsNeedHTTP2(t *testing.T) {
 			if n := p.count(`got.filter(n => n > 0).length`); n != tc.receiving {
 				t.Errorf("%d of 7 streams received events over %s, want %d", n, tc.name, tc.receiving)
 			}
+		})
+	}
+}
+
+// WebSockets are not held to those six. From one page over HTTP/1.1, with
+// eight EventSources open (six receive, two wait for a connection), twelve
+// WebSockets to /ws all open, whichever opens first: the browser counts
+// WebSockets apart from the six connections it pools for HTTP requests.
+func TestBrowserWebSocketsAreNotHeldToSix(t *testing.T) {
+	b := startBrowser(t)
+	url, _, _ := startRun(t)
+	const streams = `for (let i = 0; i < 8; i++) new EventSource("/events").addEventListener("stats", () => got[i]++);`
+	const sockets = `for (let i = 0; i < 12; i++) new WebSocket(location.origin.replace("http", "ws") + "/ws", ["pollfree"]).onopen = () => opened++;`
+	for _, tc := range []struct{ name, open string }{
+		{"streams-first", streams + sockets},
+		{"sockets-first", sockets + streams},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := b.newPage(t, tc.name, url+"/healthz") // a page that opens nothing itself
+			p.waitFor("the page", `document.body && document.body.textContent.includes("ok")`)
+			p.eval(`window.got = Array(8).fill(0); window.opened = 0; `+tc.open, nil)
+			p.waitFor("twelve WebSockets open", `opened === 12`)
+			p.waitFor("the first streams' events", `got.filter(n => n > 0).length >= 6`)
+			p.waitFor("three more ticks", `Math.max(...got) >= 4`)
+			if n := p.count(`got.filter(n => n > 0).length`); n != 6 {
+				t.Errorf("%d of 8 streams received events beside 12 WebSockets, want 6", n)
+			}
+			b.call(t, "", "Target.closeTarget", map[string]any{"targetId": p.target}, nil)
 		})
 	}
 }
@@ -3888,7 +3976,7 @@ func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
 		t.Logf("screenshots of every page in %s", dir)
 	})
 	open := func(name string) *browserPage {
-		p := b.newPage(t, name, url+"/")
+		p := b.newPageWith(t, name, url+"/", (*browserPage).recordSockets)
 		pages = append(pages, p)
 		p.waitFor("chat connected", jsConnected)
 		return p
@@ -3993,6 +4081,31 @@ func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
 	c.waitFor("C reconnected to the new server", jsConnected)
 	a.typeAndEnter("after restart")
 	c.waitFor("chat works after restart", jsShowsMessage("after restart"))
+
+	// Through all that, A offered its resume token as a subprotocol beside
+	// "pollfree", and never in a URL (proxies log URLs).
+	var sockets []struct {
+		URL, Token string
+		Protocols  []string
+	}
+	a.eval(`JSON.parse(sessionStorage.getItem("sockets"))`, &sockets)
+	resumes := 0
+	for _, s := range sockets {
+		want := []string{"pollfree"}
+		if s.Token != "" {
+			want = append(want, "resume."+s.Token)
+			resumes++
+		}
+		if strings.Contains(s.URL, "resume") || s.Token != "" && strings.Contains(s.URL, s.Token) {
+			t.Errorf("A opened %s: the resume token is in the URL", s.URL)
+		}
+		if !slices.Equal(s.Protocols, want) {
+			t.Errorf("A opened %s offering %q, want %q", s.URL, s.Protocols, want)
+		}
+	}
+	if resumes < 4 { // the drop, the half-open drop, the reload, the restart
+		t.Errorf("A resumed %d times in %d connections, want at least 4", resumes, len(sockets))
+	}
 	// A stranger on the new server is never drawn as A's own.
 	d := open("d")
 	d.typeAndEnter("a stranger speaks")
@@ -4015,14 +4128,6 @@ func TestBrowserTwoPeopleChatAndWatchStats(t *testing.T) {
 		}
 		t.Logf("screenshots of every page in %s", dir)
 	}
-
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for _, p := range append(pages, bob) {
-		for _, problem := range b.problems[p.session] {
-			t.Errorf("page %s: %s", p.name, problem)
-		}
-	}
 }
 
 // The wire panel shows every frame and event as it passes, and costs
@@ -4039,6 +4144,13 @@ func TestBrowserShowsTheWireAndSpeaksChinese(t *testing.T) {
 
 	en := b.newPage(t, "en-light", url+"/")
 	en.waitFor("chat connected", jsConnected)
+	var untranslated []string
+	if en.eval(jsUntranslated, &untranslated); len(untranslated) > 0 {
+		t.Errorf("en: elements without their words: %s", untranslated)
+	}
+	if got, want := en.text(`document.getElementById("chart-title").textContent`), "Memory and CPU use, last 120 s"; got != want {
+		t.Errorf("en: the chart's title is %q, want %q", got, want)
+	}
 	en.eval(`document.getElementById("wire-toggle").click()`, nil)
 	en.typeAndEnter("over the wire")
 	lines := `[...document.querySelectorAll("#wire-log li")]`
@@ -4081,10 +4193,14 @@ func TestBrowserShowsTheWireAndSpeaksChinese(t *testing.T) {
 			`document.querySelector("[data-t=memFree]").textContent`: "闲置内存",
 			`document.querySelector("[data-t=uptime]").textContent`:  "系统正常运行时间",
 			`document.querySelector("[data-t=user]").textContent`:    "用户名",
+			`document.getElementById("chart-title").textContent`:     "最近 120 秒的内存和 CPU 使用率",
 		} {
 			if got := zh.text(expr); got != want {
 				t.Errorf("zh-%s: %s = %q, want %q", scheme, expr, got, want)
 			}
+		}
+		if zh.eval(jsUntranslated, &untranslated); len(untranslated) > 0 {
+			t.Errorf("zh-%s: elements without their words: %s", scheme, untranslated)
 		}
 		if scheme == "light" {
 			en.typeAndEnter("hello in English")
@@ -4101,6 +4217,157 @@ func TestBrowserShowsTheWireAndSpeaksChinese(t *testing.T) {
 	phone.waitFor("a stats event on the wire", line("down", "sse", `"memory"`))
 	phone.screenshot(dir)
 	t.Logf("screenshots in %s", dir)
+}
+
+// The page counts a message's characters as the server does, in code points
+// (maxlength counts UTF-16 units, two for an emoji): a message of 2000
+// emoji is sent and shown; one of 2001 characters is refused by the page,
+// in words, and stays in the box to be cut. A name likewise.
+func TestBrowserCountsCharactersAsTheServerDoes(t *testing.T) {
+	b := startBrowser(t)
+	url, _, _ := startRun(t)
+	p := b.newPage(t, "emoji", url+"/")
+	p.waitFor("chat connected", jsConnected)
+
+	longest := strings.Repeat("🙂", maxTextChars)
+	p.typeAndEnter(longest)
+	p.waitFor("2000 emoji sent and shown", jsShowsMessage(longest))
+	p.typeAndEnter(longest + "!")
+	p.waitFor("the page's refusal", jsNotice("That message has 2001 characters; at most 2000 are allowed."))
+	if got := p.text(`document.getElementById("text").value`); got != longest+"!" {
+		t.Errorf("after the refusal the box holds %d characters, want the 2001 typed", utf8.RuneCountInString(got))
+	}
+
+	name := strings.Repeat("🦊", maxNameChars)
+	p.eval(`document.getElementById("name").select()`, nil)
+	p.call("Input.insertText", map[string]any{"text": name}, nil)
+	p.eval(`document.getElementById("name-form").requestSubmit()`, nil)
+	p.waitFor("renamed to 32 emoji", `chat.me.name === `+jsString(name))
+	p.eval(`document.getElementById("name").select()`, nil)
+	p.call("Input.insertText", map[string]any{"text": name + "🦊"}, nil)
+	p.eval(`document.getElementById("name-form").requestSubmit()`, nil)
+	p.waitFor("the page's refusal of a long name", jsNotice("A name has at most 32 characters."))
+}
+
+// Both logs, the messages and the wire, keep their newest line in view as
+// lines arrive, unless the reader has scrolled up to read older ones.
+func TestBrowserLogsKeepTheNewestInViewUnlessScrolledUp(t *testing.T) {
+	b := startBrowser(t)
+	url, _, _ := startRun(t)
+	p := b.newPage(t, "scroll", url+"/")
+	p.waitFor("chat connected", jsConnected)
+	p.eval(`document.getElementById("wire-toggle").click()`, nil)
+	for box, add := range map[string]string{
+		"messages": `notice("a line")`,
+		"wire-log": `wire("ws", "↓", "test", "a line")`,
+	} {
+		atBottom := `(b => b.scrollHeight - b.scrollTop - b.clientHeight < 1)(document.getElementById("` + box + `"))`
+		p.eval(`for (let i = 0; i < 100; i++) `+add, nil)
+		if !p.eval2bool(atBottom) {
+			t.Errorf("#%s: after 100 lines the newest is not in view", box)
+		}
+		p.eval(`document.getElementById("`+box+`").scrollTop = 0; `+add, nil)
+		if top := p.count(`document.getElementById("` + box + `").scrollTop`); top != 0 {
+			t.Errorf("#%s: scrolled to the top, a new line moved it to %d px", box, top)
+		}
+		p.eval(`document.getElementById("`+box+`").scrollTop = 1e9; `+add, nil)
+		if !p.eval2bool(atBottom) {
+			t.Errorf("#%s: back at the bottom, a new line is not in view", box)
+		}
+	}
+}
+
+// A figure the server leaves out of a snapshot (on platforms other than
+// Linux it cannot measure CPU use, uptime or load) shows as "–", not as
+// 0 or NaN, and the chart draws on.
+func TestBrowserShowsADashForAnAbsentFigure(t *testing.T) {
+	b := startBrowser(t)
+	url, _, _ := startRun(t)
+	p := b.newPage(t, "absent", url+"/")
+	p.waitFor("stats shown", `points.length > 0`)
+
+	resp, err := http.Get(url + "/stats")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var s map[string]any
+	err = json.NewDecoder(resp.Body).Decode(&s)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, cpu := s["host"].(map[string]any), s["cpu"].(map[string]any)
+	delete(cpu, "usedPercent")
+	delete(host, "uptimeSeconds")
+	delete(host, "load")
+	snapshot, _ := json.Marshal(s)
+	var shown map[string]string // read in the same task as showStats, before the next event
+	p.eval(`(() => { showStats(`+string(snapshot)+`);
+		return Object.fromEntries(["s-cpu", "s-uptime", "s-load"].map(id => [id, document.getElementById(id).textContent])); })()`, &shown)
+	if got := shown["s-cpu"]; !strings.HasPrefix(got, "– of ") {
+		t.Errorf("CPU shows %q for an absent usedPercent, want \"– of N cores…\"", got)
+	}
+	for _, id := range []string{"s-uptime", "s-load"} {
+		if got := shown[id]; got != "–" {
+			t.Errorf("#%s shows %q for an absent figure, want \"–\"", id, got)
+		}
+	}
+}
+
+// axe-core finds nothing to report on the page (WCAG 2 A and AA, and its
+// best practices) in English and Chinese, light and dark, at a desktop's and
+// a phone's width, with messages of both sides, a notice and an error shown
+// and the wire panel open. POLLFREE_AXE names axe.min.js; .ci/run installs it.
+func TestBrowserPageIsAccessible(t *testing.T) {
+	b := startBrowser(t)
+	axe := axeScript(t)
+	url, _, _ := startRun(t)
+	other := b.newPage(t, "other", url+"/")
+	other.waitFor("chat connected", jsConnected)
+	other.typeAndEnter("a message from someone else")
+	for i, c := range []struct{ language, scheme, width string }{
+		{"en", "light", "desktop"}, {"en", "light", "phone"}, {"en", "dark", "desktop"}, {"en", "dark", "phone"},
+		{"zh-CN", "light", "desktop"}, {"zh-CN", "light", "phone"}, {"zh-CN", "dark", "desktop"}, {"zh-CN", "dark", "phone"},
+	} {
+		p := b.newPageWith(t, c.language+"-"+c.scheme+"-"+c.width, url+"/", func(p *browserPage) {
+			// axe loads with the page: evaluated later, its 650 KB could take longer than a call may.
+			p.call("Page.addScriptToEvaluateOnNewDocument", map[string]any{"source": axe}, nil)
+			p.speak(c.language)
+			p.scheme(c.scheme)
+			if c.width == "phone" {
+				p.call("Emulation.setDeviceMetricsOverride", map[string]any{"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}, nil)
+			}
+		})
+		p.waitFor("chat connected", jsConnected)
+		p.waitFor("others' messages", jsShowsMessage("a message from someone else"))
+		p.eval(`document.getElementById("wire-toggle").click()`, nil)
+		p.typeAndEnter("a message of my own")
+		p.waitFor("own message", `document.querySelector("#messages .msg.mine")`)
+		p.typeAndEnter(strings.Repeat("x", maxTextChars+1))
+		p.waitFor("an error notice", `document.querySelector("#messages .notice.error")`)
+		other.eval(`document.getElementById("name").value = "other-`+strconv.Itoa(i)+`"; document.getElementById("name-form").requestSubmit()`, nil)
+		p.waitFor("a notice", `document.querySelector("#messages .notice")`)
+		p.waitFor("stats and the wire", `points.length > 0 && document.querySelector("#wire-log .down")`)
+
+		p.eval(`axe.run({resultTypes: ["violations"]}).then(r => window.axeViolations = r.violations)`, nil)
+		p.waitFor("axe's report", `window.axeViolations`)
+		var violations []struct {
+			ID, Impact, Help string
+			Nodes            []struct {
+				Target         []any
+				FailureSummary string
+			}
+		}
+		p.eval(`axeViolations`, &violations)
+		for _, v := range violations {
+			var where []any
+			for _, n := range v.Nodes {
+				where = append(where, n.Target...)
+			}
+			t.Errorf("%s: %s (%s, %s) at %d places %v: %s", p.name, v.ID, v.Help, v.Impact, len(where), where, v.Nodes[0].FailureSummary)
+		}
+		b.call(t, "", "Target.closeTarget", map[string]any{"targetId": p.target}, nil)
+	}
 }
 
 var soak = flag.Duration("soak", 0, "run TestSoak for this long (e.g. -soak 10m)")
@@ -4880,6 +5147,23 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 // (set by .ci/run) turns "no Chromium here" from a skip into a failure;
 // POLLFREE_SCREENSHOTS=DIR saves every page's screenshot there at the end.
 
+// axeScript returns axe-core's axe.min.js, from the file POLLFREE_AXE names
+// (.ci/run installs it with npm, at the version it pins). Without it the
+// test skips, unless POLLFREE_BROWSER=required.
+func axeScript(t *testing.T) string {
+	t.Helper()
+	name := os.Getenv("POLLFREE_AXE")
+	b, err := os.ReadFile(name)
+	if name == "" || err != nil {
+		why := "no axe-core: npm install --prefix DIR axe-core, then POLLFREE_AXE=DIR/node_modules/axe-core/axe.min.js"
+		if os.Getenv("POLLFREE_BROWSER") == "required" {
+			t.Fatalf("POLLFREE_BROWSER=required but %s (%v)", why, err)
+		}
+		t.Skip(why)
+	}
+	return string(b)
+}
+
 // cdp is one DevTools connection to a browser. Each page is a target attached
 // in "flat" mode: its commands and events carry the page's session id.
 type cdp struct {
@@ -4888,7 +5172,8 @@ type cdp struct {
 
 	mu       sync.Mutex // guards the fields below
 	replies  map[int64]chan cdpIn
-	problems map[string][]string // by session: uncaught exceptions and console errors
+	names    map[string]string   // by session: the page's name
+	problems map[string][]string // by session: uncaught exceptions, console errors, CSP violations
 }
 
 type cdpOut struct {
@@ -4958,9 +5243,19 @@ func startBrowser(t *testing.T) *cdp {
 		t.Fatal(err)
 	}
 	ws.MaxPayloadBytes = 64 << 20 // screenshots
-	b := &cdp{ws: ws, replies: make(map[int64]chan cdpIn), problems: make(map[string][]string)}
+	b := &cdp{ws: ws, replies: make(map[int64]chan cdpIn), names: make(map[string]string), problems: make(map[string][]string)}
 	go b.read()
 	t.Cleanup(func() { ws.Close() })
+	// Whatever a test checks itself, a problem on any of its pages fails it.
+	t.Cleanup(func() {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		for session, problems := range b.problems {
+			for _, problem := range problems {
+				t.Errorf("page %s: %s", b.names[session], problem)
+			}
+		}
+	})
 	return b
 }
 
@@ -5026,6 +5321,9 @@ func (b *cdp) newPageWith(t *testing.T, name, url string, before func(*browserPa
 	var attached struct{ SessionID string }
 	b.call(t, "", "Target.attachToTarget", map[string]any{"targetId": target.TargetID, "flatten": true}, &attached)
 	p := &browserPage{t, b, name, target.TargetID, attached.SessionID}
+	b.mu.Lock()
+	b.names[p.session] = name
+	b.mu.Unlock()
 	for _, domain := range []string{"Runtime.enable", "Page.enable", "Log.enable"} {
 		p.call(domain, nil, nil)
 	}
@@ -5073,6 +5371,21 @@ type browserPage struct {
 	name    string
 	target  string
 	session string
+}
+
+// recordSockets makes the page note every WebSocket it opens, with the
+// subprotocols offered and the resume token it held then, in a list in
+// sessionStorage ("sockets") that outlives a reload.
+func (p *browserPage) recordSockets() {
+	p.call("Page.addScriptToEvaluateOnNewDocument", map[string]any{"source": `
+		window.WebSocket = class extends WebSocket {
+			constructor(url, protocols) {
+				super(url, protocols);
+				const all = JSON.parse(sessionStorage.getItem("sockets") || "[]");
+				all.push({url: this.url, protocols: [].concat(protocols ?? []), token: sessionStorage.getItem("pollfree-resume") || ""});
+				sessionStorage.setItem("sockets", JSON.stringify(all));
+			}
+		};`}, nil)
 }
 
 // speak makes the page's browser prefer language (navigator.languages and
@@ -5184,6 +5497,10 @@ func jsString(s string) string {
 
 // JavaScript conditions on the page, by what a person sees.
 const (
+	// jsUntranslated lists the elements still without their words.
+	jsUntranslated = `[...document.querySelectorAll("[data-t], [data-t-label], [data-t-placeholder]")].filter(el =>
+		el.dataset.t !== undefined && !el.textContent || el.dataset.tLabel !== undefined && !el.getAttribute("aria-label") ||
+		el.dataset.tPlaceholder !== undefined && !el.placeholder).map(el => el.outerHTML)`
 	jsConnected = `document.getElementById("chat-state").classList.contains("ok")`
 	jsMessages  = `[...document.querySelectorAll("#messages .msg")]`
 )

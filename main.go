@@ -25,8 +25,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	_ "embed"
+	"encoding/base64"
 	"errors"
 	"flag"
 	"fmt"
@@ -358,10 +361,28 @@ func waitFor(ctx context.Context, wg *sync.WaitGroup, what string) error {
 	}
 }
 
-// pageCSP allows the page's inline script and style and connections back to
-// this server only; the page loads nothing from anywhere else.
-const pageCSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; " +
-	"connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+// pageCSP is the page's Content-Security-Policy. The page is fixed and
+// embedded, so its one inline script and its one style element are allowed
+// by their SHA-256 hashes, computed once at start: no other script runs and
+// no other style applies (the page has no style attributes; setting
+// element.style from the script is allowed). Connections go back to this
+// server only; the page loads nothing from anywhere else.
+var pageCSP = "default-src 'none'; script-src " + inlineHash(page, "script") + "; style-src " + inlineHash(page, "style") +
+	"; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+
+// inlineHash returns the CSP source that allows the text of the page's one
+// <tag> element (written without attributes): 'sha256-' and the base64 of
+// its SHA-256. A page without exactly one is a mistake in index.html, and
+// pollfree does not start.
+func inlineHash(page []byte, tag string) string {
+	_, text, ok := bytes.Cut(page, []byte("<"+tag+">"))
+	text, _, ok2 := bytes.Cut(text, []byte("</"+tag+">"))
+	if n := bytes.Count(page, []byte("<"+tag)); n != 1 || !ok || !ok2 {
+		panic(fmt.Sprintf("index.html must have one <%s> element, without attributes; it has %d", tag, n))
+	}
+	sum := sha256.Sum256(text)
+	return "'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"
+}
 
 // serveIndex serves GET /: the embedded page.
 func serveIndex(w http.ResponseWriter, r *http.Request) {
