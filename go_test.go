@@ -7,7 +7,7 @@
 //	go test -short ./...                 without the 1000-client, slowloris, storm, container and browser tests (about 20 s)
 //	go test -run '^$' -bench Capacity -benchtime 1x    the capacity figures (server in a process of its own)
 //	go test -run Soak -soak 10m -timeout 15m -v    the soak
-//	go test -run '^$' -fuzz FuzzDecodeFrame -fuzztime 5m
+//	go test -run '^$' -fuzz FuzzFrameReader -fuzztime 5m
 //
 // POLLFREE_BROWSER=required makes a missing Chromium (or axe-core) a failure
 // rather than a skip (CI sets it); POLLFREE_AXE=FILE names axe-core's
