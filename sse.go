@@ -238,47 +238,16 @@ func (b *broadcaster) publish(data []byte) bool {
 	return true
 }
 
-// eventStreamHeader answers GET /events over HTTP/1.1, written by hand once
-// the connection has left net/http. The stream ends with the connection.
-const eventStreamHeader = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n" +
-	"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n"
-
 // retryLine is the stream's first line: how long a browser waits before reconnecting.
 var retryLine = "retry: " + strconv.FormatInt(sseRetry.Milliseconds(), 10) + "\n\n"
 
-// serveEvents serves GET /events: the stats stream. Over HTTP/1.1 it takes
-// the connection from net/http and serves it from a goroutine of its own,
-// then returns; over HTTP/2 it serves the stream itself.
+// serveEvents serves GET /events: the stats stream, through net/http. Over
+// HTTP/1.1 the stream leaves net/http instead (serveHijacked, below).
 func (b *broadcaster) serveEvents(w http.ResponseWriter, r *http.Request) {
-	if r.ProtoMajor >= 2 {
-		b.serveHTTP2(w, r)
+	if r.ProtoMajor == 1 {
+		b.serveHijacked(w)
 		return
 	}
-	conn, _, err := http.NewResponseController(w).Hijack()
-	if err != nil {
-		http.Error(w, "cannot stream: "+err.Error(), http.StatusInternalServerError)
-		return
-	}
-	out := &wire{conn: conn, wait: b.writeTimeout}
-	sub := b.subscribe(out)
-	if sub == nil { // shutdown has begun, or maxStreams are open
-		out.stopBy(time.Now().Add(closeGrace))
-		out.Write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"))
-		conn.Close()
-		return
-	}
-	go func() {
-		defer recoverTo(b.log, "event stream", nil) // the calls below end this stream alone
-		defer conn.Close()
-		defer b.unsubscribe(sub, out)
-		b.log.Debug("stream opened", "remote", conn.RemoteAddr())
-		err := b.stream(out, sub, eventStreamHeader+retryLine, nil)
-		b.log.Debug("stream closed", "remote", conn.RemoteAddr(), "err", err)
-	}()
-}
-
-// serveHTTP2 serves an event stream over HTTP/2, through net/http.
-func (b *broadcaster) serveHTTP2(w http.ResponseWriter, r *http.Request) {
 	out := &wire{conn: flushingResponse{w, http.NewResponseController(w)}, wait: b.writeTimeout}
 	sub := b.subscribe(out)
 	if sub == nil {
@@ -367,6 +336,44 @@ func (b *broadcaster) serveStats(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	http.Error(w, "no stats: server shutting down", http.StatusServiceUnavailable)
+}
+
+// ------------------------------------------------ the HTTP/1.1 hijack path --
+//
+// Why this exists: memory. Served through net/http, a stream keeps the
+// request's buffers, its background reader and a deep handler stack for its
+// whole life, 27 KB a subscriber; taken out of net/http once its request is
+// read, 8 KB. A first reading may skip it: serveEvents shows the idea.
+
+// eventStreamHeader answers GET /events over HTTP/1.1, written by hand once
+// the connection has left net/http. The stream ends with the connection.
+const eventStreamHeader = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n" +
+	"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n"
+
+// serveHijacked takes the connection from net/http, answers with
+// eventStreamHeader, and streams from a goroutine of its own, then returns.
+func (b *broadcaster) serveHijacked(w http.ResponseWriter) {
+	conn, _, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		http.Error(w, "cannot stream: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
+	out := &wire{conn: conn, wait: b.writeTimeout}
+	sub := b.subscribe(out)
+	if sub == nil { // shutdown has begun, or maxStreams are open
+		out.stopBy(time.Now().Add(closeGrace))
+		out.Write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"))
+		conn.Close()
+		return
+	}
+	go func() {
+		defer recoverTo(b.log, "event stream", nil) // the calls below end this stream alone
+		defer conn.Close()
+		defer b.unsubscribe(sub, out)
+		b.log.Debug("stream opened", "remote", conn.RemoteAddr())
+		err := b.stream(out, sub, eventStreamHeader+retryLine, nil)
+		b.log.Debug("stream closed", "remote", conn.RemoteAddr(), "err", err)
+	}()
 }
 
 // ------------------------------------------------------------- snapshot --
