@@ -1721,10 +1721,9 @@ func TestChatWriteBlockedPastWriteWaitDropsTheClient(t *testing.T) {
 // receive buffer so that the server's writes to it back up quickly.
 func dialStuck(t testing.TB, url string, name string) {
 	t.Helper()
-	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
-	}}
-	dialRawWith(t, small, url, "?name="+name)
+	if _, _, err := handshake(dialTCP(t, url, 2048), "?name="+name); err != nil {
+		t.Fatalf("handshake: %v", err)
+	}
 }
 
 // sendUntilDropped sends long messages one at a time, each once watcher has
@@ -1860,14 +1859,7 @@ func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
 	_, url := serveTest(t, s)
 	_, br := openEvents(t, url)
 	readEvent(t, br)
-	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
-	}}
-	stuck, err := small.Dial("tcp", hostport(url))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer stuck.Close()
+	stuck := dialTCP(t, url, 2048)
 	io.WriteString(stuck, "GET /events HTTP/1.1\r\nHost: x\r\n\r\n") // and never reads
 	eventually(t, wait, "two subscribers", func() bool { return subscribers(s.stats) == 2 })
 	for subscribers(s.stats) == 2 { // the reader keeps up meanwhile
@@ -3698,21 +3690,44 @@ type rawConn struct {
 // given extra header lines; it returns the response's status code.
 func dialRaw(t testing.TB, url string, query string, header ...string) (*rawConn, int) {
 	t.Helper()
-	return dialRawWith(t, &net.Dialer{}, url, query, header...)
+	rc, status, err := handshake(dialTCP(t, url, 0), query, header...)
+	if err != nil {
+		t.Fatalf("handshake: %v", err)
+	}
+	return rc, status
 }
 
-func dialRawWith(t testing.TB, d *net.Dialer, url string, query string, header ...string) (*rawConn, int) {
+// dialTCP opens a TCP connection to the server at url, closed at the end of
+// the test. A receiveBuffer above 0 shrinks the socket's receive buffer to
+// about that many bytes before it connects, so that the window it offers
+// stays that small and the server's writes to a client that never reads
+// back up quickly. (Shrunk once connected, with SetReadBuffer, the buffer
+// still takes megabytes more first: the window offered at the handshake
+// stands.)
+func dialTCP(t testing.TB, url string, receiveBuffer int) net.Conn {
 	t.Helper()
+	var d net.Dialer
+	if receiveBuffer > 0 {
+		d.Control = func(_, _ string, c syscall.RawConn) error {
+			var err error
+			c.Control(func(fd uintptr) { err = setReceiveBuffer(syscall.SetsockoptInt, fd, receiveBuffer) })
+			return err
+		}
+	}
 	conn, err := d.Dial("tcp", hostport(url))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	rc, status, err := handshake(conn, query, header...)
-	if err != nil {
-		t.Fatalf("handshake: %v", err)
-	}
-	return rc, status
+	return conn
+}
+
+// setReceiveBuffer sets a socket's SO_RCVBUF with setsockopt, which is
+// syscall.SetsockoptInt: its socket is an int on Unix and a Handle (a
+// uintptr) on Windows, and taking the function as a value of either type
+// keeps this file building everywhere.
+func setReceiveBuffer[socket ~int | ~uintptr](setsockopt func(socket, int, int, int) error, fd uintptr, size int) error {
+	return setsockopt(socket(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, size)
 }
 
 // handshake opens a WebSocket by hand on conn: GET /ws with query and the
