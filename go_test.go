@@ -441,16 +441,13 @@ func benchPollOrPush(b *testing.B, n int, push bool) {
 			}
 			defer conn.Close()
 			context.AfterFunc(ctx, func() { conn.Close() })
-			br := bufio.NewReader(conn)
 			if push {
-				io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
-				resp, err := http.ReadResponse(br, nil)
+				_, body, err := requestEvents(conn)
 				ready <- struct{}{}
 				if err != nil {
 					b.Error(err)
 					return
 				}
-				body := bufio.NewReader(resp.Body)
 				<-start
 				for {
 					line, err := body.ReadBytes('\n')
@@ -464,6 +461,7 @@ func benchPollOrPush(b *testing.B, n int, push bool) {
 			}
 			ready <- struct{}{}
 			<-start
+			br := bufio.NewReader(conn)
 			time.Sleep(mrand.N(time.Second)) // pages poll out of step
 			tick := time.NewTicker(time.Second)
 			defer tick.Stop()
@@ -1859,8 +1857,9 @@ func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
 	_, url := serveTest(t, s)
 	_, br := openEvents(t, url)
 	readEvent(t, br)
-	stuck := dialTCP(t, url, 2048)
-	io.WriteString(stuck, "GET /events HTTP/1.1\r\nHost: x\r\n\r\n") // and never reads
+	if _, _, err := requestEvents(dialTCP(t, url, 2048)); err != nil { // and never reads on
+		t.Fatal(err)
+	}
 	eventually(t, wait, "two subscribers", func() bool { return subscribers(s.stats) == 2 })
 	for subscribers(s.stats) == 2 { // the reader keeps up meanwhile
 		readEvent(t, br)
@@ -1962,15 +1961,14 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	}
 	ended := make(chan error, streams)
 	for range streams {
-		conn, err := net.Dial("tcp", hostport(url))
+		conn := dialTCP(t, url, 0)
+		resp, _, err := requestEvents(conn)
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { conn.Close() })
-		io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
 		go func() {
 			conn.SetReadDeadline(time.Now().Add(4 * shutdownTimeout))
-			_, err := io.Copy(io.Discard, conn)
+			_, err := io.Copy(io.Discard, resp.Body)
 			ended <- err
 		}()
 	}
@@ -2440,14 +2438,12 @@ func benchSSE(b *testing.B, n int) {
 		defer conn.Close()
 		wg.Go(func() {
 			t0 := time.Now()
-			io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
-			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			_, br, err := requestEvents(conn)
 			<-sem
 			if err != nil {
 				b.Errorf("subscriber %d: %v", i, err)
 				return
 			}
-			br := bufio.NewReader(resp.Body)
 			if _, _, err := nextEvent(br); err != nil {
 				b.Errorf("subscriber %d: no first event: %v", i, err)
 				return
@@ -2535,14 +2531,12 @@ func BenchmarkCapacityBoth(b *testing.B) {
 				b.Fatal(err)
 			}
 			subConns = append(subConns, conn)
-			io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
 			subs.Go(func() {
-				resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+				_, br, err := requestEvents(conn)
 				if err != nil {
 					b.Errorf("subscriber %d: %v", i, err)
 					return
 				}
-				br := bufio.NewReader(resp.Body)
 				conn.SetReadDeadline(time.Now().Add(4 * seconds * time.Second)) // a backstop: the run closes it
 				// ticks starts at -1: the first event comes at once, not on a tick.
 				for ticks[i] = -1; ; ticks[i]++ {
@@ -3874,15 +3868,36 @@ func nextEvent(br *bufio.Reader) (id string, data []byte, err error) {
 	}
 }
 
+// openEvents opens the event stream for a test, with requestEvents on a
+// connection of its own, closed at the end of the test.
 func openEvents(t *testing.T, url string) (*http.Response, *bufio.Reader) {
 	t.Helper()
-	req, _ := http.NewRequestWithContext(t.Context(), "GET", url+"/events", nil)
-	resp, err := http.DefaultClient.Do(req)
+	resp, br, err := requestEvents(dialTCP(t, url, 0))
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("GET /events: %v", err)
 	}
-	t.Cleanup(func() { resp.Body.Close() })
-	return resp, bufio.NewReader(resp.Body)
+	return resp, br
+}
+
+// requestEvents opens the event stream on conn, as an EventSource does over
+// HTTP/1.1: it sends GET /events and reads the answer's header with
+// net/http. The response's body is the stream, and the returned reader reads
+// it, for nextEvent; closing the body hangs up. It fails no test, so a
+// goroutine may call it, and conn may be any connection: one with a small
+// receive buffer, one that counts its bytes, one of thousands.
+func requestEvents(conn net.Conn) (*http.Response, *bufio.Reader, error) {
+	if _, err := io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+conn.RemoteAddr().String()+"\r\n\r\n"); err != nil {
+		return nil, nil, err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	resp.Body = struct {
+		io.Reader
+		io.Closer
+	}{resp.Body, conn}
+	return resp, bufio.NewReader(resp.Body), nil
 }
 
 // raiseFileLimit lifts the open-file limit to its hard maximum, for tests
