@@ -950,8 +950,13 @@ func TestOneLiveConnectionPerSession(t *testing.T) {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	for range 5 {
-		wg.Go(func() {
-			c, code := dialRaw(t, url, "?resume="+welcome.Resume)
+		conn := dialTCP(t, url, 0)
+		wg.Go(func() { // the resumes race each other
+			c, code, err := handshake(conn, "?resume="+welcome.Resume)
+			if err != nil {
+				t.Errorf("resume handshake: %v", err)
+				return
+			}
 			if code != 101 {
 				t.Errorf("resume handshake = %d", code)
 				return
@@ -1115,7 +1120,11 @@ func TestOneSamplerServesEverySubscriber(t *testing.T) {
 		_, br := openEvents(t, url)
 		wg.Go(func() {
 			for range events {
-				id, data := readEvent(t, br)
+				id, data, err := nextEvent(br)
+				if err != nil {
+					t.Errorf("subscriber %d: reading event: %v", i, err)
+					return
+				}
 				got[i] = append(got[i], seen{id, data})
 			}
 		})
@@ -3681,7 +3690,9 @@ type rawConn struct {
 }
 
 // dialRaw opens a TCP connection and sends a WebSocket handshake with the
-// given extra header lines; it returns the response's status code.
+// given extra header lines; it returns the response's status code. Like
+// every helper that fails the test, it runs on the test's goroutine; another
+// goroutine calls handshake, on a connection from dialTCP.
 func dialRaw(t testing.TB, url string, query string, header ...string) (*rawConn, int) {
 	t.Helper()
 	rc, status, err := handshake(dialTCP(t, url, 0), query, header...)
@@ -3838,7 +3849,8 @@ func (c *rawConn) readText(t *testing.T) frame {
 	}
 }
 
-// readEvent reads one SSE event for a test, failing it on an error.
+// readEvent reads one SSE event for a test, failing it on an error. A
+// goroutine other than the test's calls nextEvent instead.
 func readEvent(t *testing.T, br *bufio.Reader) (id string, data []byte) {
 	t.Helper()
 	id, data, err := nextEvent(br)
