@@ -970,25 +970,19 @@ func TestOneLiveConnectionPerSession(t *testing.T) {
 	_ = w
 	live := 0
 	for _, c := range append(seen, first) {
-		for {
-			op, p, err := c.readFrameWithin(time.Second)
-			if err != nil { // no close frame: still open
-				live++
-				break
+		code, texts, err := c.readCloseWithin(time.Second)
+		for _, p := range texts {
+			var f frame
+			json.Unmarshal(p, &f)
+			if f.Type == "welcome" && (!f.Resumed && c != first || f.You.ID != welcome.You.ID) {
+				t.Errorf("a resume got welcome %s, want the same session", p)
 			}
-			if op == websocket.CloseFrame {
-				if code := binary.BigEndian.Uint16(p); code != closeReplaced {
-					t.Errorf("a replaced connection closed with %d, want %d", code, closeReplaced)
-				}
-				break
-			}
-			if op == websocket.TextFrame {
-				var f frame
-				json.Unmarshal(p, &f)
-				if f.Type == "welcome" && (!f.Resumed && c != first || f.You.ID != welcome.You.ID) {
-					t.Errorf("a resume got welcome %s, want the same session", p)
-				}
-			}
+		}
+		switch {
+		case err != nil: // no close frame: still open
+			live++
+		case code != closeReplaced:
+			t.Errorf("a replaced connection closed with %d, want %d", code, closeReplaced)
 		}
 	}
 	if live != 1 || s.chat.online() != 1 {
@@ -1546,17 +1540,8 @@ func TestPersistentFloodingIsClosedSteadyClientIsNot(t *testing.T) {
 
 	closed := make(chan int, 1)
 	go func() {
-		for {
-			op, p, err := flooder.readFrameWithin(floodWindow + wait)
-			if err != nil {
-				closed <- 0
-				return
-			}
-			if op == websocket.CloseFrame && len(p) >= 2 {
-				closed <- int(binary.BigEndian.Uint16(p))
-				return
-			}
-		}
+		code, _, _ := flooder.readCloseWithin(floodWindow + wait) // 0 if none
+		closed <- code
 	}()
 	start := time.Now()
 	flood := time.NewTicker(10 * time.Millisecond) // 100 frames a second
@@ -1954,18 +1939,11 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 			t.Fatalf("handshake = %d", status)
 		}
 		go func() { // read until the close frame, answer it as a browser would
-			for {
-				op, p, err := raw.readFrameWithin(2 * shutdownTimeout)
-				if err != nil {
-					codes <- 0
-					return
-				}
-				if op == websocket.CloseFrame && len(p) >= 2 {
-					raw.writeFrame(websocket.CloseFrame, p[:2])
-					codes <- int(binary.BigEndian.Uint16(p))
-					return
-				}
+			code, _, err := raw.readCloseWithin(2 * shutdownTimeout)
+			if err == nil {
+				raw.writeFrame(websocket.CloseFrame, binary.BigEndian.AppendUint16(nil, uint16(code)))
 			}
+			codes <- code
 		}()
 	}
 	ended := make(chan error, streams)
@@ -2029,17 +2007,8 @@ func TestSIGTERMWithAStuckClientExitsInTime(t *testing.T) {
 	other, _ := dialRaw(t, url, "")
 	closeCode := make(chan int, 1)
 	go func() { // reads all the time, as a browser does
-		for {
-			op, p, err := other.readFrameWithin(2 * shutdownTimeout)
-			if err != nil {
-				closeCode <- 0
-				return
-			}
-			if op == websocket.CloseFrame && len(p) >= 2 {
-				closeCode <- int(binary.BigEndian.Uint16(p))
-				return
-			}
-		}
+		code, _, _ := other.readCloseWithin(2 * shutdownTimeout) // 0 if none
+		closeCode <- code
 	}()
 	dialStuck(t, url, "stuck")
 	sendUntilDropped(t, url, watcher, "stuck", func(frame, string) {})
@@ -3807,22 +3776,38 @@ func (c *rawConn) readFrameWithin(d time.Duration) (byte, []byte, error) {
 // the text frames before it are returned too.
 func (c *rawConn) readClose(t *testing.T) (code int, before []frame) {
 	t.Helper()
+	code, texts, err := c.readCloseWithin(wait)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range texts {
+		var f frame
+		json.Unmarshal(p, &f)
+		f.raw = p
+		before = append(before, f)
+	}
+	return code, before
+}
+
+// readCloseWithin reads frames, each within d, until a close frame, and
+// returns its status code and the payloads of the text frames before it.
+// Without a close frame (the connection ended, or d passed) it returns code
+// 0 and an error. It fails no test, so a goroutine reading a connection to
+// its end calls it.
+func (c *rawConn) readCloseWithin(d time.Duration) (code int, texts [][]byte, err error) {
 	for {
-		op, p, err := c.readFrame()
+		op, p, err := c.readFrameWithin(d)
 		if err != nil {
-			t.Fatalf("no close frame: %v", err)
+			return 0, texts, fmt.Errorf("no close frame: %w", err)
 		}
 		switch op {
 		case websocket.CloseFrame:
 			if len(p) < 2 {
-				t.Fatalf("close frame without a status code: %x", p)
+				return 0, texts, fmt.Errorf("close frame without a status code: %x", p)
 			}
-			return int(binary.BigEndian.Uint16(p)), before
+			return int(binary.BigEndian.Uint16(p)), texts, nil
 		case websocket.TextFrame:
-			var f frame
-			json.Unmarshal(p, &f)
-			f.raw = p
-			before = append(before, f)
+			texts = append(texts, p)
 		}
 	}
 }
