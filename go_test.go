@@ -169,19 +169,14 @@ func TestDrainAnswers503WhileStillServing(t *testing.T) {
 	t.Parallel()
 	url, cancel, done := startRun(t, "-drain", "1s")
 	cancel()
-	for start := time.Now(); ; {
+	eventually(t, wait, "/healthz 503 after SIGTERM", func() bool {
 		resp, err := http.Get(url + "/healthz")
 		if err != nil {
 			t.Fatalf("during the drain, /healthz: %v", err)
 		}
 		resp.Body.Close()
-		if resp.StatusCode == http.StatusServiceUnavailable {
-			break
-		}
-		if time.Since(start) > wait {
-			t.Fatalf("/healthz still %d after SIGTERM", resp.StatusCode)
-		}
-	}
+		return resp.StatusCode == http.StatusServiceUnavailable
+	})
 	resp, err := http.Get(url + "/")
 	if err != nil || resp.StatusCode != 200 {
 		t.Fatalf("during the drain, GET / = %v %v, want 200", resp, err)
@@ -1855,8 +1850,27 @@ func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, wait, "two subscribers", func() bool { return subscribers(s.stats) == 2 })
-	for subscribers(s.stats) == 2 { // the reader keeps up meanwhile
-		readEvent(t, br)
+	// The reader keeps up meanwhile, at full speed, from a goroutine of its own.
+	stop, read := make(chan struct{}), make(chan error, 1)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				read <- nil
+				return
+			default:
+			}
+			if _, _, err := nextEvent(br); err != nil {
+				read <- err
+				return
+			}
+		}
+	}()
+	// The server's send buffer, autotuned to megabytes, fills first, a tick at a time.
+	eventually(t, 6*wait, "the stuck stream ended", func() bool { return subscribers(s.stats) != 2 })
+	close(stop)
+	if err := <-read; err != nil {
+		t.Fatalf("reading event: %v", err)
 	}
 	if n := subscribers(s.stats); n != 1 {
 		t.Fatalf("%d subscribers after the stuck stream ended, want 1", n)
@@ -2866,36 +2880,22 @@ func BenchmarkStaticBinary(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
 	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
 	var total time.Duration
 	for b.Loop() {
 		start := time.Now()
-		cmd := exec.Command(bin, "-addr", addr)
-		if err := cmd.Start(); err != nil {
-			b.Fatal(err)
+		// pollfree logs its URL once it listens: that is the signal to ask.
+		url, stop := startProcess(b, exec.Command(bin, "-addr", "127.0.0.1:0"))
+		resp, err := client.Get(url + "/healthz")
+		if err != nil {
+			b.Fatalf("GET /healthz once the URL was logged: %v", err)
 		}
-		for {
-			resp, err := client.Get("http://" + addr + "/healthz")
-			if err == nil {
-				resp.Body.Close()
-				if resp.StatusCode == 200 {
-					break
-				}
-			}
-			if time.Since(start) > wait {
-				b.Fatal("no /healthz 200 within", wait)
-			}
-			time.Sleep(200 * time.Microsecond)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			b.Fatalf("GET /healthz once the URL was logged = %d, want 200", resp.StatusCode)
 		}
 		total += time.Since(start)
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
+		stop()
 	}
 	b.ReportMetric(float64(fi.Size())/1e6, "MB-binary")
 	b.ReportMetric(total.Seconds()*1000/float64(b.N), "ms-to-ready")
@@ -4204,21 +4204,15 @@ func (p *browserPage) text(expr string) string {
 	return s
 }
 
-// waitFor polls a JavaScript condition until it is true, for up to 10 s. A
-// condition that throws (the page is still loading) is not true yet.
+// waitFor polls a JavaScript condition, with eventually, until it is true,
+// for up to 10 s. A condition that throws (the page is still loading) is not
+// true yet.
 func (p *browserPage) waitFor(what, cond string) {
 	p.t.Helper()
-	deadline := time.Now().Add(2 * wait)
-	for {
+	eventually(p.t, 2*wait, p.name+": "+what, func() bool {
 		var ok bool
-		if p.try("!!("+cond+")", &ok) == "" && ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			p.t.Fatalf("%s: %s: not within %v", p.name, what, 2*wait)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return p.try("!!("+cond+")", &ok) == "" && ok
+	})
 }
 
 // typeAndEnter types text into the message box and presses Enter, as a person would.
