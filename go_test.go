@@ -2058,24 +2058,62 @@ func TestWireStopByOnlyTightens(t *testing.T) {
 	}
 }
 
+// Every goroutine the server starts for a connection ends with it: with ten
+// chat clients and an event stream open, the test finds each of the
+// functions below running in goroutines started since it began; once the
+// clients have closed, in none. (Not parallel: another test's connections
+// would count as this one's.)
 func TestNoGoroutineOutlivesItsConnection(t *testing.T) {
+	// The server's functions that run for a connection, as a goroutine's
+	// stack names them (after the package, which is "pollfree" in the test
+	// binary): keep these in step with chat.go and sse.go.
+	perConnection := []string{
+		"(*hub).serve",          // a chat client's reader
+		"(*client).write",       // its writer
+		"(*broadcaster).stream", // an event stream
+	}
 	_, url := newTestServer(t)
-	before := runtime.NumGoroutine()
+	before := goroutines() // earlier tests' goroutines, some perhaps still ending
+	serving := func(name string) (stacks []string) {
+		for id, stack := range goroutines() {
+			if _, old := before[id]; !old && strings.Contains(stack, "."+name+"(") {
+				stacks = append(stacks, stack)
+			}
+		}
+		return stacks
+	}
+
+	var clients []*chatClient
 	for range 10 {
 		c, _ := dial(t, url, "")
 		c.say("hi")
 		c.await("message")
+		clients = append(clients, c)
+	}
+	resp, br := openEvents(t, url)
+	readEvent(t, br)
+	for _, name := range perConnection {
+		if len(serving(name)) == 0 {
+			t.Fatalf("no goroutine runs %s while 10 chat clients and a stream are open; renamed? (see perConnection)", name)
+		}
+	}
+
+	for _, c := range clients {
 		c.ws.Close()
 	}
-	resp, err := http.Get(url + "/events")
-	if err != nil {
-		t.Fatal(err)
-	}
-	bufio.NewReader(resp.Body).ReadString('\n')
 	resp.Body.Close()
-	http.DefaultClient.CloseIdleConnections()
-	eventually(t, wait, "goroutines back to where they were", func() bool {
-		return runtime.NumGoroutine() <= before
+	var left []string
+	defer func() {
+		for _, stack := range left {
+			t.Logf("still running after its connection closed:\n%s", stack)
+		}
+	}()
+	eventually(t, wait, "no goroutine left serving a closed connection", func() bool {
+		left = nil
+		for _, name := range perConnection {
+			left = append(left, serving(name)...)
+		}
+		return len(left) == 0
 	})
 }
 
@@ -3499,6 +3537,27 @@ func checkServes(t *testing.T, url string) {
 	if _, data := readEvent(t, br); !json.Valid(data) {
 		t.Errorf("event data is not JSON: %s", data)
 	}
+}
+
+// goroutines returns the stack of every goroutine, by goroutine id (ids are
+// never reused), as a panic prints them: a frame's line is its function's
+// name, then its arguments in parentheses.
+func goroutines() map[string]string {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	stacks := make(map[string]string)
+	for _, stack := range strings.Split(string(buf), "\n\n") {
+		id, _, _ := strings.Cut(strings.TrimPrefix(stack, "goroutine "), " ")
+		stacks[id] = stack
+	}
+	return stacks
 }
 
 // eventually polls cond until it holds, failing the test if within passes
