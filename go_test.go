@@ -25,7 +25,9 @@
 //	resuming a session             TestResumeAfterABlipKeepsIdentityAndMissedMessages, TestResumeCountsMissedAndExpires, TestOneLiveConnectionPerSession
 //	the event stream               Example_formatEvent, TestEventsStreamHeadersAndFirstEventAtOnce, TestOneSamplerServesEverySubscriber
 //	/proc and cgroups              TestProcHostWithoutMemoryLimit, TestProcCgroupV2ContainerShowsItsLimit, TestRealCgroupLimitIsShown
+//	the CPU figure, sampler runs   TestSamplerRunsShareHostInfoAndCPUBaseline
 //	each row of the limits table   the test the README's table names, in the limits section below
+//	goroutines of a connection     TestNoGoroutineOutlivesItsConnection (it names the server's per-connection functions)
 //	a scratch container, TLS       TestStaticBinaryRunsAloneLikeScratch, TestTLSServesHTTP2StreamsAndWebSocket
 //	the page in a browser          TestBrowserTwoPeopleChatAndWatchStats, TestBrowserShowsTheWireAndSpeaksChinese
 
