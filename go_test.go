@@ -27,7 +27,9 @@
 //	resuming a session             TestResumeAfterABlipKeepsIdentityAndMissedMessages, TestResumeCountsMissedAndExpires, TestOneLiveConnectionPerSession
 //	the event stream               Example_formatEvent, TestEventsStreamHeadersAndFirstEventAtOnce, TestOneSamplerServesEverySubscriber
 //	/proc and cgroups              TestProcHostWithoutMemoryLimit, TestProcCgroupV2ContainerShowsItsLimit, TestRealCgroupLimitIsShown
+//	the CPU figure, sampler runs   TestSamplerRunsShareHostInfoAndCPUBaseline
 //	each row of the limits table   the test the README's table names, in the limits section below
+//	goroutines of a connection     TestNoGoroutineOutlivesItsConnection (it names the server's per-connection functions)
 //	a scratch container, TLS       TestStaticBinaryRunsAloneLikeScratch, TestTLSServesHTTP2StreamsAndWebSocket
 //	the page in a browser          TestBrowserTwoPeopleChatAndWatchStats, TestBrowserShowsTheWireAndSpeaksChinese, TestBrowserPageIsAccessible
 //	the page's details             TestBrowserCountsCharactersAsTheServerDoes, TestBrowserLogsKeepTheNewestInViewUnlessScrolledUp, TestBrowserShowsADashForAnAbsentFigure, TestPageWordsAndNumbersHaveOneSource
@@ -169,19 +171,14 @@ func TestDrainAnswers503WhileStillServing(t *testing.T) {
 	t.Parallel()
 	url, cancel, done := startRun(t, "-drain", "1s")
 	cancel()
-	for start := time.Now(); ; {
+	eventually(t, wait, "/healthz 503 after SIGTERM", func() bool {
 		resp, err := http.Get(url + "/healthz")
 		if err != nil {
 			t.Fatalf("during the drain, /healthz: %v", err)
 		}
 		resp.Body.Close()
-		if resp.StatusCode == http.StatusServiceUnavailable {
-			break
-		}
-		if time.Since(start) > wait {
-			t.Fatalf("/healthz still %d after SIGTERM", resp.StatusCode)
-		}
-	}
+		return resp.StatusCode == http.StatusServiceUnavailable
+	})
 	resp, err := http.Get(url + "/")
 	if err != nil || resp.StatusCode != 200 {
 		t.Fatalf("during the drain, GET / = %v %v, want 200", resp, err)
@@ -556,16 +553,13 @@ func benchPollOrPush(b *testing.B, n int, push bool) {
 			}
 			defer conn.Close()
 			context.AfterFunc(ctx, func() { conn.Close() })
-			br := bufio.NewReader(conn)
 			if push {
-				io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
-				resp, err := http.ReadResponse(br, nil)
+				_, body, err := requestEvents(conn)
 				ready <- struct{}{}
 				if err != nil {
 					b.Error(err)
 					return
 				}
-				body := bufio.NewReader(resp.Body)
 				<-start
 				for {
 					line, err := body.ReadBytes('\n')
@@ -579,6 +573,7 @@ func benchPollOrPush(b *testing.B, n int, push bool) {
 			}
 			ready <- struct{}{}
 			<-start
+			br := bufio.NewReader(conn)
 			time.Sleep(mrand.N(time.Second)) // pages poll out of step
 			tick := time.NewTicker(time.Second)
 			defer tick.Stop()
@@ -1067,8 +1062,13 @@ func TestOneLiveConnectionPerSession(t *testing.T) {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	for range 5 {
-		wg.Go(func() {
-			c, code := dialRaw(t, url, "", "Sec-WebSocket-Protocol: pollfree, resume."+welcome.Resume)
+		conn := dialTCP(t, url, 0)
+		wg.Go(func() { // the resumes race each other
+			c, code, err := handshake(conn, "", "Sec-WebSocket-Protocol: pollfree, resume."+welcome.Resume)
+			if err != nil {
+				t.Errorf("resume handshake: %v", err)
+				return
+			}
 			if code != 101 {
 				t.Errorf("resume handshake = %d", code)
 				return
@@ -1082,25 +1082,19 @@ func TestOneLiveConnectionPerSession(t *testing.T) {
 	_ = w
 	live := 0
 	for _, c := range append(seen, first) {
-		for {
-			op, p, err := c.readFrameWithin(time.Second)
-			if err != nil { // no close frame: still open
-				live++
-				break
+		code, texts, err := c.readCloseWithin(time.Second)
+		for _, p := range texts {
+			var f frame
+			json.Unmarshal(p, &f)
+			if f.Type == "welcome" && (!f.Resumed && c != first || f.You.ID != welcome.You.ID) {
+				t.Errorf("a resume got welcome %s, want the same session", p)
 			}
-			if op == websocket.CloseFrame {
-				if code := binary.BigEndian.Uint16(p); code != closeReplaced {
-					t.Errorf("a replaced connection closed with %d, want %d", code, closeReplaced)
-				}
-				break
-			}
-			if op == websocket.TextFrame {
-				var f frame
-				json.Unmarshal(p, &f)
-				if f.Type == "welcome" && (!f.Resumed && c != first || f.You.ID != welcome.You.ID) {
-					t.Errorf("a resume got welcome %s, want the same session", p)
-				}
-			}
+		}
+		switch {
+		case err != nil: // no close frame: still open
+			live++
+		case code != closeReplaced:
+			t.Errorf("a replaced connection closed with %d, want %d", code, closeReplaced)
 		}
 	}
 	if live != 1 || s.chat.online() != 1 {
@@ -1259,7 +1253,11 @@ func TestOneSamplerServesEverySubscriber(t *testing.T) {
 		_, br := openEvents(t, url)
 		wg.Go(func() {
 			for range events {
-				id, data := readEvent(t, br)
+				id, data, err := nextEvent(br)
+				if err != nil {
+					t.Errorf("subscriber %d: reading event: %v", i, err)
+					return
+				}
 				got[i] = append(got[i], seen{id, data})
 			}
 		})
@@ -1460,9 +1458,11 @@ func (c *countingFS) Open(name string) (fs.File, error) {
 	return c.files.Open(name)
 }
 
-// The sampler stops when nobody listens. Starting again, it does not read
-// what cannot change (here /proc/cpuinfo) again, and its first CPU figure
-// covers the pause since its last sample, not the time since boot.
+// CPU use comes from two /proc/stat samples (the total line; a per-CPU line
+// is not it), with iowait counted as idle. The sampler stops when nobody
+// listens. Starting again, it does not read what cannot change (here
+// /proc/cpuinfo) again, and its first CPU figure covers the pause since its
+// last sample, not the time since boot.
 func TestSamplerRunsShareHostInfoAndCPUBaseline(t *testing.T) {
 	t.Parallel()
 	if runtime.GOOS != "linux" {
@@ -1470,7 +1470,7 @@ func TestSamplerRunsShareHostInfoAndCPUBaseline(t *testing.T) {
 	}
 	fsys := &countingFS{files: fstest.MapFS{
 		"proc/cpuinfo": {Data: []byte("model name\t: Test CPU\n")},
-		"proc/stat":    {Data: []byte("cpu  100 0 100 700 100 0 0 0 0 0\n")},
+		"proc/stat":    {Data: []byte("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3 4\n")},
 	}, opened: make(map[string]int)}
 	b := newBroadcaster(slog.New(slog.DiscardHandler), fsys, func() int { return 0 })
 	defer b.shutdown()
@@ -1484,7 +1484,8 @@ func TestSamplerRunsShareHostInfoAndCPUBaseline(t *testing.T) {
 		return s
 	}
 	run()
-	// Since the first sample: 300 busy ticks of 500, 60 %. Since boot: 500 of 1500, 33 %.
+	// Since the first sample: 300 busy ticks of 500 (with 100 more idle and 100
+	// more iowait), 60 %. Since boot: 500 of 1500, 33 %.
 	fsys.files["proc/stat"] = &fstest.MapFile{Data: []byte("cpu  250 0 250 800 200 0 0 0 0 0\n")}
 	s := run()
 	if got := measured(s.CPU.UsedPercent); got != 60.0 {
@@ -1492,22 +1493,6 @@ func TestSamplerRunsShareHostInfoAndCPUBaseline(t *testing.T) {
 	}
 	if n := fsys.opened["proc/cpuinfo"]; n != 1 {
 		t.Errorf("/proc/cpuinfo read %d times over two sampler runs, want 1", n)
-	}
-}
-
-func TestCPUPercentFromTwoSamples(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("/proc parsing is Linux only")
-	}
-	fsys := fstest.MapFS{"proc/stat": {Data: []byte("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3 4\n")}}
-	var s snapshot
-	var cpu cpuTimes
-	readSystem(fsys, hostInfo{}, &s, &cpu)
-	// 300 busy ticks later, with 100 more idle and 100 more iowait: 60 % busy.
-	fsys["proc/stat"] = &fstest.MapFile{Data: []byte("cpu  250 0 250 800 200 0 0 0 0 0\n")}
-	readSystem(fsys, hostInfo{}, &s, &cpu)
-	if got := measured(s.CPU.UsedPercent); got != 60.0 {
-		t.Errorf("cpu usedPercent = %v, want 60", got)
 	}
 }
 
@@ -2309,17 +2294,8 @@ func TestPersistentFloodingIsClosedSteadyClientIsNot(t *testing.T) {
 
 	closed := make(chan int, 1)
 	go func() {
-		for {
-			op, p, err := flooder.readFrameWithin(floodWindow + wait)
-			if err != nil {
-				closed <- 0
-				return
-			}
-			if op == websocket.CloseFrame && len(p) >= 2 {
-				closed <- int(binary.BigEndian.Uint16(p))
-				return
-			}
-		}
+		code, _, _ := flooder.readCloseWithin(floodWindow + wait) // 0 if none
+		closed <- code
 	}()
 	start := time.Now()
 	flood := time.NewTicker(10 * time.Millisecond) // 100 frames a second
@@ -2522,10 +2498,9 @@ func TestChatWriteBlockedPastWriteWaitDropsTheClient(t *testing.T) {
 // receive buffer so that the server's writes to it back up quickly.
 func dialStuck(t testing.TB, url string, name string) {
 	t.Helper()
-	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
-	}}
-	dialRawWith(t, small, url, "?name="+name)
+	if _, _, err := handshake(dialTCP(t, url, 2048), "?name="+name); err != nil {
+		t.Fatalf("handshake: %v", err)
+	}
 }
 
 // sendUntilDropped sends long messages one at a time, each once watcher has
@@ -2661,18 +2636,31 @@ func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
 	_, url := serveTest(t, s)
 	_, br := openEvents(t, url)
 	readEvent(t, br)
-	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
-	}}
-	stuck, err := small.Dial("tcp", hostport(url))
-	if err != nil {
+	if _, _, err := requestEvents(dialTCP(t, url, 2048)); err != nil { // and never reads on
 		t.Fatal(err)
 	}
-	defer stuck.Close()
-	io.WriteString(stuck, "GET /events HTTP/1.1\r\nHost: x\r\n\r\n") // and never reads
 	eventually(t, wait, "two subscribers", func() bool { return subscribers(s.stats) == 2 })
-	for subscribers(s.stats) == 2 { // the reader keeps up meanwhile
-		readEvent(t, br)
+	// The reader keeps up meanwhile, at full speed, from a goroutine of its own.
+	stop, read := make(chan struct{}), make(chan error, 1)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				read <- nil
+				return
+			default:
+			}
+			if _, _, err := nextEvent(br); err != nil {
+				read <- err
+				return
+			}
+		}
+	}()
+	// The server's send buffer, autotuned to megabytes, fills first, a tick at a time.
+	eventually(t, 6*wait, "the stuck stream ended", func() bool { return subscribers(s.stats) != 2 })
+	close(stop)
+	if err := <-read; err != nil {
+		t.Fatalf("reading event: %v", err)
 	}
 	if n := subscribers(s.stats); n != 1 {
 		t.Fatalf("%d subscribers after the stuck stream ended, want 1", n)
@@ -2880,31 +2868,23 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 			t.Fatalf("handshake = %d", status)
 		}
 		go func() { // read until the close frame, answer it as a browser would
-			for {
-				op, p, err := raw.readFrameWithin(2 * shutdownTimeout)
-				if err != nil {
-					codes <- 0
-					return
-				}
-				if op == websocket.CloseFrame && len(p) >= 2 {
-					raw.writeFrame(websocket.CloseFrame, p[:2])
-					codes <- int(binary.BigEndian.Uint16(p))
-					return
-				}
+			code, _, err := raw.readCloseWithin(2 * shutdownTimeout)
+			if err == nil {
+				raw.writeFrame(websocket.CloseFrame, binary.BigEndian.AppendUint16(nil, uint16(code)))
 			}
+			codes <- code
 		}()
 	}
 	ended := make(chan error, streams)
 	for range streams {
-		conn, err := net.Dial("tcp", hostport(url))
+		conn := dialTCP(t, url, 0)
+		resp, _, err := requestEvents(conn)
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { conn.Close() })
-		io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
 		go func() {
 			conn.SetReadDeadline(time.Now().Add(4 * shutdownTimeout))
-			_, err := io.Copy(io.Discard, conn)
+			_, err := io.Copy(io.Discard, resp.Body)
 			ended <- err
 		}()
 	}
@@ -2956,17 +2936,8 @@ func TestSIGTERMWithAStuckClientExitsInTime(t *testing.T) {
 	other, _ := dialRaw(t, url, "")
 	closeCode := make(chan int, 1)
 	go func() { // reads all the time, as a browser does
-		for {
-			op, p, err := other.readFrameWithin(2 * shutdownTimeout)
-			if err != nil {
-				closeCode <- 0
-				return
-			}
-			if op == websocket.CloseFrame && len(p) >= 2 {
-				closeCode <- int(binary.BigEndian.Uint16(p))
-				return
-			}
-		}
+		code, _, _ := other.readCloseWithin(2 * shutdownTimeout) // 0 if none
+		closeCode <- code
 	}()
 	dialStuck(t, url, "stuck")
 	sendUntilDropped(t, url, watcher, "stuck", func(frame, string) {})
@@ -2996,12 +2967,9 @@ func TestSIGTERMWithAFullTLSSocketExitsInTime(t *testing.T) {
 	t.Parallel()
 	certFile, keyFile, _ := selfSignedCert(t)
 	url, _, stop := serverProcess(t, "-tls-cert", certFile, "-tls-key", keyFile)
-	small := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
-	}}
-	stuck, status := dialRawWith(t, small, url, "")
-	if status != 101 {
-		t.Fatalf("handshake = %d", status)
+	stuck, status, err := handshake(dialTCP(t, url, 2048), "")
+	if err != nil || status != 101 {
+		t.Fatalf("handshake = %d, %v", status, err)
 	}
 	// Ping until the server stops reading: it is blocked writing a pong, on a full socket.
 	ping := frameBytes(true, 0, websocket.PingFrame, true, 125, bytes.Repeat([]byte("p"), 125))
@@ -3095,24 +3063,62 @@ func TestWireStopByOnlyTightens(t *testing.T) {
 	}
 }
 
+// Every goroutine the server starts for a connection ends with it: with ten
+// chat clients and an event stream open, the test finds each of the
+// functions below running in goroutines started since it began; once the
+// clients have closed, in none. (Not parallel: another test's connections
+// would count as this one's.)
 func TestNoGoroutineOutlivesItsConnection(t *testing.T) {
+	// The server's functions that run for a connection, as a goroutine's
+	// stack names them (after the package, which is "pollfree" in the test
+	// binary): keep these in step with chat.go and sse.go.
+	perConnection := []string{
+		"(*hub).serve",          // a chat client's reader
+		"(*hub).write",          // its writer
+		"(*broadcaster).stream", // an event stream
+	}
 	_, url := newTestServer(t)
-	before := runtime.NumGoroutine()
+	before := goroutines() // earlier tests' goroutines, some perhaps still ending
+	serving := func(name string) (stacks []string) {
+		for id, stack := range goroutines() {
+			if _, old := before[id]; !old && strings.Contains(stack, "."+name+"(") {
+				stacks = append(stacks, stack)
+			}
+		}
+		return stacks
+	}
+
+	var clients []*chatClient
 	for range 10 {
 		c, _ := dial(t, url, "")
 		c.say("hi")
 		c.await("message")
+		clients = append(clients, c)
+	}
+	resp, br := openEvents(t, url)
+	readEvent(t, br)
+	for _, name := range perConnection {
+		if len(serving(name)) == 0 {
+			t.Fatalf("no goroutine runs %s while 10 chat clients and a stream are open; renamed? (see perConnection)", name)
+		}
+	}
+
+	for _, c := range clients {
 		c.ws.Close()
 	}
-	resp, err := http.Get(url + "/events")
-	if err != nil {
-		t.Fatal(err)
-	}
-	bufio.NewReader(resp.Body).ReadString('\n')
 	resp.Body.Close()
-	http.DefaultClient.CloseIdleConnections()
-	eventually(t, wait, "goroutines back to where they were", func() bool {
-		return runtime.NumGoroutine() <= before
+	var left []string
+	defer func() {
+		for _, stack := range left {
+			t.Logf("still running after its connection closed:\n%s", stack)
+		}
+	}()
+	eventually(t, wait, "no goroutine left serving a closed connection", func() bool {
+		left = nil
+		for _, name := range perConnection {
+			left = append(left, serving(name)...)
+		}
+		return len(left) == 0
 	})
 }
 
@@ -3145,11 +3151,14 @@ func BenchmarkDeliveryUnderAttack(b *testing.B) {
 		url, proc, _ := serverProcess(b)
 		cpu0 := procCPU(b, proc.Pid)
 		lat, presence := attack(b, url, 10*time.Second, 5000)
+		if len(lat) == 0 {
+			b.Fatal("no speaker's own message came back to it: no delivery time to report")
+		}
 		b.ReportMetric((procCPU(b, proc.Pid) - cpu0).Seconds(), "server-cpu-s")
 		slices.Sort(lat)
 		b.ReportMetric(float64(presence), "presence-frames-max")
-		b.ReportMetric(ms(lat[len(lat)/2]), "ms-p50")
-		b.ReportMetric(ms(lat[len(lat)*99/100]), "ms-p99")
+		b.ReportMetric(ms(percentile(lat, 50)), "ms-p50")
+		b.ReportMetric(ms(percentile(lat, 99)), "ms-p99")
 		b.ReportMetric(float64(len(lat)), "deliveries")
 	}
 	b.ReportMetric(0, "ns/op")
@@ -3467,14 +3476,12 @@ func benchSSE(b *testing.B, n int) {
 		defer conn.Close()
 		wg.Go(func() {
 			t0 := time.Now()
-			io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
-			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			_, br, err := requestEvents(conn)
 			<-sem
 			if err != nil {
 				b.Errorf("subscriber %d: %v", i, err)
 				return
 			}
-			br := bufio.NewReader(resp.Body)
 			if _, _, err := nextEvent(br); err != nil {
 				b.Errorf("subscriber %d: no first event: %v", i, err)
 				return
@@ -3562,14 +3569,12 @@ func BenchmarkCapacityBoth(b *testing.B) {
 				b.Fatal(err)
 			}
 			subConns = append(subConns, conn)
-			io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+addr+"\r\n\r\n")
 			subs.Go(func() {
-				resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+				_, br, err := requestEvents(conn)
 				if err != nil {
 					b.Errorf("subscriber %d: %v", i, err)
 					return
 				}
-				br := bufio.NewReader(resp.Body)
 				conn.SetReadDeadline(time.Now().Add(4 * seconds * time.Second)) // a backstop: the run closes it
 				// ticks starts at -1: the first event comes at once, not on a tick.
 				for ticks[i] = -1; ; ticks[i]++ {
@@ -3743,12 +3748,16 @@ func TestStaticBinaryRunsAloneLikeScratch(t *testing.T) {
 	if err := os.WriteFile(root+"/pollfree", b, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := exec.LookPath("chroot"); err != nil {
+		t.Skip("no chroot(1) on PATH")
+	}
 	const nobody = 65534
 	start := func(t *testing.T) string {
-		cmd := exec.Command("/pollfree", "-addr", "127.0.0.1:0")
+		// chroot(1) enters root, becomes nobody and runs pollfree there. (Go's
+		// own way, SysProcAttr's Chroot and Credential, is not in Windows'
+		// syscall package, and this file builds there too.)
+		cmd := exec.Command("chroot", "--userspec="+strconv.Itoa(nobody)+":"+strconv.Itoa(nobody), root, "/pollfree", "-addr", "127.0.0.1:0")
 		cmd.Env = []string{} // no $USER: the uid must stand in for the name
-		cmd.Dir = "/"
-		cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: root, Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
 		url, _ := startProcess(t, cmd)
 		return url
 	}
@@ -3921,36 +3930,22 @@ func BenchmarkStaticBinary(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
 	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
 	var total time.Duration
 	for b.Loop() {
 		start := time.Now()
-		cmd := exec.Command(bin, "-addr", addr)
-		if err := cmd.Start(); err != nil {
-			b.Fatal(err)
+		// pollfree logs its URL once it listens: that is the signal to ask.
+		url, stop := startProcess(b, exec.Command(bin, "-addr", "127.0.0.1:0"))
+		resp, err := client.Get(url + "/healthz")
+		if err != nil {
+			b.Fatalf("GET /healthz once the URL was logged: %v", err)
 		}
-		for {
-			resp, err := client.Get("http://" + addr + "/healthz")
-			if err == nil {
-				resp.Body.Close()
-				if resp.StatusCode == 200 {
-					break
-				}
-			}
-			if time.Since(start) > wait {
-				b.Fatal("no /healthz 200 within", wait)
-			}
-			time.Sleep(200 * time.Microsecond)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			b.Fatalf("GET /healthz once the URL was logged = %d, want 200", resp.StatusCode)
 		}
 		total += time.Since(start)
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
+		stop()
 	}
 	b.ReportMetric(float64(fi.Size())/1e6, "MB-binary")
 	b.ReportMetric(total.Seconds()*1000/float64(b.N), "ms-to-ready")
@@ -4739,6 +4734,27 @@ func checkServes(t *testing.T, url string) {
 	}
 }
 
+// goroutines returns the stack of every goroutine, by goroutine id (ids are
+// never reused), as a panic prints them: a frame's line is its function's
+// name, then its arguments in parentheses.
+func goroutines() map[string]string {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	stacks := make(map[string]string)
+	for _, stack := range strings.Split(string(buf), "\n\n") {
+		id, _, _ := strings.Cut(strings.TrimPrefix(stack, "goroutine "), " ")
+		stacks[id] = stack
+	}
+	return stacks
+}
+
 // eventually polls cond until it holds, failing the test if within passes
 // first. It is the one way these tests wait for a state they cannot be told of.
 func eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
@@ -4908,14 +4924,35 @@ type rawConn struct {
 var testTLS = &tls.Config{InsecureSkipVerify: true}
 
 // dialRaw opens a TCP connection and sends a WebSocket handshake with the
-// given extra header lines; it returns the response's status code.
+// given extra header lines; it returns the response's status code. Like
+// every helper that fails the test, it runs on the test's goroutine; another
+// goroutine calls handshake, on a connection from dialTCP.
 func dialRaw(t testing.TB, url string, query string, header ...string) (*rawConn, int) {
 	t.Helper()
-	return dialRawWith(t, &net.Dialer{}, url, query, header...)
+	rc, status, err := handshake(dialTCP(t, url, 0), query, header...)
+	if err != nil {
+		t.Fatalf("handshake: %v", err)
+	}
+	return rc, status
 }
 
-func dialRawWith(t testing.TB, d *net.Dialer, url string, query string, header ...string) (*rawConn, int) {
+// dialTCP opens a TCP connection to the server at url, closed at the end of
+// the test. A receiveBuffer above 0 shrinks the socket's receive buffer to
+// about that many bytes before it connects, so that the window it offers
+// stays that small and the server's writes to a client that never reads
+// back up quickly. (Shrunk once connected, with SetReadBuffer, the buffer
+// still takes megabytes more first: the window offered at the handshake
+// stands.)
+func dialTCP(t testing.TB, url string, receiveBuffer int) net.Conn {
 	t.Helper()
+	var d net.Dialer
+	if receiveBuffer > 0 {
+		d.Control = func(_, _ string, c syscall.RawConn) error {
+			var err error
+			c.Control(func(fd uintptr) { err = setReceiveBuffer(syscall.SetsockoptInt, fd, receiveBuffer) })
+			return err
+		}
+	}
 	conn, err := d.Dial("tcp", hostport(url))
 	if err != nil {
 		t.Fatal(err)
@@ -4924,11 +4961,15 @@ func dialRawWith(t testing.TB, d *net.Dialer, url string, query string, header .
 		conn = tls.Client(conn, testTLS)
 	}
 	t.Cleanup(func() { conn.Close() })
-	rc, status, err := handshake(conn, query, header...)
-	if err != nil {
-		t.Fatalf("handshake: %v", err)
-	}
-	return rc, status
+	return conn
+}
+
+// setReceiveBuffer sets a socket's SO_RCVBUF with setsockopt, which is
+// syscall.SetsockoptInt: its socket is an int on Unix and a Handle (a
+// uintptr) on Windows, and taking the function as a value of either type
+// keeps this file building everywhere.
+func setReceiveBuffer[socket ~int | ~uintptr](setsockopt func(socket, int, int, int) error, fd uintptr, size int) error {
+	return setsockopt(socket(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, size)
 }
 
 // handshake opens a WebSocket by hand on conn: GET /ws with query and the
@@ -5004,22 +5045,38 @@ func (c *rawConn) readFrameWithin(d time.Duration) (byte, []byte, error) {
 // the text frames before it are returned too.
 func (c *rawConn) readClose(t *testing.T) (code int, before []frame) {
 	t.Helper()
+	code, texts, err := c.readCloseWithin(wait)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range texts {
+		var f frame
+		json.Unmarshal(p, &f)
+		f.raw = p
+		before = append(before, f)
+	}
+	return code, before
+}
+
+// readCloseWithin reads frames, each within d, until a close frame, and
+// returns its status code and the payloads of the text frames before it.
+// Without a close frame (the connection ended, or d passed) it returns code
+// 0 and an error. It fails no test, so a goroutine reading a connection to
+// its end calls it.
+func (c *rawConn) readCloseWithin(d time.Duration) (code int, texts [][]byte, err error) {
 	for {
-		op, p, err := c.readFrame()
+		op, p, err := c.readFrameWithin(d)
 		if err != nil {
-			t.Fatalf("no close frame: %v", err)
+			return 0, texts, fmt.Errorf("no close frame: %w", err)
 		}
 		switch op {
 		case websocket.CloseFrame:
 			if len(p) < 2 {
-				t.Fatalf("close frame without a status code: %x", p)
+				return 0, texts, fmt.Errorf("close frame without a status code: %x", p)
 			}
-			return int(binary.BigEndian.Uint16(p)), before
+			return int(binary.BigEndian.Uint16(p)), texts, nil
 		case websocket.TextFrame:
-			var f frame
-			json.Unmarshal(p, &f)
-			f.raw = p
-			before = append(before, f)
+			texts = append(texts, p)
 		}
 	}
 }
@@ -5046,7 +5103,8 @@ func (c *rawConn) readText(t *testing.T) frame {
 	}
 }
 
-// readEvent reads one SSE event for a test, failing it on an error.
+// readEvent reads one SSE event for a test, failing it on an error. A
+// goroutine other than the test's calls nextEvent instead.
 func readEvent(t *testing.T, br *bufio.Reader) (id string, data []byte) {
 	t.Helper()
 	id, data, err := nextEvent(br)
@@ -5076,28 +5134,57 @@ func nextEvent(br *bufio.Reader) (id string, data []byte, err error) {
 	}
 }
 
+// openEvents opens the event stream for a test, with requestEvents on a
+// connection of its own, closed at the end of the test.
 func openEvents(t *testing.T, url string) (*http.Response, *bufio.Reader) {
 	t.Helper()
-	req, _ := http.NewRequestWithContext(t.Context(), "GET", url+"/events", nil)
-	resp, err := http.DefaultClient.Do(req)
+	resp, br, err := requestEvents(dialTCP(t, url, 0))
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("GET /events: %v", err)
 	}
-	t.Cleanup(func() { resp.Body.Close() })
-	return resp, bufio.NewReader(resp.Body)
+	return resp, br
 }
 
-// raiseFileLimit lifts the open-file limit to its hard maximum, for tests
-// and benchmarks holding thousands of connections.
+// requestEvents opens the event stream on conn, as an EventSource does over
+// HTTP/1.1: it sends GET /events and reads the answer's header with
+// net/http. The response's body is the stream, and the returned reader reads
+// it, for nextEvent; closing the body hangs up. It fails no test, so a
+// goroutine may call it, and conn may be any connection: one with a small
+// receive buffer, one that counts its bytes, one of thousands.
+func requestEvents(conn net.Conn) (*http.Response, *bufio.Reader, error) {
+	if _, err := io.WriteString(conn, "GET /events HTTP/1.1\r\nHost: "+conn.RemoteAddr().String()+"\r\n\r\n"); err != nil {
+		return nil, nil, err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	resp.Body = struct {
+		io.Reader
+		io.Closer
+	}{resp.Body, conn}
+	return resp, bufio.NewReader(resp.Body), nil
+}
+
+// raiseFileLimit lifts the open-file limit to 65 536 where root may and the
+// hard limit is lower, for tests and benchmarks holding thousands of
+// connections; processes started afterwards inherit it. Up to the hard
+// limit, Go has done it already: every Go program raises its soft limit to
+// the hard one as it starts, on Unix. Past it, prlimit(1) does it, as
+// Windows' syscall package has no Setrlimit and this file builds there too.
 func raiseFileLimit(tb testing.TB) {
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+	if runtime.GOOS != "linux" || os.Geteuid() != 0 {
 		return
 	}
-	want := syscall.Rlimit{Cur: 1 << 16, Max: max(lim.Max, 1<<16)}
-	if syscall.Setrlimit(syscall.RLIMIT_NOFILE, &want) != nil { // not root: as far as the hard limit goes
-		lim.Cur = lim.Max
-		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+	limits, _ := os.ReadFile("/proc/self/limits")
+	for line := range strings.Lines(string(limits)) {
+		if rest, ok := strings.CutPrefix(line, "Max open files"); ok {
+			// soft, hard, unit; "unlimited" is no number, and high enough
+			if hard, err := strconv.Atoi(strings.Fields(rest)[1]); err == nil && hard < 1<<16 {
+				// Where even root may not (a sandbox), nothing changes.
+				exec.Command("prlimit", "--pid", strconv.Itoa(os.Getpid()), "--nofile=65536:65536").Run()
+			}
+		}
 	}
 }
 
@@ -5221,13 +5308,20 @@ func startBrowser(t *testing.T) *cdp {
 		"--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
 		"--remote-debugging-port=0", "--remote-allow-origins=http://127.0.0.1", "--user-data-dir="+profile,
 		"--window-size=1200,800", "about:blank")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // its helpers too, for the kill below
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
 	t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		cmd.Wait()
+		// Browser.close (see below) ends Chromium with its helper processes; a
+		// browser that has not ended in time is killed.
+		select {
+		case <-exited:
+		case <-time.After(wait):
+			cmd.Process.Kill()
+			<-exited
+		}
 		os.RemoveAll(profile)
 	})
 
@@ -5245,7 +5339,10 @@ func startBrowser(t *testing.T) *cdp {
 	ws.MaxPayloadBytes = 64 << 20 // screenshots
 	b := &cdp{ws: ws, replies: make(map[int64]chan cdpIn), names: make(map[string]string), problems: make(map[string][]string)}
 	go b.read()
-	t.Cleanup(func() { ws.Close() })
+	t.Cleanup(func() {
+		websocket.JSON.Send(ws, cdpOut{ID: b.nextID.Add(1), Method: "Browser.close"})
+		ws.Close()
+	})
 	// Whatever a test checks itself, a problem on any of its pages fails it.
 	t.Cleanup(func() {
 		b.mu.Lock()
@@ -5440,21 +5537,15 @@ func (p *browserPage) text(expr string) string {
 	return s
 }
 
-// waitFor polls a JavaScript condition until it is true, for up to 10 s. A
-// condition that throws (the page is still loading) is not true yet.
+// waitFor polls a JavaScript condition, with eventually, until it is true,
+// for up to 10 s. A condition that throws (the page is still loading) is not
+// true yet.
 func (p *browserPage) waitFor(what, cond string) {
 	p.t.Helper()
-	deadline := time.Now().Add(2 * wait)
-	for {
+	eventually(p.t, 2*wait, p.name+": "+what, func() bool {
 		var ok bool
-		if p.try("!!("+cond+")", &ok) == "" && ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			p.t.Fatalf("%s: %s: not within %v", p.name, what, 2*wait)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return p.try("!!("+cond+")", &ok) == "" && ok
+	})
 }
 
 // typeAndEnter types text into the message box and presses Enter, as a person would.
