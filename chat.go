@@ -1287,10 +1287,11 @@ func (fr *frameReader) header() (f header, err error) {
 		return f, fail(closeProtocolError, "frame length over 2^63")
 	}
 	for i := range f.key {
-		if f.masked {
-			if f.key[i], err = fr.br.ReadByte(); err != nil {
-				return f, err
-			}
+		if !f.masked {
+			break
+		}
+		if f.key[i], err = fr.br.ReadByte(); err != nil {
+			return f, err
 		}
 	}
 	fr.op, fr.left = f.opcode, f.length
@@ -1342,19 +1343,20 @@ func (fr *frameReader) checkUTF8(msg []byte, whole bool) bool {
 // when it gave none), or a failure when the frame is malformed. Either way
 // the peer has said its last.
 func peerClose(p []byte) *closeError {
-	code, reason := closeNormal, ""
 	switch {
-	case len(p) == 1:
-		code, reason = closeProtocolError, "close frame with a one-byte payload"
 	case len(p) == 0:
-	case !validCloseCode(int(binary.BigEndian.Uint16(p))):
-		code, reason = closeProtocolError, "close code "+strconv.Itoa(int(binary.BigEndian.Uint16(p)))+" is not one to send"
-	case !utf8.Valid(p[2:]):
-		code, reason = closeBadData, "close reason is not UTF-8"
-	default:
-		code = int(binary.BigEndian.Uint16(p))
+		return &closeError{closeNormal, ""}
+	case len(p) == 1:
+		return fail(closeProtocolError, "close frame with a one-byte payload")
 	}
-	return &closeError{code, reason}
+	code := int(binary.BigEndian.Uint16(p))
+	switch {
+	case !validCloseCode(code):
+		return fail(closeProtocolError, "close code "+strconv.Itoa(code)+" is not one to send")
+	case !utf8.Valid(p[2:]):
+		return fail(closeBadData, "close reason is not UTF-8")
+	}
+	return &closeError{code, ""}
 }
 
 // validCloseCode reports whether a close frame may carry code (RFC 6455,
