@@ -18,7 +18,7 @@
 //     A client whose outbox is full is dropped, never waited for, and
 //     nothing is written to a socket while hub.mu is held (dropping a
 //     client only moves its write deadline). Lock order: hub.mu, then an
-//     outbox's own.
+//     outbox's own or a wire's deadline lock.
 //   - A client has two goroutines. Its reader is the only reader of the
 //     socket: it reads frames, decides what each means and calls into the
 //     hub. Its writer is the only writer after the handshake: it empties
@@ -132,27 +132,35 @@ func (h *hub) online() int {
 // meanwhile.
 func (h *hub) join(c *client, req joinRequest) bool {
 	name, bad := askedName(req.name)
-	secret, now := crand.Text(), time.Now()
-
-	h.mu.Lock()
-	if h.closed {
-		h.mu.Unlock()
+	w, history, ok := h.enter(c, req, name)
+	if !ok {
 		return false
+	}
+	first := [][]byte{welcomeFrame(w, history)}
+	if bad != nil && !w.Resumed {
+		first = append(first, textFrame(encodeRefusal(bad)))
+	}
+	c.out.putFirst(first...)
+	return true
+}
+
+// enter is join's part under hub.mu: c speaks for a session from now on,
+// and everyone will hear of it (in the next presence frame). It returns c's
+// welcome, and the history that goes with it.
+func (h *hub) enter(c *client, req joinRequest, name string) (w welcome, history []byte, ok bool) {
+	secret, now := crand.Text(), time.Now() // before the lock: nothing slow under it
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		return w, nil, false
 	}
 	s, resumed := h.sessionLocked(c, req.resume, name, secret, now)
 	s.client, c.s = c, s
 	h.clients[c] = struct{}{}
 	h.schedulePresenceLocked()
 	h.schedulePingsLocked()
-	w, history := h.welcomeLocked(s, resumed, req.since, now)
-	h.mu.Unlock()
-
-	first := [][]byte{welcomeFrame(w, history)}
-	if bad != nil && !resumed {
-		first = append(first, textFrame(encodeRefusal(bad)))
-	}
-	c.out.putFirst(first...)
-	return true
+	w, history = h.welcomeLocked(s, resumed, req.since, now)
+	return w, history, true
 }
 
 // say broadcasts a message from c, already checked by decodeMessage.
@@ -268,6 +276,125 @@ func (h *hub) shutdown() {
 	}
 }
 
+// ------------------------------------------------- a client: reader, writer --
+//
+// Each client in the room has two goroutines on its connection: a reader
+// that hands each message it reads to the hub, and a writer that sends what
+// the hub put in its outbox. With the room above, this is the whole idea.
+
+// client is one connection to the chat, and the session speaking through it.
+type client struct {
+	s    *session     // set by join, then fixed
+	conn net.Conn     // the hijacked connection; closed by the client's own goroutine
+	in   *frameReader // reads conn, and owns its read deadline; set at the handshake
+	wire *wire        // writes conn, and owns its write deadline; set at the handshake
+
+	out        outbox        // frames for the writer: put under hub.mu, but for the welcome and a late client's 1001
+	writerDone chan struct{} // closed when the writer goroutine exits
+}
+
+func newClient() *client {
+	return &client{out: outbox{wake: make(chan struct{}, 1)}, writerDone: make(chan struct{})}
+}
+
+// read hands each message c sends to the hub, until the connection closes:
+// a close frame from the peer is answered with its own code, a violation of
+// RFC 6455 fails the connection with the code nextMessage chose.
+func (h *hub) read(c *client) {
+	limit := newBucket(rateBurst, ratePerSecond)
+	strikes := newBucket(floodStrikes, floodStrikes/floodWindow.Seconds())
+	pong := func(p []byte) { h.reply(c, appendFrame(nil, websocket.PongFrame, p)) }
+	for {
+		// Once c is out of the room this goes on reading (and the hub
+		// ignoring) what the peer sends, until its close frame or closeGrace.
+		msg, err := c.in.nextMessage(pong)
+		var ce *closeError
+		if errors.As(err, &ce) {
+			h.drop(c, ce.code, ce.reason)
+			c.in.linger()
+			return
+		}
+		if err != nil { // the peer went, or stayed silent for readIdle
+			h.log.Debug("read ended", "client", c.s.id, "err", err)
+			h.drop(c, closeNormal, "")
+			return
+		}
+		if now := time.Now(); !limit.take(now) {
+			if !strikes.take(now) {
+				h.drop(c, closePolicyViolation, "flooding")
+				continue
+			}
+			h.reply(c, textFrame(encodeRefusal(&refusal{errRateLimited, "too many messages: at most " +
+				strconv.Itoa(rateBurst) + " at once or " + strconv.Itoa(ratePerSecond) + " a second"})))
+			continue
+		}
+		if h.hook != nil {
+			h.hook(c, msg)
+		}
+		if ref := h.handle(c, msg); ref != nil {
+			h.reply(c, textFrame(encodeRefusal(ref)))
+		}
+	}
+}
+
+// write is c's writer goroutine, the only one that writes to c's
+// connection after the handshake: each time it wakes, the whole outbox in
+// one write. Once it has written the close frame it gives the peer
+// closeGrace to answer (when the server closed first; after the peer's
+// close frame the reader has already stopped). A write that fails or blocks
+// past writeWait drops c with 1008; the close frame is still tried when the
+// failed write sent nothing of its batch, so that the stream is between two
+// frames (after half a frame, a close frame would be read as its payload).
+// A panic here closes this connection with 1011, written by the recovery
+// itself: nothing else would empty the outbox.
+func (h *hub) write(c *client) {
+	defer close(c.writerDone)
+	defer recoverTo(h.log, "chat writer", func() {
+		h.drop(c, closeInternalError, "internal error")
+		c.wire.Write(appendClose(nil, closeInternalError, "internal error")) // at a frame boundary: a panic is not a write
+		c.in.closeAfter(h.closeGrace)
+	})
+	for range c.out.wake {
+		closed, untouched, err := c.writeBatch()
+		if err != nil {
+			h.drop(c, closePolicyViolation, "too slow: a write failed or blocked") // nothing, once out of the room
+			if !closed && untouched {
+				continue // the close frame is queued: it may still go, under closeGrace
+			}
+			c.in.closeAfter(0)
+			return
+		}
+		if closed {
+			c.in.closeAfter(h.closeGrace)
+			return
+		}
+	}
+}
+
+// writeBatch writes every frame in c's outbox in one write, and reports
+// whether the last was the close frame, and, when the write failed, whether
+// it wrote nothing of the batch. (It is a function of its own so that the
+// writer's stack stays small between wake-ups: inlined, 2 KB more a client.)
+func (c *client) writeBatch() (closed, untouched bool, err error) {
+	frames, closed := c.out.take()
+	bp := batchPool.Get().(*[]byte)
+	buf := (*bp)[:0]
+	for _, f := range frames {
+		buf = append(buf, f...)
+	}
+	c.out.done(frames)
+	n := 0
+	if len(buf) > 0 {
+		n, err = c.wire.Write(buf) // a close frame goes under the closeGrace dropLocked set
+	}
+	untouched = n == 0
+	if cap(buf) <= maxPooledBatch {
+		*bp = buf
+		batchPool.Put(bp)
+	}
+	return closed, untouched, err
+}
+
 // ----------------------------------------------------- what is on the wire --
 //
 // Every frame is a text frame holding one JSON object with a "type".
@@ -324,7 +451,7 @@ const (
 	errRateLimited = "rate_limited"
 )
 
-// pongReply answers a client's {"type":"pong"}, framed once for everyone.
+// pongReply answers a client's {"type":"ping"}, framed once for everyone.
 var pongReply = textFrame([]byte(`{"type":"pong"}`))
 
 // handle acts on one message from c, or says why it refused it.
@@ -714,25 +841,11 @@ const (
 	closeGrace = time.Second
 )
 
-// client is one connection to the chat, and the session speaking through it.
-type client struct {
-	s    *session     // set by join, then fixed
-	conn net.Conn     // the hijacked connection; closed by the client's own goroutine
-	in   *frameReader // reads conn, and owns its read deadline; set at the handshake
-	wire *wire        // writes conn, and owns its write deadline; set at the handshake
-
-	out        outbox        // frames for the writer: put by the hub under hub.mu, but for the welcome
-	writerDone chan struct{} // closed when the writer goroutine exits
-}
-
-func newClient() *client {
-	return &client{out: outbox{wake: make(chan struct{}, 1)}, writerDone: make(chan struct{})}
-}
-
 // ServeHTTP handles GET /ws. Every refusal happens before the upgrade, so it
 // is a plain HTTP answer: 400 for a request that is not a WebSocket
-// handshake, 403 for a cross-origin one, 503 when the room is full. (A
-// handshake that arrives as the server stops is answered with close 1001.)
+// handshake (x/net writes it for a malformed one), 403 for a cross-origin
+// one, 503 when the room is full. (A handshake that arrives as the server
+// stops is answered with close 1001.)
 func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !strings.EqualFold(r.Header.Get("Upgrade"), "websocket") {
 		http.Error(w, "this endpoint speaks WebSocket only", http.StatusBadRequest)
@@ -752,8 +865,18 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c := newClient()
 	var req joinRequest
 	// x/net calls Handshake and then Handler on this goroutine, before
-	// ServeHTTP returns: req and started need no lock.
+	// ServeHTTP returns: req and started need no lock. Until serve owns the
+	// connection (a failed handshake, or a panic in join), this gives it up.
 	started := false
+	defer func() {
+		if !started {
+			if c.conn != nil {
+				c.conn.Close()
+			}
+			h.admitted.Add(-1)
+			h.handlers.Done()
+		}
+	}()
 	ws := websocket.Server{
 		// Select "pollfree" when offered, never the token beside it.
 		Handshake: func(cfg *websocket.Config, r *http.Request) error {
@@ -769,19 +892,12 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// net/http's goroutine ends, and with it the request's buffers and
 		// deep stack, most of what an idle connection would otherwise hold.
 		Handler: func(*websocket.Conn) {
-			started = true
 			joined := h.join(c, req)
 			go h.serve(c, joined)
+			started = true
 		},
 	}
 	ws.ServeHTTP(hijacker{w, c, h.readIdle, h.writeWait}, r)
-	if !started { // the handshake failed
-		if c.conn != nil {
-			c.conn.Close()
-		}
-		h.admitted.Add(-1)
-		h.handlers.Done()
-	}
 }
 
 // checkOrigin refuses cross-site WebSocket hijacking: a browser always sends
@@ -803,10 +919,11 @@ func (h *hub) checkOrigin(r *http.Request) error {
 }
 
 // serve is c's reader goroutine, the only reader of its connection: it
-// starts the writer, hands each message to the hub, and once the connection
-// is closing waits for the writer and closes it. joined says whether join
-// let c in (not once shutdown has begun). A panic here closes this
-// connection with 1011 and no other.
+// starts the writer, reads (read, above), and once the connection is
+// closing waits for the writer and closes it. joined says whether join let
+// c in (not once shutdown has begun). A panic here closes this connection
+// with 1011 and no other: the recovery runs first of the deferred calls, so
+// the close frame is queued before serve waits for the writer.
 func (h *hub) serve(c *client, joined bool) {
 	defer h.handlers.Done()
 	defer h.admitted.Add(-1)
@@ -822,99 +939,6 @@ func (h *hub) serve(c *client, joined bool) {
 		h.log.Debug("joined", "client", c.s.id, "remote", c.conn.RemoteAddr())
 		h.read(c)
 	}
-}
-
-// read hands each message c sends to the hub, until the connection closes:
-// a close frame from the peer is answered with its own code, a violation of
-// RFC 6455 fails the connection with the code nextMessage chose.
-func (h *hub) read(c *client) {
-	limit := newBucket(rateBurst, ratePerSecond)
-	strikes := newBucket(floodStrikes, floodStrikes/floodWindow.Seconds())
-	pong := func(p []byte) { h.reply(c, appendFrame(nil, websocket.PongFrame, p)) }
-	for {
-		// Once c is out of the room this goes on reading (and the hub
-		// ignoring) what the peer sends, until its close frame or closeGrace.
-		msg, err := c.in.nextMessage(pong)
-		var ce *closeError
-		if errors.As(err, &ce) {
-			h.drop(c, ce.code, ce.reason)
-			c.in.linger()
-			return
-		}
-		if err != nil { // the peer went, or stayed silent for readIdle
-			h.drop(c, closeNormal, "read ended: "+err.Error())
-			return
-		}
-		if now := time.Now(); !limit.take(now) {
-			if !strikes.take(now) {
-				h.drop(c, closePolicyViolation, "flooding")
-				continue
-			}
-			h.reply(c, textFrame(encodeRefusal(&refusal{errRateLimited, "too many messages: at most " +
-				strconv.Itoa(rateBurst) + " at once or " + strconv.Itoa(ratePerSecond) + " a second"})))
-			continue
-		}
-		if h.hook != nil {
-			h.hook(c, msg)
-		}
-		if ref := h.handle(c, msg); ref != nil {
-			h.reply(c, textFrame(encodeRefusal(ref)))
-		}
-	}
-}
-
-// write is c's writer goroutine, the only one that writes to c's
-// connection after the handshake: each time it wakes, the whole outbox in
-// one write. Once it has written the close frame it gives the peer
-// closeGrace to answer. A write that fails or blocks past writeWait drops c
-// with 1008; the close frame is still tried when the failed write stopped
-// between two frames. A panic here closes this connection with 1011.
-func (h *hub) write(c *client) {
-	defer close(c.writerDone)
-	defer recoverTo(h.log, "chat writer", func() {
-		h.drop(c, closeInternalError, "internal error")
-		c.wire.Write(appendClose(nil, closeInternalError, "internal error")) // at a frame boundary: a panic is not a write
-		c.in.closeAfter(h.closeGrace)
-	})
-	for range c.out.wake {
-		closed, whole, err := c.writeBatch()
-		if err != nil {
-			h.drop(c, closePolicyViolation, "too slow: a write failed or blocked") // nothing, once out of the room
-			if !closed && whole {
-				continue // the close frame is queued: it may still go, under closeGrace
-			}
-			c.in.closeAfter(0)
-			return
-		}
-		if closed {
-			c.in.closeAfter(h.closeGrace)
-			return
-		}
-	}
-}
-
-// writeBatch writes every frame in c's outbox in one write, and reports
-// whether the last was the close frame, and, when the write failed, whether
-// it stopped between two frames. (It is a function of its own so that the
-// writer's stack stays small between wake-ups: inlined, 2 KB more a client.)
-func (c *client) writeBatch() (closed, whole bool, err error) {
-	frames, closed := c.out.take()
-	bp := batchPool.Get().(*[]byte)
-	buf := (*bp)[:0]
-	for _, f := range frames {
-		buf = append(buf, f...)
-	}
-	c.out.done(frames)
-	n := 0
-	if len(buf) > 0 {
-		n, err = c.wire.Write(buf) // a close frame goes under the closeGrace dropLocked set
-	}
-	whole = n == 0
-	if cap(buf) <= maxPooledBatch {
-		*bp = buf
-		batchPool.Put(bp)
-	}
-	return closed, whole, err
 }
 
 // schedulePingsLocked makes sure a round of pings is on its way. The caller
@@ -950,9 +974,10 @@ func (h *hub) pingAll() {
 
 const (
 	// A client may send rateBurst messages at once, refilled at
-	// ratePerSecond; more are refused. floodStrikes refusals within about
-	// floodWindow close it with 1008 (a second bucket, so that a flooder let
-	// through now and then as the first refills is not forgiven).
+	// ratePerSecond; more are refused. Refusals have a bucket of their own,
+	// floodStrikes refilled over floodWindow (3 a second): one refusal past
+	// it closes the client with 1008, so that a flooder let through now and
+	// then as the first bucket refills is not forgiven.
 	rateBurst     = 10
 	ratePerSecond = 5
 	floodStrikes  = 30
@@ -1434,7 +1459,8 @@ func (keepOpen) Close() error { return nil }
 // deadline as it starts, and mu keeps the pair whole. stopBy is the one
 // other hand on it: the hub dropping a client and the broadcaster stopping
 // streams end the write in progress, and bound every later one, so that a
-// peer that stopped reading cannot hold up shutdown.
+// peer that stopped reading cannot hold up shutdown (and a connection
+// refused at shutdown gets the same bound for its one write).
 type wire struct {
 	conn deadlineWriter
 	wait time.Duration // how long a write may take

@@ -264,9 +264,10 @@ func (e serverErrors) Write(p []byte) (int, error) {
 }
 
 // recoverTo keeps a panic in a goroutine the server starts, outside
-// net/http's own recovery, from killing the process: deferred first in that
-// goroutine (so that it runs last), it logs the panic at error level with its
-// stack, then calls then, if not nil, to let go of what the goroutine held.
+// net/http's own recovery, from killing the process: deferred in that
+// goroutine, it logs the panic at error level with its stack, then calls
+// then, if not nil, to let go of what the goroutine held. Where it stands
+// among the goroutine's other deferred calls decides what then may rely on.
 func recoverTo(log *slog.Logger, what string, then func()) {
 	if v := recover(); v != nil {
 		log.Error("panic", "in", what, "err", v, "stack", string(debug.Stack()))

@@ -24,8 +24,9 @@
 //
 // The fan-out: one sampler goroutine reads the system and encodes the event
 // once per tick, then offers the same bytes to every subscriber's one-slot
-// channel without blocking; a subscriber still writing the last event skips
-// this one, and slows nobody. The sampler runs only while someone listens.
+// channel without blocking; a subscriber whose slot is still full (it is
+// writing one tick and holds the next) skips this one, and slows nobody.
+// The sampler runs only while someone listens.
 //
 // Over HTTP/1.1 a stream leaves net/http once its request is read, as a chat
 // connection does, and net/http lets go of the request's buffers, reader and
