@@ -24,11 +24,13 @@
 //	polling against pushing        BenchmarkPollVersusPush
 //	welcome, order, identity       TestWelcome, TestEveryClientGetsEveryMessageInSeqOrder, TestCannotSpeakAsSomeoneElse
 //	names, presence, history       TestNamesAreTrimmedUniqueAndServerChosenOtherwise, TestPresenceIsCoalesced, TestHistoryKeepsTheLast50InOrder
-//	resuming a session             TestResumeAfterABlipKeepsIdentityAndMissedMessages, TestResumeCountsMissedAndExpires, TestOneLiveConnectionPerSession
+//	resuming a session             TestResumeAfterABlipKeepsIdentityAndMissedMessages, TestResumeCountsMissedAndExpires, TestOneLiveConnectionPerSession, TestResumeTokenTravelsAsASubprotocol
 //	the event stream               Example_formatEvent, TestEventsStreamHeadersAndFirstEventAtOnce, TestOneSamplerServesEverySubscriber
 //	/proc and cgroups              TestProcHostWithoutMemoryLimit, TestProcCgroupV2ContainerShowsItsLimit, TestRealCgroupLimitIsShown
 //	the CPU figure, sampler runs   TestSamplerRunsShareHostInfoAndCPUBaseline
 //	each row of the limits table   the test the README's table names, in the limits section below
+//	RFC 6455, as Autobahn judges   TestRFC6455Conformance (238 cases), TestFrameAbuse, FuzzFrameReader
+//	a panic in a connection        TestPanicInAConnectionClosesItWith1011
 //	goroutines of a connection     TestNoGoroutineOutlivesItsConnection (it names the server's per-connection functions)
 //	a scratch container, TLS       TestStaticBinaryRunsAloneLikeScratch, TestTLSServesHTTP2StreamsAndWebSocket
 //	the page in a browser          TestBrowserTwoPeopleChatAndWatchStats, TestBrowserShowsTheWireAndSpeaksChinese, TestBrowserPageIsAccessible
