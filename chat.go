@@ -1256,7 +1256,7 @@ func (fr *frameReader) nextMessage(pong func(payload []byte)) ([]byte, error) {
 		default:
 			return nil, fail(closeProtocolError, "reserved opcode "+strconv.Itoa(int(f.opcode)))
 		}
-		if int64(len(fr.msg))+f.length > maxFrameBytes {
+		if f.length > maxFrameBytes-int64(len(fr.msg)) { // not a sum: a length near 2^63 would wrap
 			return nil, fail(closeTooBig, "message over "+strconv.Itoa(maxFrameBytes)+" bytes")
 		}
 		if fr.msg == nil {

@@ -1586,6 +1586,9 @@ func TestFrameAbuse(t *testing.T) {
 		{"unmasked client frame", frameBytes(true, 0, websocket.TextFrame, false, uint64(len(msg)), []byte(msg)), closeProtocolError},
 		{"fragments over maxFrameBytes in all", append(frameBytes(false, 0, websocket.TextFrame, true, uint64(len(half)), []byte(half)),
 			frameBytes(true, 0, websocket.ContinuationFrame, true, uint64(len(half)), []byte(half))...), closeTooBig},
+		{"a continuation that claims 2^63-1 bytes", append(frameBytes(false, 0, websocket.TextFrame, true, 1, []byte("a")),
+			frameBytes(true, 0, websocket.ContinuationFrame, true, 1<<63-1, nil)...), closeTooBig},
+		{"binary frame", frameBytes(true, 0, websocket.BinaryFrame, true, 2, []byte("{}")), closeUnsupported},
 		{"300 pings at once", pings, closePolicyViolation},
 		{"close frame mid-message", append(frameBytes(false, 0, websocket.TextFrame, true, 10, []byte(msg[:10])), closing(closeNormal, "")...), closeNormal},
 		{"second handshake on the connection", []byte("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n"), closeProtocolError},
@@ -1789,8 +1792,11 @@ func FuzzFrameReader(f *testing.F) {
 		}
 		f.Add(stream)
 	}
+	// A continuation whose length, added to the message so far, wraps past 2^63.
+	f.Add(append(frameBytes(false, 0, websocket.TextFrame, true, 1, []byte("a")), frameBytes(true, 0, websocket.ContinuationFrame, true, 1<<63-1, nil)...))
 	f.Fuzz(func(t *testing.T, stream []byte) {
-		h := newHub(slog.New(slog.DiscardHandler), 10, nil)
+		var logs syncBuffer // a panic is recovered and logged: the log tells
+		h := newHub(slog.New(slog.NewTextHandler(&logs, nil)), 10, nil)
 		h.closeGrace = 0
 		h.hook = func(_ *client, msg []byte) {
 			if !utf8.Valid(msg) || len(msg) > maxFrameBytes {
@@ -1811,6 +1817,9 @@ func FuzzFrameReader(f *testing.F) {
 		}()
 		out, _ := io.ReadAll(peer) // until the server closes its side
 		peer.Close()
+		if strings.Contains(logs.String(), "msg=panic") {
+			t.Fatalf("the server panicked:\n%s", logs.String())
+		}
 		r := &rawConn{br: bufio.NewReader(bytes.NewReader(out))}
 		for closes := 0; ; {
 			op, _, err := r.readFrameNoDeadline()
@@ -2538,9 +2547,10 @@ func sendUntilDropped(t *testing.T, url string, watcher *chatClient, stuck strin
 	}
 }
 
-// A client that pings long after the server last wrote to it gets its pong:
-// x/net writes the pong, and must not write it under a deadline the writer
-// set for its own last write.
+// A client that pings long after the server last wrote to it gets its pong,
+// under a deadline of its own write, not a stale one. (When x/net wrote
+// pongs from inside its reader, they ran under the deadline the writer had
+// set for its own last write.)
 func TestPingAfterSilenceGetsPong(t *testing.T) {
 	t.Parallel()
 	s := newServer(config{maxClients: defaultMaxClients}, testLogger(t))
