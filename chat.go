@@ -2,10 +2,11 @@
 //
 // The idea fits in the first screens: the hub is the room. A connection
 // joins it, says things, may rename itself, and leaves; what one says is
-// broadcast to everyone, the sender included. Everything below the room is
+// broadcast to everyone, the sender included. Each client's reader and
+// writer come next, then what the frames say. Everything after that is
 // machinery, each part under a divider that says why it exists: the
 // sessions that outlive a connection, one connection's life, the limits, the
-// tuning, and the frame layer. A first reading may stop at any divider.
+// tuning, and the frame layer. A first reading may stop at any of them.
 //
 // Who owns what:
 //   - The hub owns everything the clients share, under one mutex (hub.mu):
@@ -145,7 +146,8 @@ func (h *hub) join(c *client, req joinRequest) bool {
 }
 
 // enter is join's part under hub.mu: c speaks for a session from now on,
-// and everyone will hear of it (in the next presence frame). It returns c's
+// and the others hear of it in the next presence frame (unless its session
+// never left the room, or left and came back within one). It returns c's
 // welcome, and the history that goes with it.
 func (h *hub) enter(c *client, req joinRequest, name string) (w welcome, history []byte, ok bool) {
 	secret, now := crand.Text(), time.Now() // before the lock: nothing slow under it
@@ -285,8 +287,8 @@ func (h *hub) shutdown() {
 // client is one connection to the chat, and the session speaking through it.
 type client struct {
 	s    *session     // set by join, then fixed
-	conn net.Conn     // the hijacked connection; closed by the client's own goroutine
-	in   *frameReader // reads conn, and owns its read deadline; set at the handshake
+	conn net.Conn     // the hijacked connection; closed by serve (by ServeHTTP, if the handshake fails)
+	in   *frameReader // reads conn, and moves its read deadline (the writer pins it: closeAfter); set at the handshake
 	wire *wire        // writes conn, and owns its write deadline; set at the handshake
 
 	out        outbox        // frames for the writer: put under hub.mu, but for the welcome and a late client's 1001
@@ -397,7 +399,8 @@ func (c *client) writeBatch() (closed, untouched bool, err error) {
 
 // ----------------------------------------------------- what is on the wire --
 //
-// Every frame is a text frame holding one JSON object with a "type".
+// Every frame is a text frame holding one JSON object with a "type": what a
+// client's messages ask the hub to do (handle), and what the hub sends.
 
 // user is a session's public identity on the wire.
 type user struct {
@@ -1058,7 +1061,7 @@ var batchPool = sync.Pool{New: func() any { return new([]byte) }}
 // writer takes all of them at once. A close frame is the last one in.
 type outbox struct {
 	mu     sync.Mutex // guards the fields below
-	frames [][]byte   // at most sendQueueFrames, a close frame aside
+	frames [][]byte   // at most sendQueueFrames, but for the welcome and a close frame
 	spare  [][]byte   // the writer's last batch, emptied, for the next one
 	closed bool       // a close frame is queued: nothing more goes in
 
@@ -1135,9 +1138,9 @@ func (o *outbox) done(frames [][]byte) {
 // A first reading may skip it.
 //
 // Which part of the wire is whose:
-//   - x/net/websocket reads the opening handshake, checks its version and
-//     key, and writes the 101 answer (through the wire, with the subprotocol
-//     ServeHTTP selected). That is all it does: its Conn is never read or
+//   - x/net/websocket checks the opening handshake (net/http has read it:
+//     method, upgrade headers, a key, version 13) and writes the 101 answer
+//     (through the wire, with the subprotocol ServeHTTP selected). That is all it does: its Conn is never read or
 //     written, so it never answers a ping or writes a close frame of its own.
 //   - After the handshake, pollfree reads every frame (nextMessage, below:
 //     fragments, control frames, UTF-8, close codes) and writes every frame

@@ -379,8 +379,10 @@ func (b *broadcaster) serveHijacked(w http.ResponseWriter) {
 
 // ------------------------------------------------------------- snapshot --
 //
-// A first reading may stop here: what a tick carries, from the Go runtime
-// everywhere and the platform file (stats_linux.go, stats_other.go).
+// Why this exists: the figures themselves, which the fan-out above carries
+// without looking at them. A first reading may stop here: what a tick
+// carries, from the Go runtime everywhere and the platform file
+// (stats_linux.go, stats_other.go).
 
 // snapshot is one stats event's data. Sizes are in bytes. A figure the
 // platform cannot measure is nil, and absent from the JSON: 0 would be a
