@@ -882,11 +882,17 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}()
 	ws := websocket.Server{
 		// Select "pollfree" when offered, never the token beside it.
+		// (x/net reads only the header's first line; a client may send more.)
 		Handshake: func(cfg *websocket.Config, r *http.Request) error {
-			req = parseJoin(r.URL.Query(), cfg.Protocol)
-			offered := slices.Contains(cfg.Protocol, subprotocol)
+			var offered []string
+			for _, line := range r.Header.Values("Sec-WebSocket-Protocol") {
+				for p := range strings.SplitSeq(line, ",") {
+					offered = append(offered, strings.TrimSpace(p))
+				}
+			}
+			req = parseJoin(r.URL.Query(), offered)
 			cfg.Protocol = nil
-			if offered {
+			if slices.Contains(offered, subprotocol) {
 				cfg.Protocol = []string{subprotocol}
 			}
 			return nil

@@ -1138,6 +1138,13 @@ func TestResumeTokenTravelsAsASubprotocol(t *testing.T) {
 	if f := raw.readText(t); !f.Resumed || f.You != w.You {
 		t.Errorf("the subprotocol token: you %+v resumed %v, want %+v resumed", f.You, f.Resumed, w.You)
 	}
+	// The subprotocols may come on more than one header line.
+	ada2, w2 := dial(t, url, "")
+	ada2.ws.Close()
+	raw2, _ := dialRaw(t, url, "", "Sec-WebSocket-Protocol: pollfree", "Sec-WebSocket-Protocol: resume."+w2.Resume)
+	if f := raw2.readText(t); !f.Resumed || f.You != w2.You {
+		t.Errorf("the token on a second header line: you %+v resumed %v, want %+v resumed", f.You, f.Resumed, w2.You)
+	}
 	bare, _ := dialRaw(t, url, "")
 	if got := bare.header.Get("Sec-WebSocket-Protocol"); got != "" {
 		t.Errorf("a client that offered no subprotocol got %q selected", got)
