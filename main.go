@@ -195,7 +195,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	app.beginShutdown() // chat clients get 1001; event streams end
-	if err := errors.Join(srv.Shutdown(ctx), app.wait(ctx)); err != nil {
+	// Shutdown waits for the requests in flight. A response that a client
+	// stopped reading (the page, asked for again and again) would hold it
+	// for good, so after closeGrace twice, as a stuck chat client's writes
+	// are, the connections still busy are cut.
+	cut, cancelCut := context.WithTimeout(ctx, 2*closeGrace)
+	defer cancelCut()
+	if srv.Shutdown(cut) != nil {
+		log.Warn("cutting responses still being written")
+		srv.Close()
+	}
+	if err := app.wait(ctx); err != nil {
 		log.Error("shutdown incomplete", "err", err)
 		return err
 	}
