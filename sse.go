@@ -28,12 +28,10 @@
 // writing one tick and holds the next) skips this one, and slows nobody.
 // The sampler runs only while someone listens.
 //
-// Over HTTP/1.1 a stream leaves net/http once its request is read, as a chat
-// connection does, and net/http lets go of the request's buffers, reader and
-// deep stack (27 KB a subscriber with them, 8 KB without). Over HTTP/2 (with
-// -tls-cert) a stream is one of many on a connection and stays with net/http.
-// Either way every write goes through a wire (chat.go), which owns the write
-// deadline.
+// Over HTTP/2 (with -tls-cert) a stream is one of many on a connection and
+// stays with net/http; over HTTP/1.1 it leaves net/http once its request is
+// read (the hijack path, below). Either way every write goes through a wire
+// (chat.go), which owns the write deadline.
 package main
 
 import (
