@@ -838,10 +838,6 @@ const (
 	// a vanished peer is removed within 75 s. pingEvery must be well under readIdle.
 	pingEvery = 30 * time.Second
 	readIdle  = 75 * time.Second
-	// closeGrace bounds every write to a client once it is out of the room,
-	// then the wait for its close frame. A stuck client costs it twice at
-	// shutdown, well inside shutdownTimeout.
-	closeGrace = time.Second
 )
 
 // ServeHTTP handles GET /ws. Every refusal happens before the upgrade, so it

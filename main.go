@@ -59,6 +59,11 @@ const (
 	idleTimeout       = 120 * time.Second // a keep-alive connection with no request in flight
 	maxHeaderBytes    = 16 << 10          // the request line plus headers
 	shutdownTimeout   = 5 * time.Second   // the whole shutdown; run returns after it anyway
+	// closeGrace bounds every write to a connection that is being closed (a
+	// chat client out of the room, an event stream at shutdown), then the
+	// wait for a chat peer's close frame. A stuck client costs it twice at
+	// shutdown, well inside shutdownTimeout.
+	closeGrace = time.Second
 )
 
 //go:embed index.html
