@@ -1,36 +1,40 @@
 // Chat over WebSocket: a room that everyone in it hears.
 //
-// The idea fits in the first screens: the hub is the room. A connection
-// joins it, says things, may rename itself, and leaves; what one says is
-// broadcast to everyone, the sender included. Each client's reader and
-// writer come next, then what the frames say. Everything after that is
-// machinery, each part under a divider that says why it exists: the
-// sessions that outlive a connection, one connection's life, the limits, the
-// tuning, and the frame layer. A first reading may stop at any of them.
+// The hub is the room. A connection joins it, says things, may rename
+// itself, and leaves; what one says is broadcast to everyone, the sender
+// included. A message goes from socket to sockets through eight places,
+// all in the first screens of this file but the socket's two methods at
+// its end:
+//
+//	socket.readMessage  a client's reader reads one whole text message;
+//	hub.read            the reader's loop hands it to the hub,
+//	hub.handle          which decodes it;
+//	hub.say             the hub numbers it, under its lock,
+//	hub.broadcastLocked frames it once,
+//	outbox.put          and puts the same bytes in every client's outbox;
+//	hub.write           each client's writer takes its whole outbox
+//	socket.writeFrames  and sends it in one system call.
 //
 // Who owns what:
-//   - The hub owns everything the clients share, under one mutex (hub.mu):
-//     who is online, their names, the sessions that may still resume, the
-//     message sequence number, the history, and the joins and leaves not
-//     yet announced.
-//   - A broadcast encodes and frames its message once and, under hub.mu,
-//     puts the same bytes in every client's outbox without blocking.
-//     Putting under the lock is what keeps every client's view in seq order.
-//     A client whose outbox is full is dropped, never waited for, and
-//     nothing is written to a socket while hub.mu is held (dropping a
-//     client only moves its write deadline). Lock order: hub.mu, then an
-//     outbox's own or a wire's deadline lock.
-//   - A client has two goroutines. Its reader is the only reader of the
-//     socket: it reads frames, decides what each means and calls into the
-//     hub. Its writer is the only writer after the handshake: it empties
-//     the outbox, the whole backlog in one write, pongs and the close frame
-//     included.
+//   - The hub owns what the clients share (who is online, their names and
+//     sessions, the message numbers, the history), under one mutex, hub.mu.
+//   - A client's outbox is filled under hub.mu without blocking, and
+//     emptied by the client's writer. A client whose outbox is full is
+//     dropped, never waited for; nothing is written to a socket while
+//     hub.mu is held, and putting under it keeps every client's view in
+//     seq order. Lock order: hub.mu, then an outbox's or a socket's own.
+//   - A client's socket is the only code that touches its connection after
+//     the handshake: the client's reader goroutine reads through it, its
+//     writer goroutine writes through it, and the socket alone sets
+//     deadlines and does the closing handshake.
+//   - A client leaves through one function, hub.leave.
 package main
 
 import (
 	"bufio"
 	"bytes"
 	"container/list"
+	"context"
 	crand "crypto/rand"
 	"crypto/subtle"
 	"encoding/binary"
@@ -43,6 +47,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -59,71 +64,68 @@ import (
 
 // The room's limits. Text lengths are in characters (runes).
 const (
-	maxTextChars = 2000 // a message's text, after trimming
-	historySize  = 50   // recent messages kept, for welcomes and resumes
-	welcomeUsers = 100  // users a welcome lists, so it stays small in a large room
+	maxTextChars = 2000     // a message's text, after trimming
+	historySize  = 50       // recent messages kept, for welcomes and resumes
+	historyBytes = 64 << 10 // and at most this many bytes of them as encoded, so a welcome stays small whatever was said
+	welcomeUsers = 100      // users a welcome lists, so it stays small in a large room
 )
 
 // hub is the chat room: the http.Handler for GET /ws and everything the
 // clients share.
 type hub struct {
-	log          *slog.Logger
-	maxClients   int
-	allowOrigins map[string]bool // lower-case "scheme://host[:port]"
-	run          string          // this server run; every id carries it, and seq restarts with it
-	// The timings of the same names, changeable by tests before serving.
-	pingEvery, readIdle, writeWait, resumeWindow, closeGrace time.Duration
-	hook                                                     func(c *client, msg []byte) // tests only: runs in the reader before each message
+	log *slog.Logger
+	cfg settings
+	run string // this server run; every id carries it, and seq restarts with it
 
-	admitted atomic.Int64   // connections past admission, including mid-handshake
-	handlers sync.WaitGroup // one per admitted connection until its goroutines end, for shutdown
+	admitted atomic.Int64       // connections past admission, mid-handshake included: at most cfg.maxClients
+	conns    sync.WaitGroup     // one per admitted connection until its goroutines end, for wait
+	stopping context.Context    // done once shutdown has begun: every connection then leaves (see attach)
+	stop     context.CancelFunc // begins shutdown
 
 	mu       sync.Mutex           // guards the fields below, and every session's fields but id and secret
 	clients  map[*client]struct{} // the connections in the room: one per live session
-	sessions map[string]*session  // by id: the live sessions, and the ended ones that may resume
-	ended    list.List            // the ended sessions, oldest first, at most maxEndedSessions
-	byName   map[string]*session  // live sessions by foldName(name), to keep names unique
-	bases    map[string]*nameBase // by foldName of a name asked for
-	lastID   int64
-	seq      int64
-	history  [][]byte // encoded messages, oldest first, at most historySize
-	histJSON []byte   // history as one JSON array, built on the first join after a change
-	joined   map[*session]bool
-	left     map[*session]user // with the name it left under
-	flushing bool              // a presence flush is scheduled
-	pinging  bool              // a round of pings is scheduled
-	closed   bool              // shutdown has begun: no joins, no frames
+	seq      int64                // the last message's number
+	history  history              // the last messages, for welcomes and resumes
+	sessions sessions             // who is in the room, or may come back to it, and their names
+	presence presence             // the joins and leaves not yet announced
+	pinging  bool                 // a round of pings is scheduled
+}
+
+// settings are a hub's limits, timings and test hooks, fixed before it
+// serves. The timings are the constants of the same names; tests shorten
+// them (TestVanishedPeerIsRemovedLiveOneStays, TestChatWriteBlockedPastWriteWaitDropsTheClient,
+// TestResumeCountsMissedAndExpires, TestFrameAbuse).
+type settings struct {
+	maxClients   int
+	allowOrigins map[string]bool // lower-case "scheme://host[:port]"
+
+	pingEvery, readIdle, writeWait, resumeWindow, closeGrace time.Duration
+
+	hook func(c *client, msg []byte) // tests only: runs in the reader before each message
 }
 
 func newHub(log *slog.Logger, maxClients int, allowOrigins []string) *hub {
 	h := &hub{
-		log:          log,
-		maxClients:   maxClients,
-		allowOrigins: make(map[string]bool),
-		run:          strconv.FormatUint(rand.Uint64(), 36),
-		pingEvery:    pingEvery,
-		readIdle:     readIdle,
-		writeWait:    writeWait,
-		resumeWindow: resumeWindow,
-		closeGrace:   closeGrace,
-		clients:      make(map[*client]struct{}),
-		sessions:     make(map[string]*session),
-		byName:       make(map[string]*session),
-		bases:        make(map[string]*nameBase),
-		joined:       make(map[*session]bool),
-		left:         make(map[*session]user),
+		log: log,
+		cfg: settings{
+			maxClients:   maxClients,
+			allowOrigins: make(map[string]bool),
+			pingEvery:    pingEvery,
+			readIdle:     readIdle,
+			writeWait:    writeWait,
+			resumeWindow: resumeWindow,
+			closeGrace:   closeGrace,
+		},
+		run:      strconv.FormatUint(rand.Uint64(), 36),
+		clients:  make(map[*client]struct{}),
+		sessions: sessions{byID: make(map[string]*session), byName: make(map[string]*session), bases: make(map[string]*nameBase)},
+		presence: presence{joined: make(map[*session]bool), left: make(map[*session]user)},
 	}
+	h.stopping, h.stop = context.WithCancel(context.Background())
 	for _, o := range allowOrigins {
-		h.allowOrigins[strings.ToLower(strings.TrimSuffix(o, "/"))] = true
+		h.cfg.allowOrigins[strings.ToLower(strings.TrimSuffix(o, "/"))] = true
 	}
 	return h
-}
-
-// online reports how many people are in the room.
-func (h *hub) online() int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return len(h.clients)
 }
 
 // join puts c in the room and queues its welcome, and reports false once
@@ -137,7 +139,7 @@ func (h *hub) join(c *client, req joinRequest) bool {
 	if !ok {
 		return false
 	}
-	first := [][]byte{welcomeFrame(w, history)}
+	first := welcomeFrame(w, history)
 	if bad != nil && !w.Resumed {
 		first = append(first, textFrame(encodeRefusal(bad)))
 	}
@@ -153,7 +155,7 @@ func (h *hub) enter(c *client, req joinRequest, name string) (w welcome, history
 	secret, now := crand.Text(), time.Now() // before the lock: nothing slow under it
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.closed {
+	if h.stopping.Err() != nil {
 		return w, nil, false
 	}
 	s, resumed := h.sessionLocked(c, req.resume, name, secret, now)
@@ -165,7 +167,8 @@ func (h *hub) enter(c *client, req joinRequest, name string) (w welcome, history
 	return w, history, true
 }
 
-// say broadcasts a message from c, already checked by decodeMessage.
+// say broadcasts a message from c, already checked by decodeMessage, and
+// keeps it in the history.
 func (h *hub) say(c *client, text string) {
 	now := time.Now()
 	h.mu.Lock()
@@ -175,13 +178,34 @@ func (h *hub) say(c *client, text string) {
 	}
 	h.seq++
 	msg := encode(message{"message", h.seq, c.s.user(), text, stamp(now)})
-	if len(h.history) == historySize {
-		copy(h.history, h.history[1:])
-		h.history = h.history[:historySize-1]
-	}
-	h.history = append(h.history, msg)
-	h.histJSON = nil
+	h.history.add(msg)
 	h.broadcastLocked(msg)
+}
+
+// broadcastLocked frames payload once and offers the frame to every client.
+// The caller holds h.mu.
+func (h *hub) broadcastLocked(payload []byte) {
+	frame := textFrame(payload)
+	for c := range h.clients {
+		h.offerLocked(c, frame)
+	}
+}
+
+// offerLocked queues a frame for c without blocking; if c's outbox is full,
+// c is too slow to keep up and leaves. The caller holds h.mu.
+func (h *hub) offerLocked(c *client, frame []byte) {
+	if !c.out.put(frame) {
+		h.leaveLocked(c, closePolicyViolation, "too slow: outbound queue full")
+	}
+}
+
+// reply queues a frame for c alone: an answer, an error, a pong.
+func (h *hub) reply(c *client, frame []byte) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.inRoomLocked(c) {
+		h.offerLocked(c, frame)
+	}
 }
 
 // rename changes c's display name and tells everyone.
@@ -209,129 +233,206 @@ func (h *hub) rename(c *client, want string) *refusal {
 	return nil
 }
 
-// drop takes c out of the room, if it is still there, and has its writer
-// close the connection with code: this is how every client leaves.
-func (h *hub) drop(c *client, code int, why string) {
+// leave is how every client leaves, whoever notices first (its reader, its
+// writer, the hub, shutdown): c is taken out of the room, if it is still
+// there, and its connection closes with code. The close frame goes last
+// into c's outbox (alone, for a client too slow or replaced), and from now
+// on the socket bounds everything by closeGrace: the writes still to come
+// and the wait for the peer's own close frame. A client that stopped
+// reading cannot hold its connection, or the server's shutdown, for longer.
+func (h *hub) leave(c *client, code int, why string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.dropLocked(c, code, why)
+	h.leaveLocked(c, code, why)
 }
 
-func (h *hub) dropLocked(c *client, code int, why string) {
-	if _, ok := h.clients[c]; !ok {
-		return
+func (h *hub) leaveLocked(c *client, code int, why string) {
+	if _, ok := h.clients[c]; ok {
+		delete(h.clients, c)
+		if s := c.s; s.client == c { // not replaced: the session leaves the room
+			h.endLocked(s)
+		}
+		h.log.Debug("dropping client", "client", c.s.id, "code", code, "reason", why)
 	}
-	delete(h.clients, c)
-	if s := c.s; s.client == c { // not replaced: the session leaves the room
-		h.endLocked(s)
-	}
-	h.log.Debug("dropping client", "client", c.s.id, "code", code, "reason", why)
-	c.out.close(appendClose(nil, code, why), code == closePolicyViolation || code == closeReplaced)
-	// A client out of the room gets closeGrace for the writes still to come
-	// (its backlog and the close frame) and for the one in progress: a
-	// client that stopped reading must not hold its connection, or the
-	// server's shutdown, for a whole writeWait.
-	c.wire.stopBy(time.Now().Add(h.closeGrace))
-}
-
-// broadcastLocked frames payload once and offers the frame to every client.
-// The caller holds h.mu.
-func (h *hub) broadcastLocked(payload []byte) {
-	frame := textFrame(payload)
-	for c := range h.clients {
-		h.offerLocked(c, frame)
+	discard := code == closePolicyViolation || code == closeReplaced
+	if c.out.close(closeFrame(code, why), discard) {
+		c.sock.closeBy(time.Now().Add(h.cfg.closeGrace))
 	}
 }
 
-// offerLocked queues a frame for c without blocking; if c's outbox is full,
-// c is too slow to keep up and is dropped. The caller holds h.mu.
-func (h *hub) offerLocked(c *client, frame []byte) {
-	if !c.out.put(frame) {
-		h.dropLocked(c, closePolicyViolation, "too slow: outbound queue full")
-	}
-}
-
-// reply queues a frame for c alone: an answer, an error, a pong.
-func (h *hub) reply(c *client, frame []byte) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.inRoomLocked(c) {
-		h.offerLocked(c, frame)
-	}
-}
-
-// inRoomLocked reports whether c is still in the room (not dropped, and the
+// inRoomLocked reports whether c is still in the room (not gone, and the
 // server not shutting down). The caller holds h.mu.
 func (h *hub) inRoomLocked(c *client) bool {
 	_, ok := h.clients[c]
-	return ok && !h.closed
+	return ok && h.stopping.Err() == nil
 }
 
-// shutdown closes every client with 1001 and refuses new ones. Like every
-// dropped client, each then has closeGrace to take what is queued for it.
-func (h *hub) shutdown() {
+// online reports how many people are in the room.
+func (h *hub) online() int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.closed = true
-	for c := range h.clients {
-		h.dropLocked(c, closeGoingAway, "server shutting down")
-	}
+	return len(h.clients)
 }
 
-// ------------------------------------------------- a client: reader, writer --
+// shutdown refuses new clients and has every connection leave with 1001,
+// those still in their handshake too (see attach). It does not wait; see wait.
+func (h *hub) shutdown() { h.stop() }
+
+// wait blocks until every connection has closed, or ctx is done.
+func (h *hub) wait(ctx context.Context) error { return waitFor(ctx, &h.conns, "chat connections") }
+
+// ---------------------------------------- a client: its outbox, reader, writer --
 //
 // Each client in the room has two goroutines on its connection: a reader
 // that hands each message it reads to the hub, and a writer that sends what
 // the hub put in its outbox. With the room above, this is the whole idea.
 
+// sendQueueFrames bounds a client's outbox: a client whose outbox is full
+// when a frame arrives is dropped. Frames are shared: one costs 24 bytes.
+const sendQueueFrames = 256
+
 // client is one connection to the chat, and the session speaking through it.
 type client struct {
-	s    *session     // set by join, then fixed
-	conn net.Conn     // the hijacked connection; closed by serve (by ServeHTTP, if the handshake fails)
-	in   *frameReader // reads conn, and moves its read deadline (the writer pins it: closeAfter); set at the handshake
-	wire *wire        // writes conn, and owns its write deadline; set at the handshake
-
-	out        outbox        // frames for the writer: put under hub.mu, but for the welcome and a late client's 1001
+	s          *session      // set by join, then fixed
+	sock       *socket       // the connection; set by attach during the handshake
+	out        outbox        // frames for the writer
 	writerDone chan struct{} // closed when the writer goroutine exits
+	unwatch    func() bool   // stops the shutdown watch attach set up
 }
 
 func newClient() *client {
 	return &client{out: outbox{wake: make(chan struct{}, 1)}, writerDone: make(chan struct{})}
 }
 
-// read hands each message c sends to the hub, until the connection closes:
-// a close frame from the peer is answered with its own code, a violation of
-// RFC 6455 fails the connection with the code nextMessage chose.
+// outbox is a client's queue of frames, framed for the wire, waiting for its
+// writer: the hub puts them in one at a time (messages, pings, replies), the
+// writer takes all of them at once. A close frame is the last one in.
+type outbox struct {
+	mu     sync.Mutex // guards the fields below
+	frames [][]byte   // at most sendQueueFrames, but for the welcome and a close frame
+	spare  [][]byte   // the writer's last batch, emptied, for the next one
+	closed bool       // a close frame is queued: nothing more goes in
+
+	wake chan struct{} // one slot: a signal that frames arrived
+}
+
+// put queues frame. It reports false when the box is full (or closed).
+func (o *outbox) put(frame []byte) bool {
+	o.mu.Lock()
+	ok := !o.closed && len(o.frames) < sendQueueFrames
+	if ok {
+		o.frames = append(o.frames, frame)
+	}
+	o.mu.Unlock()
+	o.signal()
+	return ok
+}
+
+// putFirst queues frames ahead of everything already queued, whatever the
+// bound: a new client's welcome, which join puts after it let go of hub.mu.
+func (o *outbox) putFirst(frames ...[]byte) {
+	o.mu.Lock()
+	o.frames = append(frames, o.frames...)
+	o.mu.Unlock()
+	o.signal()
+}
+
+// close queues a close frame last, and reports whether it did: not when
+// one is queued already. discard drops the frames queued before it.
+func (o *outbox) close(frame []byte, discard bool) bool {
+	o.mu.Lock()
+	first := !o.closed
+	if first {
+		if discard {
+			clear(o.frames)
+			o.frames = o.frames[:0]
+		}
+		o.frames = append(o.frames, frame)
+		o.closed = true
+	}
+	o.mu.Unlock()
+	o.signal()
+	return first
+}
+
+func (o *outbox) signal() {
+	select {
+	case o.wake <- struct{}{}:
+	default: // a wake-up is already pending
+	}
+}
+
+// take empties the box, and reports whether its last frame is the close
+// frame. The writer gives the frames back with done once they are written.
+func (o *outbox) take() (frames [][]byte, last bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	frames, o.frames, o.spare = o.frames, o.spare, nil
+	return frames, o.closed
+}
+
+// done hands a written batch back to be the next one, so that a busy
+// client's queue does not allocate (BenchmarkCapacityChat: 5 000 clients
+// held 1.9 KB more each with a new queue per batch).
+func (o *outbox) done(frames [][]byte) {
+	clear(frames) // let the frames be collected
+	o.mu.Lock()
+	o.spare = frames[:0]
+	o.mu.Unlock()
+}
+
+// serve runs c once its handshake is done: its writer on a goroutine of
+// its own, its reader on this one. Once the reader has read its last (and
+// c has left), serve reads and drops what the peer still sends, up to its
+// close frame, waits for the writer to send c's close frame, and closes the
+// connection: all within closeGrace of leaving. joined says whether join
+// let c in; a client refused at shutdown only gets its close frame.
+func (h *hub) serve(c *client, joined bool) {
+	defer h.conns.Done()
+	defer h.admitted.Add(-1)
+	defer c.unwatch()
+	go h.write(c)
+	if joined {
+		h.read(c)
+	}
+	c.sock.linger()
+	<-c.writerDone
+	c.sock.Close()
+}
+
+// read is c's reader: it hands each message c sends to the hub, until the
+// peer closes (its close frame is answered with its own code), breaks
+// RFC 6455 (closed with the code readMessage chose), goes, or stays silent
+// for readIdle. Once c is out of the room the hub ignores what it hands on.
+// A panic here closes this connection alone, with 1011.
 func (h *hub) read(c *client) {
+	defer recoverTo(h.log, "chat reader", func() { h.leave(c, closeInternalError, "internal error") })
 	limit := newBucket(rateBurst, ratePerSecond)
 	strikes := newBucket(floodStrikes, floodStrikes/floodWindow.Seconds())
-	pong := func(p []byte) { h.reply(c, appendFrame(nil, websocket.PongFrame, p)) }
+	pong := func(p []byte) { h.reply(c, pongFrame(p)) }
 	for {
-		// Once c is out of the room this goes on reading (and the hub
-		// ignoring) what the peer sends, until its close frame or closeGrace.
-		msg, err := c.in.nextMessage(pong)
+		msg, err := c.sock.readMessage(pong)
 		var ce *closeError
 		if errors.As(err, &ce) {
-			h.drop(c, ce.code, ce.reason)
-			c.in.linger()
+			h.leave(c, ce.code, ce.reason)
 			return
 		}
-		if err != nil { // the peer went, or stayed silent for readIdle
+		if err != nil {
 			h.log.Debug("read ended", "client", c.s.id, "err", err)
-			h.drop(c, closeNormal, "")
+			h.leave(c, closeNormal, "")
 			return
 		}
 		if now := time.Now(); !limit.take(now) {
 			if !strikes.take(now) {
-				h.drop(c, closePolicyViolation, "flooding")
+				h.leave(c, closePolicyViolation, "flooding")
 				continue
 			}
 			h.reply(c, textFrame(encodeRefusal(&refusal{errRateLimited, "too many messages: at most " +
 				strconv.Itoa(rateBurst) + " at once or " + strconv.Itoa(ratePerSecond) + " a second"})))
 			continue
 		}
-		if h.hook != nil {
-			h.hook(c, msg)
+		if h.cfg.hook != nil {
+			h.cfg.hook(c, msg)
 		}
 		if ref := h.handle(c, msg); ref != nil {
 			h.reply(c, textFrame(encodeRefusal(ref)))
@@ -339,62 +440,41 @@ func (h *hub) read(c *client) {
 	}
 }
 
-// write is c's writer goroutine, the only one that writes to c's
-// connection after the handshake: each time it wakes, the whole outbox in
-// one write. Once it has written the close frame it gives the peer
-// closeGrace to answer (when the server closed first; after the peer's
-// close frame the reader has already stopped). A write that fails or blocks
-// past writeWait drops c with 1008; the close frame is still tried when the
-// failed write sent nothing of its batch, so that the stream is between two
-// frames (after half a frame, a close frame would be read as its payload).
-// A panic here closes this connection with 1011, written by the recovery
-// itself: nothing else would empty the outbox.
+// write is c's writer, the only goroutine that writes to c's socket after
+// the handshake: each time it wakes, the whole outbox in one write. It ends
+// once the close frame is out, or when a write fails: c then leaves, too
+// slow if the write blocked past writeWait, gone otherwise. The close frame
+// is still tried when the failed write sent nothing of its batch, so that
+// the stream is between two frames (after half a frame, a close frame
+// would be read as its payload). A panic here closes this connection with
+// 1011, written by the recovery itself: nothing else would empty the outbox.
 func (h *hub) write(c *client) {
 	defer close(c.writerDone)
 	defer recoverTo(h.log, "chat writer", func() {
-		h.drop(c, closeInternalError, "internal error")
-		c.wire.Write(appendClose(nil, closeInternalError, "internal error")) // at a frame boundary: a panic is not a write
-		c.in.closeAfter(h.closeGrace)
+		h.leave(c, closeInternalError, "internal error")
+		c.sock.writeFrames([][]byte{closeFrame(closeInternalError, "internal error")}) // a panic is not a write: between frames
 	})
 	for range c.out.wake {
-		closed, untouched, err := c.writeBatch()
-		if err != nil {
-			h.drop(c, closePolicyViolation, "too slow: a write failed or blocked") // nothing, once out of the room
-			if !closed && untouched {
-				continue // the close frame is queued: it may still go, under closeGrace
+		frames, last := c.out.take()
+		n, err := c.sock.writeFrames(frames)
+		c.out.done(frames)
+		if err == nil {
+			if last {
+				return
 			}
-			c.in.closeAfter(0)
-			return
+			continue
 		}
-		if closed {
-			c.in.closeAfter(h.closeGrace)
-			return
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			h.leave(c, closePolicyViolation, "too slow: a write blocked past the write timeout")
+		} else {
+			h.leave(c, closeNormal, "gone: a write failed")
 		}
+		if n == 0 && !last {
+			continue // the close frame is queued: it may still go, within closeGrace
+		}
+		c.sock.closeBy(time.Now()) // nothing more can be said: the reader stops too
+		return
 	}
-}
-
-// writeBatch writes every frame in c's outbox in one write, and reports
-// whether the last was the close frame, and, when the write failed, whether
-// it wrote nothing of the batch. (It is a function of its own so that the
-// writer's stack stays small between wake-ups: inlined, 2 KB more a client.)
-func (c *client) writeBatch() (closed, untouched bool, err error) {
-	frames, closed := c.out.take()
-	bp := batchPool.Get().(*[]byte)
-	buf := (*bp)[:0]
-	for _, f := range frames {
-		buf = append(buf, f...)
-	}
-	c.out.done(frames)
-	n := 0
-	if len(buf) > 0 {
-		n, err = c.wire.Write(buf) // a close frame goes under the closeGrace dropLocked set
-	}
-	untouched = n == 0
-	if cap(buf) <= maxPooledBatch {
-		*bp = buf
-		batchPool.Put(bp)
-	}
-	return closed, untouched, err
 }
 
 // ----------------------------------------------------- what is on the wire --
@@ -475,7 +555,7 @@ func (h *hub) handle(c *client, data []byte) *refusal {
 }
 
 // decodeMessage parses and checks a client's message, valid UTF-8 already
-// (see nextMessage). It refuses what is not a JSON object, an unknown type,
+// (see readMessage). It refuses what is not a JSON object, an unknown type,
 // and a text that, trimmed, is empty or over maxTextChars.
 func decodeMessage(data []byte) (inbound, *refusal) {
 	var in inbound
@@ -517,7 +597,7 @@ func encode(v any) []byte {
 // stamp formats t as the protocol's times are: RFC 3339, UTC, milliseconds.
 func stamp(t time.Time) string { return t.UTC().Format("2006-01-02T15:04:05.000Z07:00") }
 
-// ------------------------------------------- sessions, names and presence --
+// ------------------------------------ sessions, history, names and presence --
 //
 // Why this exists: a network blip must not cost a person their name or a
 // message, names must stay unique in a room of ten thousand, and a connect
@@ -543,15 +623,68 @@ type session struct {
 	name    string        // unique among live sessions
 	asked   string        // the name asked for, which suffixes go on
 	client  *client       // the connection it speaks through; nil once that ended
-	ended   *list.Element // its place in hub.ended, while client is nil
+	ended   *list.Element // its place in sessions.ended, while client is nil
 	endedAt time.Time
 }
 
 func (s *session) user() user { return user{s.id, s.name} }
 
+// sessions is who the hub knows: the live sessions and the ended ones that
+// may still resume, and the names the live ones hold.
+type sessions struct {
+	byID   map[string]*session  // the live sessions, and the ended ones that may resume
+	ended  list.List            // the ended ones, oldest first, at most maxEndedSessions
+	lastID int64                // the last new session's number
+	byName map[string]*session  // live sessions by foldName(name), to keep names unique
+	bases  map[string]*nameBase // by foldName of a name asked for
+}
+
 // nameBase is what the hub keeps for one name asked for: the next suffix to
 // try when it is taken, and how many live sessions asked for it.
 type nameBase struct{ next, holders int }
+
+// presence is what the next presence frame announces.
+type presence struct {
+	joined    map[*session]bool
+	left      map[*session]user // with the name it left under
+	scheduled bool              // a flush is on its way
+}
+
+// history is the last messages, encoded, oldest first: at most historySize
+// of them and historyBytes in all. 50 messages of 2 000 "<", which
+// encoding/json writes as \u003c, would be 600 KB; a welcome carries the
+// history, so this bounds what each join costs (TestWelcomeStaysSmallAfterTheLargestMessages).
+type history struct {
+	msgs  [][]byte
+	bytes int
+	json  []byte // msgs as one JSON array, built on the first join after a change
+}
+
+// add keeps msg, forgetting the oldest messages past either bound.
+func (hs *history) add(msg []byte) {
+	hs.msgs = append(hs.msgs, msg)
+	hs.bytes += len(msg)
+	drop := 0
+	for len(hs.msgs)-drop > historySize || hs.bytes > historyBytes {
+		hs.bytes -= len(hs.msgs[drop])
+		drop++
+	}
+	hs.msgs = slices.Delete(hs.msgs, 0, drop)
+	hs.json = nil
+}
+
+// all returns the whole history as a JSON array. The array is replaced, never
+// changed, so joins share it.
+func (hs *history) all() []byte {
+	if hs.json == nil {
+		hs.json = jsonArray(hs.msgs)
+	}
+	return hs.json
+}
+
+func jsonArray(msgs [][]byte) []byte {
+	return append(append([]byte("["), bytes.Join(msgs, []byte(","))...), ']')
+}
 
 // joinRequest is what GET /ws asks for: ?name=NAME&since=SEQ in the URL, and
 // the resume token offered as the subprotocol "resume.TOKEN" (never in the
@@ -606,29 +739,29 @@ func (h *hub) sessionLocked(c *client, token, name, secret string, now time.Time
 	s = h.resumableLocked(token)
 	switch {
 	case s == nil:
-		h.lastID++
-		s = &session{id: h.run + "-" + strconv.FormatInt(h.lastID, 10), secret: secret}
-		h.sessions[s.id] = s
+		h.sessions.lastID++
+		s = &session{id: h.run + "-" + strconv.FormatInt(h.sessions.lastID, 10), secret: secret}
+		h.sessions.byID[s.id] = s
 		h.takeNameLocked(s, name, name)
-		h.joined[s] = true
+		h.presence.joined[s] = true
 		return s, false
 	case s.client != nil:
 		// Its old connection is still open: the server has not noticed it
 		// drop, or the page opened another. The session never left the room,
 		// so nobody hears of the switch.
 		old := s.client
-		s.client = c // first, so that dropping old does not end the session
-		h.dropLocked(old, closeReplaced, "replaced by a new connection")
+		s.client = c // first, so that old leaving does not end the session
+		h.leaveLocked(old, closeReplaced, "replaced by a new connection")
 	default:
 		// Back within resumeWindow, under its old name if that is free.
-		h.ended.Remove(s.ended)
+		h.sessions.ended.Remove(s.ended)
 		s.ended = nil
 		oldName := s.name
 		h.takeNameLocked(s, s.name, s.asked)
-		if _, ok := h.left[s]; ok && s.name == oldName {
-			delete(h.left, s) // left and came back inside one window: in neither list
+		if _, ok := h.presence.left[s]; ok && s.name == oldName {
+			delete(h.presence.left, s) // left and came back inside one window: in neither list
 		} else {
-			h.joined[s] = true
+			h.presence.joined[s] = true
 		}
 	}
 	return s, true
@@ -649,45 +782,42 @@ func (h *hub) welcomeLocked(s *session, resumed bool, since int64, now time.Time
 	}
 	w := welcome{"welcome", s.user(), len(h.clients), users, h.run, stamp(now), s.id + "." + s.secret, resumed, 0}
 	if resumed && since >= 0 {
-		oldest := h.seq - int64(len(h.history)) + 1 // the seq of h.history[0]
+		oldest := h.seq - int64(len(h.history.msgs)) + 1 // the seq of the oldest message kept
 		since = min(since, h.seq)
 		from := max(since+1, oldest)
 		w.Missed = from - (since + 1)
-		return w, jsonArray(h.history[from-oldest:])
+		return w, jsonArray(h.history.msgs[from-oldest:])
 	}
-	if h.histJSON == nil {
-		h.histJSON = jsonArray(h.history)
-	}
-	return w, h.histJSON // replaced, never changed
+	return w, h.history.all()
 }
 
-// welcomeFrame frames w with its history spliced in already encoded: as a
-// json.RawMessage it would be validated again, 47 µs a join with a full
-// history against 3 µs.
-func welcomeFrame(w welcome, history []byte) []byte {
+// welcomeFrame frames w with its history, already encoded, as its last
+// field: three pieces that the writer sends as one frame. The history is
+// spliced in, not encoded again: as a json.RawMessage it would be copied
+// and validated for every join, 47 µs with a full history against 3 µs
+// (BenchmarkJoinWithFullHistory), and a joiner that never reads would hold
+// its own copy.
+func welcomeFrame(w welcome, history []byte) [][]byte {
 	head := encode(w)
-	n := len(head) + len(`,"history":`) + len(history)
-	frame := appendHeader(make([]byte, 0, 10+n), websocket.TextFrame, n)
-	frame = append(frame, head[:len(head)-1]...) // all but the closing brace
-	return append(append(append(frame, `,"history":`...), history...), '}')
+	head = append(head[:len(head)-1], `,"history":`...) // all but the closing brace, then the last field's name
+	first := appendHeader(make([]byte, 0, 10+len(head)), websocket.TextFrame, len(head)+len(history)+1)
+	return [][]byte{append(first, head...), history, closingBrace}
 }
 
-func jsonArray(frames [][]byte) []byte {
-	return append(append([]byte("["), bytes.Join(frames, []byte(","))...), ']')
-}
+var closingBrace = []byte("}")
 
 // endLocked takes s out of the room: its leave is announced, its name is
-// free, and it waits in h.ended for a resume. The caller holds h.mu.
+// free, and it waits in h.sessions.ended for a resume. The caller holds h.mu.
 func (h *hub) endLocked(s *session) {
-	if h.joined[s] {
-		delete(h.joined, s) // joined and left inside one window: in neither list
-	} else if !h.closed {
-		h.left[s] = s.user()
+	if h.presence.joined[s] {
+		delete(h.presence.joined, s) // joined and left inside one window: in neither list
+	} else if h.stopping.Err() == nil {
+		h.presence.left[s] = s.user()
 		h.schedulePresenceLocked()
 	}
 	h.releaseNameLocked(s)
 	s.client, s.endedAt = nil, time.Now()
-	s.ended = h.ended.PushBack(s)
+	s.ended = h.sessions.ended.PushBack(s)
 	h.forgetEndedLocked(s.endedAt)
 }
 
@@ -696,7 +826,7 @@ func (h *hub) endLocked(s *session) {
 // the answer takes tells a guesser nothing. The caller holds h.mu.
 func (h *hub) resumableLocked(token string) *session {
 	id, secret, ok := strings.Cut(token, ".")
-	s := h.sessions[id]
+	s := h.sessions.byID[id]
 	if !ok || s == nil || subtle.ConstantTimeCompare([]byte(secret), []byte(s.secret)) != 1 {
 		return nil
 	}
@@ -706,14 +836,15 @@ func (h *hub) resumableLocked(token string) *session {
 // forgetEndedLocked forgets the sessions that ended more than resumeWindow
 // before now, and the oldest past maxEndedSessions. The caller holds h.mu.
 func (h *hub) forgetEndedLocked(now time.Time) {
-	for e := h.ended.Front(); e != nil; e = h.ended.Front() {
+	ended := &h.sessions.ended
+	for e := ended.Front(); e != nil; e = ended.Front() {
 		s := e.Value.(*session)
-		if h.ended.Len() <= maxEndedSessions && now.Sub(s.endedAt) <= h.resumeWindow {
+		if ended.Len() <= maxEndedSessions && now.Sub(s.endedAt) <= h.cfg.resumeWindow {
 			return
 		}
-		h.ended.Remove(e)
+		ended.Remove(e)
 		s.ended = nil
-		delete(h.sessions, s.id)
+		delete(h.sessions.byID, s.id)
 	}
 }
 
@@ -722,29 +853,29 @@ func (h *hub) forgetEndedLocked(now time.Time) {
 // its next suffix, so that the ten-thousandth "ann" is a look-up or two, not
 // a scan of ann-2, ann-3... under the lock. The caller holds h.mu.
 func (h *hub) takeNameLocked(s *session, prefer, asked string) {
-	b := h.bases[foldName(asked)]
+	b := h.sessions.bases[foldName(asked)]
 	if b == nil {
 		b = &nameBase{next: 2}
-		h.bases[foldName(asked)] = b
+		h.sessions.bases[foldName(asked)] = b
 	}
 	b.holders++
 	name := prefer
-	for h.byName[foldName(name)] != nil {
+	for h.sessions.byName[foldName(name)] != nil {
 		name = withSuffix(asked, b.next)
 		b.next++
 	}
 	s.name, s.asked = name, asked
-	h.byName[foldName(name)] = s
+	h.sessions.byName[foldName(name)] = s
 }
 
 // releaseNameLocked frees s's name. The caller holds h.mu.
 func (h *hub) releaseNameLocked(s *session) {
-	if h.byName[foldName(s.name)] == s {
-		delete(h.byName, foldName(s.name))
+	if h.sessions.byName[foldName(s.name)] == s {
+		delete(h.sessions.byName, foldName(s.name))
 	}
-	if b := h.bases[foldName(s.asked)]; b != nil {
+	if b := h.sessions.bases[foldName(s.asked)]; b != nil {
 		if b.holders--; b.holders == 0 {
-			delete(h.bases, foldName(s.asked))
+			delete(h.sessions.bases, foldName(s.asked))
 		}
 	}
 }
@@ -778,38 +909,39 @@ func randomName() string {
 // schedulePresenceLocked makes sure a presence flush is on its way. The
 // caller holds h.mu.
 func (h *hub) schedulePresenceLocked() {
-	if !h.flushing {
-		h.flushing = true
-		time.AfterFunc(presenceEvery, h.flushPresence)
+	if !h.presence.scheduled {
+		h.presence.scheduled = true
+		h.after(presenceEvery, "presence", h.flushPresence)
 	}
 }
 
 // flushPresence broadcasts one presence frame covering every join and leave
 // since the last one.
 func (h *hub) flushPresence() {
-	defer recoverTo(h.log, "presence", nil)
 	now := time.Now()
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.flushing = false
-	if h.closed || len(h.joined) == 0 && len(h.left) == 0 {
+	p := h.presence
+	// New maps, not cleared ones: a storm's entries should not stay allocated.
+	h.presence = presence{joined: make(map[*session]bool), left: make(map[*session]user)}
+	if h.stopping.Err() != nil || len(p.joined) == 0 && len(p.left) == 0 {
 		return
 	}
-	joined := make([]user, 0, min(len(h.joined), presenceNames))
-	for s := range h.joined {
+	joined := make([]user, 0, min(len(p.joined), presenceNames))
+	for s := range p.joined {
 		if len(joined) == presenceNames {
 			break
 		}
 		joined = append(joined, s.user())
 	}
-	left := make([]user, 0, min(len(h.left), presenceNames))
-	for _, u := range h.left {
+	left := make([]user, 0, min(len(p.left), presenceNames))
+	for _, u := range p.left {
 		if len(left) == presenceNames {
 			break
 		}
 		left = append(left, u)
 	}
-	frame := encode(struct {
+	h.broadcastLocked(encode(struct {
 		Type        string `json:"type"` // "presence"
 		Online      int    `json:"online"`
 		Joined      []user `json:"joined"`
@@ -817,16 +949,13 @@ func (h *hub) flushPresence() {
 		JoinedCount int    `json:"joinedCount"`
 		LeftCount   int    `json:"leftCount"`
 		Time        string `json:"time"`
-	}{"presence", len(h.clients), joined, left, len(h.joined), len(h.left), stamp(now)})
-	// New maps, not cleared ones: a storm's entries should not stay allocated.
-	h.joined, h.left = make(map[*session]bool), make(map[*session]user)
-	h.broadcastLocked(frame)
+	}{"presence", len(h.clients), joined, left, len(p.joined), len(p.left), stamp(now)}))
 }
 
-// ---------------------------------------------------- a connection's life --
+// ------------------------------------------------ a connection's beginning --
 //
 // Why this exists: to turn an HTTP request into a client in the room, and
-// to end it cleanly. A first reading may skip it.
+// to keep it alive. A first reading may skip it.
 
 // A connection's timing.
 const (
@@ -855,12 +984,12 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusForbidden)
 		return
 	}
-	if h.admitted.Add(1) > int64(h.maxClients) {
+	if h.admitted.Add(1) > int64(h.cfg.maxClients) {
 		h.admitted.Add(-1)
 		http.Error(w, "chat is full, try again later", http.StatusServiceUnavailable)
 		return
 	}
-	h.handlers.Add(1) // before the hijack, while Shutdown still waits for this request
+	h.conns.Add(1) // before the hijack, while Shutdown still waits for this request
 	c := newClient()
 	var req joinRequest
 	// x/net calls Handshake and then Handler on this goroutine, before
@@ -869,11 +998,12 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	started := false
 	defer func() {
 		if !started {
-			if c.conn != nil {
-				c.conn.Close()
+			if c.sock != nil {
+				c.unwatch()
+				c.sock.Close()
 			}
 			h.admitted.Add(-1)
-			h.handlers.Done()
+			h.conns.Done()
 		}
 	}()
 	ws := websocket.Server{
@@ -898,11 +1028,14 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// deep stack, most of what an idle connection would otherwise hold.
 		Handler: func(*websocket.Conn) {
 			joined := h.join(c, req)
+			if !joined {
+				h.leave(c, closeGoingAway, "server shutting down")
+			}
 			go h.serve(c, joined)
 			started = true
 		},
 	}
-	ws.ServeHTTP(hijacker{w, c, h.readIdle, h.writeWait}, r)
+	ws.ServeHTTP(hijacker{w, h, c}, r)
 }
 
 // checkOrigin refuses cross-site WebSocket hijacking: a browser always sends
@@ -917,33 +1050,19 @@ func (h *hub) checkOrigin(r *http.Request) error {
 	if err != nil || u.Host == "" {
 		return fmt.Errorf("bad Origin %q", origin)
 	}
-	if strings.EqualFold(u.Host, r.Host) || h.allowOrigins[strings.ToLower(u.Scheme+"://"+u.Host)] {
+	if strings.EqualFold(u.Host, r.Host) || h.cfg.allowOrigins[strings.ToLower(u.Scheme+"://"+u.Host)] {
 		return nil
 	}
 	return fmt.Errorf("origin %s may not open a WebSocket on %s (see -allow-origin)", origin, r.Host)
 }
 
-// serve is c's reader goroutine, the only reader of its connection: it
-// starts the writer, reads (read, above), and once the connection is
-// closing waits for the writer and closes it. joined says whether join let
-// c in (not once shutdown has begun). A panic here closes this connection
-// with 1011 and no other: the recovery runs first of the deferred calls, so
-// the close frame is queued before serve waits for the writer.
-func (h *hub) serve(c *client, joined bool) {
-	defer h.handlers.Done()
-	defer h.admitted.Add(-1)
-	defer c.conn.Close()
-	defer func() { <-c.writerDone }()
-	if !joined { // never in the room, so bounded like a client leaving it
-		c.wire.stopBy(time.Now().Add(h.closeGrace))
-		c.out.close(appendClose(nil, closeGoingAway, "server shutting down"), true)
-	}
-	go h.write(c)
-	defer recoverTo(h.log, "chat reader", func() { h.drop(c, closeInternalError, "internal error") })
-	if joined {
-		h.log.Debug("joined", "client", c.s.id, "remote", c.conn.RemoteAddr())
-		h.read(c)
-	}
+// attach makes conn, read through r, c's socket, and has c leave with 1001
+// as soon as shutdown begins: in the room, or still in its handshake (a 101
+// stuck in a full socket is then cut within closeGrace, as a stuck client's
+// writes are).
+func (h *hub) attach(c *client, conn net.Conn, r io.Reader) {
+	c.sock = newSocket(conn, r, h.cfg.readIdle, h.cfg.writeWait)
+	c.unwatch = context.AfterFunc(h.stopping, func() { h.leave(c, closeGoingAway, "server shutting down") })
 }
 
 // schedulePingsLocked makes sure a round of pings is on its way. The caller
@@ -951,7 +1070,7 @@ func (h *hub) serve(c *client, joined bool) {
 func (h *hub) schedulePingsLocked() {
 	if !h.pinging {
 		h.pinging = true
-		time.AfterFunc(h.pingEvery, h.pingAll)
+		h.after(h.cfg.pingEvery, "pings", h.pingAll)
 	}
 }
 
@@ -959,17 +1078,26 @@ func (h *hub) schedulePingsLocked() {
 // anyone is in the room. One timer for the whole hub, rather than a ticker
 // per client, keeps an idle connection cheap.
 func (h *hub) pingAll() {
-	defer recoverTo(h.log, "pings", nil)
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.pinging = false
-	if h.closed || len(h.clients) == 0 {
+	if h.stopping.Err() != nil || len(h.clients) == 0 {
 		return
 	}
-	h.schedulePingsLocked() // first, so that a panic below stops one round only
+	h.schedulePingsLocked()
 	for c := range h.clients {
 		h.offerLocked(c, pingFrame)
 	}
+}
+
+// after runs f once d has passed, on a goroutine of its own: the hub's two
+// timers, presence and pings. A panic in f is logged, and the room serves
+// on (TestPanicInATimerIsLoggedAndTheRoomServesOn).
+func (h *hub) after(d time.Duration, what string, f func()) {
+	time.AfterFunc(d, func() {
+		defer recoverTo(h.log, what, nil)
+		f()
+	})
 }
 
 // ------------------------------------------------------------- the limits --
@@ -995,8 +1123,8 @@ const (
 
 // bucket is a token bucket: it holds up to size tokens, refills at perSecond,
 // and take takes one if there is one. A client's reader keeps three: for its
-// messages (the rate limit), its refused messages (the flood limit) and its
-// pings. Only that reader uses them.
+// messages (the rate limit), its refused messages (the flood limit) and, in
+// its socket, its pings. Only that reader uses them.
 type bucket struct {
 	tokens, size, perSecond float64
 	last                    time.Time
@@ -1039,120 +1167,33 @@ func cleanName(s string) (string, *refusal) {
 	return s, nil
 }
 
-// ------------------------------------------------------------- the tuning --
+// ------------------------------------------------------------- the socket --
 //
-// Why this exists: memory and CPU at ten thousand clients. The outbox lets
-// the hub hand a frame over without waiting, and the batch pool lets an
-// idle client hold no buffer. A first reading may skip it.
-
-const (
-	// sendQueueFrames bounds a client's outbox; a client whose outbox is full
-	// when a frame arrives is dropped. Frames are shared: one costs 24 bytes.
-	sendQueueFrames = 256
-	maxPooledBatch  = 64 << 10 // the largest batch buffer the pool keeps, in bytes
-)
-
-// batchPool holds the writers' batch buffers (up to maxPooledBatch bytes
-// each), so that an idle client holds none and a busy one does not allocate.
-// With a new buffer per batch and a new queue per take (see outbox.done),
-// 5000 clients held 1.9 KB more each.
-var batchPool = sync.Pool{New: func() any { return new([]byte) }}
-
-// outbox is a client's queue of frames, framed for the wire, waiting for its
-// writer: the hub puts them in one at a time (messages, pings, replies), the
-// writer takes all of them at once. A close frame is the last one in.
-type outbox struct {
-	mu     sync.Mutex // guards the fields below
-	frames [][]byte   // at most sendQueueFrames, but for the welcome and a close frame
-	spare  [][]byte   // the writer's last batch, emptied, for the next one
-	closed bool       // a close frame is queued: nothing more goes in
-
-	wake chan struct{} // one slot: a signal that frames arrived
-}
-
-// put queues frame. It reports false when the box is full (or closed).
-func (o *outbox) put(frame []byte) bool {
-	o.mu.Lock()
-	ok := !o.closed && len(o.frames) < sendQueueFrames
-	if ok {
-		o.frames = append(o.frames, frame)
-	}
-	o.mu.Unlock()
-	o.signal()
-	return ok
-}
-
-// putFirst queues frames ahead of everything already queued, whatever the
-// bound (a new client's welcome, put by join after it let go of hub.mu).
-func (o *outbox) putFirst(frames ...[]byte) {
-	o.mu.Lock()
-	o.frames = append(frames, o.frames...)
-	o.mu.Unlock()
-	o.signal()
-}
-
-// close queues a close frame last, unless one is queued already; discard
-// drops the frames queued before it (for a client too slow or hostile to
-// deserve them).
-func (o *outbox) close(frame []byte, discard bool) {
-	o.mu.Lock()
-	if !o.closed {
-		if discard {
-			clear(o.frames)
-			o.frames = o.frames[:0]
-		}
-		o.frames = append(o.frames, frame)
-		o.closed = true
-	}
-	o.mu.Unlock()
-	o.signal()
-}
-
-func (o *outbox) signal() {
-	select {
-	case o.wake <- struct{}{}:
-	default: // a wake-up is already pending
-	}
-}
-
-// take empties the box, and reports whether its last frame was the close
-// frame. The writer gives the frames back with done once it has copied them.
-func (o *outbox) take() (frames [][]byte, closed bool) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	frames, o.frames, o.spare = o.frames, o.spare, nil
-	return frames, o.closed
-}
-
-// done hands a taken batch back to be the next one, so that a busy client's
-// queue does not allocate.
-func (o *outbox) done(frames [][]byte) {
-	clear(frames) // let the frames be collected
-	o.mu.Lock()
-	o.spare = frames[:0]
-	o.mu.Unlock()
-}
-
-// -------------------------------------------------------- the frame layer --
-//
-// Why this exists: RFC 6455 asks a server to check every frame it reads, and
-// a text chat must never relay a message that is not whole, valid UTF-8.
-// A first reading may skip it.
+// Why this exists: pollfree speaks RFC 6455 itself, so that a text chat
+// never relays a message that is not whole, valid UTF-8, and so that one
+// type owns the connection: the room and a client's loops above use its
+// readMessage, writeFrames and closeBy, and never see a deadline or a
+// frame's bytes. A first reading may skip it.
 //
 // Which part of the wire is whose:
 //   - x/net/websocket checks the opening handshake (net/http has read it:
 //     method, upgrade headers, a key, version 13) and writes the 101 answer
-//     (through the wire, with the subprotocol ServeHTTP selected). That is all it does: its Conn is never read or
-//     written, so it never answers a ping or writes a close frame of its own.
-//   - After the handshake, pollfree reads every frame (nextMessage, below:
+//     through the socket (hijacker, below), with the subprotocol ServeHTTP
+//     selected. That is all it does: its Conn is never read or written, so
+//     it never answers a ping or writes a close frame of its own.
+//   - After the handshake, the socket reads every frame (readMessage:
 //     fragments, control frames, UTF-8, close codes) and writes every frame
-//     (the client's writer). Server frames are simple: final, unmasked, a
-//     two- to ten-byte header.
+//     the client's writer hands it. Server frames are simple: final,
+//     unmasked, a two- to ten-byte header.
 
 // Frame-level limits (RFC 6455, section 5).
 const (
-	maxFrameBytes   = 8 << 10 // a client's message, all its fragments together; more closes with 1009
-	maxControlBytes = 125     // a control frame's payload, at most (RFC 6455, section 5.5)
+	// maxMessageBytes bounds a client's message, all its fragments together;
+	// more closes with 1009. Every message of maxTextChars fits, however a
+	// JSON encoder escapes it: 2 000 characters as surrogate-pair escapes
+	// (\ud83d\ude00) are 24 KB.
+	maxMessageBytes = 32 << 10
+	maxControlBytes = 125 // a control frame's payload, at most (RFC 6455, section 5.5)
 	// The buffers the connection is read and its handshake written through;
 	// net/http's 4 KiB pair would be most of an idle client.
 	connReadBufferBytes  = 512
@@ -1167,7 +1208,7 @@ const (
 	closeUnsupported     = 1003 // a binary frame: the protocol is JSON text
 	closeBadData         = 1007 // a text message that is not UTF-8
 	closePolicyViolation = 1008 // flooding, or too slow to read
-	closeTooBig          = 1009 // a message over maxFrameBytes
+	closeTooBig          = 1009 // a message over maxMessageBytes
 	closeInternalError   = 1011 // a panic while serving this connection
 	closeReplaced        = 4000 // a resume took over the session (a private-use code)
 )
@@ -1183,22 +1224,29 @@ func (e *closeError) Error() string { return "close " + strconv.Itoa(e.code) + "
 
 func fail(code int, reason string) *closeError { return &closeError{code: code, reason: reason} }
 
-// frameReader reads one client's frames (RFC 6455, section 5.2) from its
-// connection. Only the client's reader goroutine calls its methods, but for
-// closeAfter, which the writer calls.
-type frameReader struct {
-	conn net.Conn
-	br   *bufio.Reader // conn, after the handshake
-	idle time.Duration
+// socket is one chat connection after its handshake. Its reader half
+// (readMessage, linger) is the client's reader goroutine's alone, its writer
+// half (writeFrames) the writer goroutine's; closeBy may come from anywhere.
+type socket struct {
+	conn            net.Conn
+	br              *bufio.Reader // conn, after what came with the handshake
+	idle, writeWait time.Duration
 
-	msg   []byte // the data message being put together; nil when none is open
+	// The reader's: the data message being put together, and the frame being read.
+	msg   []byte // nil when no message is open
 	valid int    // how much of msg is checked UTF-8
 	op    byte   // the current frame's opcode
 	left  int64  // what is still unread of its payload
 	pings bucket
 
-	mu      sync.Mutex // orders the read deadline's moves between nextMessage and closeAfter
-	closing bool       // closeAfter has fixed the deadline: nextMessage no longer moves it
+	mu    sync.Mutex // orders every deadline set on conn: the reader's, the writer's and closeBy's
+	until time.Time  // once closing: no read or write lasts past it
+}
+
+func newSocket(conn net.Conn, r io.Reader, idle, writeWait time.Duration) *socket {
+	s := &socket{conn: conn, br: bufio.NewReaderSize(r, connReadBufferBytes), idle: idle, writeWait: writeWait, pings: newBucket(pingBurst, pingsPerSecond)}
+	s.deadline(conn.SetReadDeadline, idle) // for the first frame
+	return s
 }
 
 // header is one frame's header.
@@ -1209,16 +1257,16 @@ type header struct {
 	key         [4]byte
 }
 
-// nextMessage returns the next whole text message. Control frames between
+// readMessage returns the next whole text message. Control frames between
 // its fragments, or between messages, are handled here: a ping is answered
 // through pong with its payload, a pong only shows the peer is there, a
 // close frame ends the connection. It returns a *closeError when the
 // connection must close with a code, and otherwise only the connection's
 // own errors (the peer went, or sent nothing for idle). A message is judged
 // as it arrives: it fails at the first byte that cannot be valid UTF-8.
-func (fr *frameReader) nextMessage(pong func(payload []byte)) ([]byte, error) {
+func (s *socket) readMessage(pong func(payload []byte)) ([]byte, error) {
 	for {
-		f, err := fr.header()
+		f, err := s.header()
 		if err != nil {
 			return nil, err
 		}
@@ -1234,48 +1282,48 @@ func (fr *frameReader) nextMessage(pong func(payload []byte)) ([]byte, error) {
 		switch f.opcode {
 		case websocket.PingFrame, websocket.PongFrame, websocket.CloseFrame:
 			p := make([]byte, f.length)
-			if err := fr.payload(p, f.key, false); err != nil {
+			if err := s.payload(p, f.key, false); err != nil {
 				return nil, err
 			}
 			switch {
 			case f.opcode == websocket.CloseFrame:
 				return nil, peerClose(p)
 			case f.opcode == websocket.PongFrame:
-			case !fr.pings.take(time.Now()):
+			case !s.pings.take(time.Now()):
 				return nil, fail(closePolicyViolation, "ping flood")
 			default:
 				pong(p)
 			}
 			continue
 		case websocket.TextFrame, websocket.BinaryFrame:
-			if fr.msg != nil {
+			if s.msg != nil {
 				return nil, fail(closeProtocolError, "a new message inside a fragmented one")
 			}
 			if f.opcode == websocket.BinaryFrame {
 				return nil, fail(closeUnsupported, "text frames only")
 			}
 		case websocket.ContinuationFrame:
-			if fr.msg == nil {
+			if s.msg == nil {
 				return nil, fail(closeProtocolError, "a continuation with no message to continue")
 			}
 		default:
 			return nil, fail(closeProtocolError, "reserved opcode "+strconv.Itoa(int(f.opcode)))
 		}
-		if f.length > maxFrameBytes-int64(len(fr.msg)) { // not a sum: a length near 2^63 would wrap
-			return nil, fail(closeTooBig, "message over "+strconv.Itoa(maxFrameBytes)+" bytes")
+		if f.length > maxMessageBytes-int64(len(s.msg)) { // not a sum: a length near 2^63 would wrap
+			return nil, fail(closeTooBig, "message over "+strconv.Itoa(maxMessageBytes)+" bytes")
 		}
-		if fr.msg == nil {
-			fr.msg, fr.valid = make([]byte, 0, f.length), 0
+		if s.msg == nil {
+			s.msg, s.valid = make([]byte, 0, f.length), 0
 		}
-		start := len(fr.msg)
-		fr.msg = slices.Grow(fr.msg, int(f.length))[:start+int(f.length)]
-		if err := fr.payload(fr.msg[start:], f.key, true); err != nil {
+		start := len(s.msg)
+		s.msg = slices.Grow(s.msg, int(f.length))[:start+int(f.length)]
+		if err := s.payload(s.msg[start:], f.key, true); err != nil {
 			return nil, err
 		}
 		if f.fin {
-			msg := fr.msg
-			fr.msg = nil
-			if !fr.checkUTF8(msg, true) {
+			msg := s.msg
+			s.msg = nil
+			if !s.checkUTF8(msg, true) {
 				return nil, fail(closeBadData, "text message is not valid UTF-8")
 			}
 			return msg, nil
@@ -1285,18 +1333,14 @@ func (fr *frameReader) nextMessage(pong func(payload []byte)) ([]byte, error) {
 
 // header reads a frame's header; any frame shows the peer is there, so it
 // moves the read deadline idle on.
-func (fr *frameReader) header() (f header, err error) {
+func (s *socket) header() (f header, err error) {
 	var b [2]byte
 	for i := range b {
-		if b[i], err = fr.br.ReadByte(); err != nil {
+		if b[i], err = s.br.ReadByte(); err != nil {
 			return f, err
 		}
 	}
-	fr.mu.Lock()
-	if !fr.closing {
-		fr.conn.SetReadDeadline(time.Now().Add(fr.idle))
-	}
-	fr.mu.Unlock()
+	s.deadline(s.conn.SetReadDeadline, s.idle)
 	f.fin, f.rsv, f.opcode = b[0]&0x80 != 0, b[0]>>4&0x7, b[0]&0xf
 	f.masked, f.length = b[1]&0x80 != 0, int64(b[1]&0x7f)
 	extra := 0 // bytes of extended length
@@ -1307,7 +1351,7 @@ func (fr *frameReader) header() (f header, err error) {
 		extra, f.length = 8, 0
 	}
 	for range extra {
-		c, err := fr.br.ReadByte()
+		c, err := s.br.ReadByte()
 		if err != nil {
 			return f, err
 		}
@@ -1320,26 +1364,26 @@ func (fr *frameReader) header() (f header, err error) {
 		if !f.masked {
 			break
 		}
-		if f.key[i], err = fr.br.ReadByte(); err != nil {
+		if f.key[i], err = s.br.ReadByte(); err != nil {
 			return f, err
 		}
 	}
-	fr.op, fr.left = f.opcode, f.length
+	s.op, s.left = f.opcode, f.length
 	return f, nil
 }
 
 // payload reads the current frame's payload into p, unmasking it. A text
-// fragment (p then ends fr.msg) is checked piece by piece as it arrives.
-func (fr *frameReader) payload(p []byte, key [4]byte, text bool) error {
-	start := len(fr.msg) - len(p)
+// fragment (p then ends s.msg) is checked piece by piece as it arrives.
+func (s *socket) payload(p []byte, key [4]byte, text bool) error {
+	start := len(s.msg) - len(p)
 	for got := 0; got < len(p); {
-		n, err := fr.br.Read(p[got:])
+		n, err := s.br.Read(p[got:])
 		for i := got; i < got+n; i++ {
 			p[i] ^= key[i%4]
 		}
 		got += n
-		fr.left -= int64(n)
-		if text && !fr.checkUTF8(fr.msg[:start+got], false) {
+		s.left -= int64(n)
+		if text && !s.checkUTF8(s.msg[:start+got], false) {
 			return fail(closeBadData, "text message is not valid UTF-8")
 		}
 		if err != nil {
@@ -1352,10 +1396,10 @@ func (fr *frameReader) payload(p []byte, key [4]byte, text bool) error {
 // checkUTF8 checks msg, what has arrived of a text message, from where the
 // last check stopped. It must be valid UTF-8, but for a last character cut
 // short that more bytes could still complete, unless the message is whole.
-func (fr *frameReader) checkUTF8(msg []byte, whole bool) bool {
-	rest := msg[fr.valid:]
+func (s *socket) checkUTF8(msg []byte, whole bool) bool {
+	rest := msg[s.valid:]
 	if utf8.Valid(rest) {
-		fr.valid = len(msg)
+		s.valid = len(msg)
 		return true
 	}
 	for len(rest) > 0 {
@@ -1364,7 +1408,7 @@ func (fr *frameReader) checkUTF8(msg []byte, whole bool) bool {
 			return !whole && !utf8.FullRune(rest) // FullRune is false only for a valid beginning
 		}
 		rest = rest[size:]
-		fr.valid += size
+		s.valid += size
 	}
 	return true
 }
@@ -1395,38 +1439,71 @@ func validCloseCode(code int) bool {
 	return 1000 <= code && code <= 1003 || 1007 <= code && code <= 1014 || 3000 <= code && code <= 4999
 }
 
+// writeFrames writes frames, failing if that takes longer than writeWait
+// (or past closeBy's bound). It reports how many bytes went. The frames go
+// in one system call, as they are: net.Buffers is writev on a TCP
+// connection, so a batch is never copied into one buffer.
+func (s *socket) writeFrames(frames [][]byte) (int64, error) {
+	s.deadline(s.conn.SetWriteDeadline, s.writeWait)
+	bufs := net.Buffers(frames)
+	return bufs.WriteTo(s.conn)
+}
+
+// Write writes p as writeFrames does: x/net's handshake answer goes through it.
+func (s *socket) Write(p []byte) (int, error) {
+	n, err := s.writeFrames([][]byte{p})
+	return int(n), err
+}
+
+// deadline sets a read or write deadline d from now, but not past closeBy's bound.
+func (s *socket) deadline(set func(time.Time) error, d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t := time.Now().Add(d)
+	if !s.until.IsZero() && s.until.Before(t) {
+		t = s.until
+	}
+	set(t)
+}
+
+// closeBy makes every read and write end by t, those in progress too (or by
+// an earlier time a previous call set: the bound only tightens). leave calls
+// it, so that a peer that stopped reading cannot hold the connection.
+func (s *socket) closeBy(t time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.until.IsZero() || t.Before(s.until) {
+		s.until = t
+		s.conn.SetDeadline(t)
+	}
+}
+
 // linger reads and drops what the peer still sends once the connection is
-// closing, up to its close frame: closed with bytes unread, the connection
-// would be reset, and the peer could lose the close frame that says why.
-// The writer's closeAfter bounds it.
-func (fr *frameReader) linger() {
+// closing, up to its close frame, within closeBy's bound: closed with bytes
+// unread, the connection would be reset, and the peer could lose the close
+// frame that says why.
+func (s *socket) linger() {
 	for {
-		if _, err := fr.br.Discard(int(fr.left)); err != nil || fr.op == websocket.CloseFrame {
+		if _, err := s.br.Discard(int(s.left)); err != nil || s.op == websocket.CloseFrame {
 			return
 		}
-		if _, err := fr.header(); err != nil {
+		if _, err := s.header(); err != nil {
 			return
 		}
 	}
 }
 
-// closeAfter stops nextMessage moving the read deadline, and gives the peer
-// d to finish. The writer calls it once the close frame is out, or cannot go.
-func (fr *frameReader) closeAfter(d time.Duration) {
-	fr.mu.Lock()
-	defer fr.mu.Unlock()
-	fr.closing = true
-	fr.conn.SetReadDeadline(time.Now().Add(d))
-}
+// Close closes the connection.
+func (s *socket) Close() error { return s.conn.Close() }
 
-// hijacker hands x/net the hijacked connection, with small buffers: x/net
-// reads the handshake and writes its answer through the client's wire, and
-// the client's frameReader reads the same buffer afterwards.
+// hijacker hands x/net the connection as the client's socket: x/net reads
+// the handshake through the socket's small read buffer and writes its
+// answer through the socket, and readMessage reads the same buffer
+// afterwards.
 type hijacker struct {
 	http.ResponseWriter
-	c         *client
-	idle      time.Duration
-	writeWait time.Duration
+	h *hub
+	c *client
 }
 
 func (hj hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
@@ -1439,79 +1516,17 @@ func (hj hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		early, _ := brw.Reader.Peek(n)
 		r = io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn)
 	}
-	conn.SetReadDeadline(time.Now().Add(hj.idle)) // the first; from the first frame on, the frameReader's
-	hj.c.attach(conn, r, hj.idle, hj.writeWait)
+	hj.h.attach(hj.c, conn, r)
+	s := hj.c.sock
 	// New small buffers, so that net/http's can go with its request.
-	return keepOpen{conn}, bufio.NewReadWriter(hj.c.in.br, bufio.NewWriterSize(hj.c.wire, connWriteBufferBytes)), nil
-}
-
-// attach makes conn c's connection, read from r (conn, after what came with
-// the handshake) and written through a wire.
-func (c *client) attach(conn net.Conn, r io.Reader, idle, writeWait time.Duration) {
-	c.conn = conn
-	c.in = &frameReader{conn: conn, br: bufio.NewReaderSize(r, connReadBufferBytes), idle: idle, pings: newBucket(pingBurst, pingsPerSecond)}
-	c.wire = &wire{conn: conn, wait: writeWait}
+	return keepOpen{conn}, bufio.NewReadWriter(s.br, bufio.NewWriterSize(s, connWriteBufferBytes)), nil
 }
 
 // keepOpen is the connection as x/net sees it: x/net closes it when its
-// handler returns, but the client's own goroutines serve on and close it.
+// handler returns, but serve goes on and closes it.
 type keepOpen struct{ net.Conn }
 
 func (keepOpen) Close() error { return nil }
-
-// wire is the one path by which bytes reach a connection, chat or event
-// stream, and the owner of its write deadline: each write sets its own
-// deadline as it starts, and mu keeps the pair whole. stopBy is the one
-// other hand on it: the hub dropping a client and the broadcaster stopping
-// streams end the write in progress, and bound every later one, so that a
-// peer that stopped reading cannot hold up shutdown (and a connection
-// refused at shutdown gets the same bound for its one write).
-type wire struct {
-	conn deadlineWriter
-	wait time.Duration // how long a write may take
-
-	mu sync.Mutex // held for one write and the deadline set for it
-
-	dmu   sync.Mutex // guards the fields below and every SetWriteDeadline
-	set   time.Time  // the deadline in force
-	until time.Time  // if not zero, no write may last past it
-}
-
-// deadlineWriter is a hijacked connection, or an HTTP/2 stream's response.
-type deadlineWriter interface {
-	io.Writer
-	SetWriteDeadline(time.Time) error
-}
-
-// Write writes p, failing if that takes longer than w.wait (or goes past the
-// time stopBy set).
-func (w *wire) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.dmu.Lock()
-	w.set = time.Now().Add(w.wait)
-	if !w.until.IsZero() && w.until.Before(w.set) {
-		w.set = w.until
-	}
-	w.conn.SetWriteDeadline(w.set)
-	w.dmu.Unlock()
-	return w.conn.Write(p)
-}
-
-// stopBy makes the write in progress, and every later one, end by t (or by
-// an earlier time a previous call set: the bound only ever tightens).
-func (w *wire) stopBy(t time.Time) {
-	w.dmu.Lock()
-	defer w.dmu.Unlock()
-	if w.until.IsZero() || t.Before(w.until) {
-		w.until = t
-	}
-	t = w.until
-	if w.set.IsZero() || w.set.After(t) {
-		w.set = t
-		w.conn.SetWriteDeadline(t)
-	}
-}
 
 // appendHeader appends the header of a server frame with an n-byte payload
 // (RFC 6455, section 5.2): final, not masked, the shortest length encoding.
@@ -1527,22 +1542,22 @@ func appendHeader(b []byte, opcode byte, n int) []byte {
 	}
 }
 
-// appendFrame appends a whole server frame.
-func appendFrame(b []byte, opcode byte, payload []byte) []byte {
-	return append(appendHeader(b, opcode, len(payload)), payload...)
-}
-
 // textFrame frames a JSON payload.
 func textFrame(payload []byte) []byte {
-	return appendFrame(make([]byte, 0, 10+len(payload)), websocket.TextFrame, payload)
+	return append(appendHeader(make([]byte, 0, 10+len(payload)), websocket.TextFrame, len(payload)), payload...)
+}
+
+// pongFrame answers a ping with its payload.
+func pongFrame(payload []byte) []byte {
+	return append(appendHeader(nil, websocket.PongFrame, len(payload)), payload...)
 }
 
 // pingFrame is the server's ping, shared by every client.
-var pingFrame = appendFrame(nil, websocket.PingFrame, nil)
+var pingFrame = appendHeader(nil, websocket.PingFrame, 0)
 
-// appendClose appends a close frame with a status code and reason (RFC 6455,
+// closeFrame is a close frame with a status code and reason (RFC 6455,
 // section 5.5.1). The reason must fit the 123 bytes a control frame allows.
-func appendClose(b []byte, code int, reason string) []byte {
-	b = binary.BigEndian.AppendUint16(appendHeader(b, websocket.CloseFrame, 2+len(reason)), uint16(code))
+func closeFrame(code int, reason string) []byte {
+	b := binary.BigEndian.AppendUint16(appendHeader(nil, websocket.CloseFrame, 2+len(reason)), uint16(code))
 	return append(b, reason...)
 }

@@ -359,7 +359,7 @@ func (s *server) beginShutdown() {
 // wait blocks until every chat connection and event stream has closed
 // (http.Server.Shutdown does not track hijacked connections) or ctx is done.
 func (s *server) wait(ctx context.Context) error {
-	return errors.Join(waitFor(ctx, &s.chat.handlers, "chat connections"), waitFor(ctx, &s.stats.streams, "event streams"))
+	return errors.Join(s.chat.wait(ctx), waitFor(ctx, &s.stats.streams, "event streams"))
 }
 
 // waitFor waits for wg, or until ctx is done.
