@@ -1145,9 +1145,10 @@ func (b *bucket) take(now time.Time) bool {
 }
 
 // cleanName returns the display name a client asked for, trimmed and with
-// inner white space collapsed, or a refusal. Names may not hold control or
-// invisible formatting characters (zero-width, bidi overrides), so a name
-// cannot hide text or pass for someone else's by invisible differences.
+// inner white space collapsed, or a refusal. A name may not hold a control
+// character or one that shows nothing of its own, and must show something,
+// so that no name can hide text or pass for another by an invisible
+// difference.
 func cleanName(s string) (string, *refusal) {
 	if !utf8.ValidString(s) {
 		return "", &refusal{errBadName, "name is not valid UTF-8"}
@@ -1156,15 +1157,27 @@ func cleanName(s string) (string, *refusal) {
 	if s == "" {
 		return "", &refusal{errBadName, "name is empty"}
 	}
-	for _, r := range s {
-		if unicode.IsControl(r) || unicode.Is(unicode.Cf, r) || r == utf8.RuneError {
-			return "", &refusal{errBadName, fmt.Sprintf("name holds a control or invisible character (%U)", r)}
-		}
+	if i := strings.IndexFunc(s, invisible); i >= 0 {
+		r, _ := utf8.DecodeRuneInString(s[i:])
+		return "", &refusal{errBadName, fmt.Sprintf("name holds a control or invisible character (%U)", r)}
+	}
+	if !strings.ContainsFunc(s, func(r rune) bool { return unicode.In(r, unicode.L, unicode.N, unicode.P, unicode.S) }) {
+		return "", &refusal{errBadName, "name shows nothing: it needs a letter, digit, punctuation or symbol"}
 	}
 	if utf8.RuneCountInString(s) > maxNameChars {
 		return "", &refusal{errBadName, "name is over " + strconv.Itoa(maxNameChars) + " characters"}
 	}
 	return s, nil
+}
+
+// invisible reports whether r shows nothing of its own: a control or
+// format character, one of Unicode's other Default_Ignorable_Code_Points
+// (the combining grapheme joiner, Hangul fillers, variation selectors), or
+// the braille blank, a letter-sized space. (U+FFFD, which stands for bytes
+// that were not text, is refused with them.)
+func invisible(r rune) bool {
+	return unicode.IsControl(r) || r == '\u2800' || r == utf8.RuneError ||
+		unicode.In(r, unicode.Cf, unicode.Other_Default_Ignorable_Code_Point, unicode.Variation_Selector)
 }
 
 // ------------------------------------------------------------- the socket --

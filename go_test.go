@@ -757,6 +757,36 @@ func TestNamesAreTrimmedUniqueAndServerChosenOtherwise(t *testing.T) {
 	}
 }
 
+// No name passes for another by an invisible difference: with "ann"
+// online, "ann" with any of Unicode's default-ignorable characters added is
+// refused, and so is a name that shows nothing at all.
+func TestInvisibleDifferencesDoNotMakeANewName(t *testing.T) {
+	for _, invisible := range []string{"\u034f", "\ufe0f", "\ufe00", "\u180b", "\u17b4", "\u3164", "\uffa0", "\U000e0100", "\u200b", "\u2060"} {
+		if name, ref := cleanName("ann" + invisible); ref == nil || ref.Code != errBadName {
+			t.Errorf("cleanName(ann + %+q) = %q, %v; want a bad_name refusal", invisible, name, ref)
+		}
+	}
+	for _, blank := range []string{"\u3164", "\u2800", "\u115f", "\u0301"} {
+		if name, ref := cleanName(blank); ref == nil || ref.Code != errBadName {
+			t.Errorf("cleanName(%+q) = %q, %v; want a bad_name refusal: it shows nothing", blank, name, ref)
+		}
+	}
+	for _, fine := range []string{"ann", "Zoë", "Jose\u0301", "李雷", "O'Brien", "ann 2", "★"} {
+		if name, ref := cleanName(fine); ref != nil || name != fine {
+			t.Errorf("cleanName(%+q) = %q, %v; want it kept", fine, name, ref)
+		}
+	}
+	_, url := newTestServer(t)
+	dial(t, url, "?name=ann")
+	c, _ := dial(t, url, "?name=ann%EF%B8%8F") // U+FE0F, a variation selector
+	if f := c.next(); f.Type != "error" || f.Code != errBadName {
+		t.Errorf("joining as ann+U+FE0F beside ann: got %q %q, want a bad_name error", f.Type, f.Code)
+	}
+	if strings.HasPrefix(c.me.Name, "ann") {
+		t.Errorf("joining as ann+U+FE0F beside ann was named %q, want a random name", c.me.Name)
+	}
+}
+
 func TestRenameIsBroadcastAndKeptUnique(t *testing.T) {
 	_, url := newTestServer(t)
 	a, _ := dial(t, url, "?name=Ann")
@@ -2566,7 +2596,7 @@ func TestPingAfterSilenceGetsPong(t *testing.T) {
 	s.chat.cfg.writeWait = 100 * time.Millisecond
 	_, url := serveTest(t, s)
 	raw, _ := dialRaw(t, url, "")
-	raw.readText(t)                  // the welcome: the server's last write
+	raw.readText(t)                      // the welcome: the server's last write
 	time.Sleep(2 * s.chat.cfg.writeWait) // the silence under test, not a synchronisation
 	raw.writeFrame(websocket.PingFrame, []byte("still there?"))
 	op, p, err := raw.readFrame()
