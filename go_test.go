@@ -787,6 +787,39 @@ func TestInvisibleDifferencesDoNotMakeANewName(t *testing.T) {
 	}
 }
 
+// The history is bounded by bytes as well as by count, so that what a join
+// costs is bounded whatever the room said: after 50 messages of 2 000 "<"
+// (each 12 KB once encoding/json writes "<" as \u003c, 600 KB in all), a
+// welcome, and a resume from since=0, are each under 100 KB.
+func TestWelcomeStaysSmallAfterTheLargestMessages(t *testing.T) {
+	h := newHub(slog.New(slog.DiscardHandler), 10, nil)
+	sender := detachedClient(t)
+	h.join(sender, joinRequest{since: -1})
+	for range historySize {
+		h.say(sender, strings.Repeat("<", maxTextChars))
+	}
+	size := func(c *client) (n int) {
+		frames, _ := c.out.take()
+		for _, f := range frames {
+			n += len(f)
+		}
+		return n
+	}
+	fresh := detachedClient(t)
+	h.join(fresh, joinRequest{since: -1})
+	if n := size(fresh); n > 100_000 || n < historyBytes/2 {
+		t.Errorf("a welcome after 50 messages of 2 000 \"<\" is %d bytes, want the history within %d and the welcome under 100 000", n, historyBytes)
+	}
+	again := detachedClient(t)
+	h.join(again, joinRequest{resume: sender.s.id + "." + sender.s.secret, since: 0})
+	if again.s != sender.s {
+		t.Fatal("the resume did not continue the sender's session")
+	}
+	if n := size(again); n > 100_000 {
+		t.Errorf("a resume from since=0 is %d bytes, want under 100 000", n)
+	}
+}
+
 func TestRenameIsBroadcastAndKeptUnique(t *testing.T) {
 	_, url := newTestServer(t)
 	a, _ := dial(t, url, "?name=Ann")
@@ -1551,6 +1584,42 @@ func TestOversizedFrameClosesWith1009(t *testing.T) {
 	watcher.say("unaffected")
 	if m := watcher.await("message"); m.Text != "unaffected" {
 		t.Errorf("watcher got %q, want its own message", m.Text)
+	}
+}
+
+// Every message within maxTextChars is delivered, however a standard JSON
+// encoder escapes it: 2 000 Chinese characters as Python's json.dumps writes
+// them (\u6c49, 12 KB), 2 000 "<" as Go's encoding/json writes them (12 KB),
+// 2 000 emoji as surrogate-pair escapes (24 KB). One character more is
+// too_long and the connection stays; 33 000 bytes is 1009.
+func TestEscapedMessagesWithinTheLimitAreDelivered(t *testing.T) {
+	_, url := newTestServer(t)
+	raw, _ := dialRaw(t, url, "")
+	raw.readText(t) // welcome
+	lessThan, _ := json.Marshal(map[string]string{"type": "message", "text": strings.Repeat("<", maxTextChars)})
+	for _, tc := range []struct {
+		name, wire, text string
+	}{
+		{"Chinese, as json.dumps", `{"type":"message","text":"` + strings.Repeat(`\u6c49`, maxTextChars) + `"}`, strings.Repeat("汉", maxTextChars)},
+		{"<, as encoding/json", string(lessThan), strings.Repeat("<", maxTextChars)},
+		{"emoji, as surrogate pairs", `{"type":"message","text":"` + strings.Repeat(`\ud83d\ude00`, maxTextChars) + `"}`, strings.Repeat("😀", maxTextChars)},
+	} {
+		raw.writeFrame(websocket.TextFrame, []byte(tc.wire))
+		if f := raw.readText(t); f.Type != "message" || f.Text != tc.text {
+			t.Errorf("%s (%d bytes): got %s %q (%d characters), want the message back", tc.name, len(tc.wire), f.Type, f.Code, utf8.RuneCountInString(f.Text))
+		}
+	}
+	raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"`+strings.Repeat(`\u6c49`, maxTextChars+1)+`"}`))
+	if f := raw.readText(t); f.Type != "error" || f.Code != errTooLong {
+		t.Errorf("2 001 characters: got %s %q, want a too_long error", f.Type, f.Code)
+	}
+	raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"still here"}`))
+	if f := raw.readText(t); f.Text != "still here" {
+		t.Errorf("after too_long, got %s %q, want the next message delivered", f.Type, f.Text)
+	}
+	raw.writeFrame(websocket.TextFrame, []byte(`{"type":"message","text":"`+strings.Repeat("x", 33_000-27)+`"}`))
+	if code, _ := raw.readClose(t); code != closeTooBig {
+		t.Errorf("a 33 000-byte message: close %d, want %d", code, closeTooBig)
 	}
 }
 
