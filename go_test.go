@@ -35,6 +35,7 @@
 //	a scratch container, TLS       TestStaticBinaryRunsAloneLikeScratch, TestTLSServesHTTP2StreamsAndWebSocket
 //	the page in a browser          TestBrowserTwoPeopleChatAndWatchStats, TestBrowserShowsTheWireAndSpeaksChinese, TestBrowserPageIsAccessible
 //	the page's details             TestBrowserCountsCharactersAsTheServerDoes, TestBrowserLogsKeepTheNewestInViewUnlessScrolledUp, TestBrowserShowsADashForAnAbsentFigure, TestPageWordsAndNumbersHaveOneSource
+//	close codes in words           TestBrowserShowsEveryCloseCodeInWords
 
 package main
 
@@ -4421,6 +4422,96 @@ func TestBrowserPageIsAccessible(t *testing.T) {
 		}
 		b.call(t, "", "Target.closeTarget", map[string]any{"targetId": p.target}, nil)
 	}
+}
+
+// Every close code the server sends (1000, 1001, 1002, 1003, 1007, 1008,
+// 1009, 1011, 4000) shows in the chat as a notice in words, in English and
+// in Chinese, once; after each the page reconnects, but after 4000, whose
+// session went on elsewhere. The server is pollfree's but for /ws, where a
+// stand-in welcomes the page and closes at once with the next code: no page
+// can make the real server send 1002, 1007 or 1011.
+func TestBrowserShowsEveryCloseCodeInWords(t *testing.T) {
+	b := startBrowser(t)
+	closes := []struct {
+		code           int
+		reason, en, zh string
+	}{
+		{1000, "", "The chat connection was closed.", "聊天连接已关闭。"},
+		{1001, "server shutting down", "The server is restarting.", "服务器正在重启。"},
+		{1002, "client frames must be masked", "The server closed the connection: a frame broke the WebSocket protocol.", "服务器关闭了连接：有一帧不符合 WebSocket 协议。"},
+		{1003, "text frames only", "The server closed the connection: it takes text frames only.", "服务器关闭了连接：它只接受文本帧。"},
+		{1007, "text message is not valid UTF-8", "The server closed the connection: a message was not valid UTF-8.", "服务器关闭了连接：有一条消息不是有效的 UTF-8。"},
+		{1008, "flooding", "The server closed the connection: flooding", "服务器关闭了连接: flooding"},
+		{1009, "message over 32768 bytes", "That message was too large; the server closed the connection.", "消息太大，服务器关闭了连接。"},
+		{1011, "internal error", "The server hit an internal error and closed the connection.", "服务器内部出错，关闭了连接。"},
+		{4000, "replaced", "This chat continued in another connection. Reload the page to come back here.", "这个聊天已在另一个连接中继续。重新加载页面即可回到这里。"},
+	}
+	for _, language := range []string{"en", "zh-CN"} {
+		t.Run(language, func(t *testing.T) {
+			var opened atomic.Int64
+			closing := websocket.Server{
+				Handshake: func(c *websocket.Config, r *http.Request) error {
+					c.Protocol = []string{"pollfree"} // the page offers it, and fails a handshake that picks none
+					return nil
+				},
+				Handler: func(ws *websocket.Conn) {
+					i := int(opened.Add(1)) - 1
+					if i >= len(closes) {
+						return
+					}
+					// A welcome as the server's, so that the page is connected and
+					// its backoff starts again from 1 s.
+					websocket.Message.Send(ws, `{"type":"welcome","run":"r","you":{"id":"r-1","name":"closer"},"online":1,`+
+						`"users":[{"id":"r-1","name":"closer"}],"history":[],"resume":"token","resumed":false,"missed":0}`)
+					ws.PayloadType = websocket.CloseFrame // x/net writes a frame of this opcode: a close frame
+					ws.Write(append(binary.BigEndian.AppendUint16(nil, uint16(closes[i].code)), closes[i].reason...))
+					ws.SetReadDeadline(time.Now().Add(wait))
+					io.Copy(io.Discard, ws) // until the page answers the close, or goes
+				},
+			}
+			url := serveThrough(t, func(real http.Handler) http.Handler {
+				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if r.URL.Path == "/ws" {
+						closing.ServeHTTP(w, r)
+						return
+					}
+					real.ServeHTTP(w, r)
+				})
+			})
+			p := b.newPageWith(t, "closes-"+language, url+"/", func(p *browserPage) { p.speak(language) })
+			notices := func(text string) string {
+				return `[...document.querySelectorAll("#messages .notice")].filter(li => li.textContent === ` + jsString(text) + `).length`
+			}
+			for _, c := range closes {
+				want := c.en
+				if language != "en" {
+					want = c.zh
+				}
+				p.waitFor(fmt.Sprintf("close %d in words", c.code), notices(want)+` > 0`)
+				if n := p.count(notices(want)); n != 1 {
+					t.Errorf("close %d: got %d notices %q, want 1", c.code, n, want)
+				}
+			}
+			if got, want := int(opened.Load()), len(closes); got != want {
+				t.Errorf("got %d connections, want %d: one a close code", got, want)
+			}
+			if !p.eval2bool(`chat.ws === null && chat.attempt === 0`) {
+				t.Error("after a 4000 close the page scheduled a reconnect")
+			}
+		})
+	}
+}
+
+// serveThrough runs pollfree's handler under httptest, as newTestServer
+// does, but behind wrap, which may count requests or stand in for a route,
+// and returns that server's URL. (newTestServer's own listener goes unused;
+// its cleanup shuts the handler down.)
+func serveThrough(t *testing.T, wrap func(real http.Handler) http.Handler) string {
+	t.Helper()
+	s, _ := newTestServer(t)
+	ts := httptest.NewServer(wrap(s))
+	t.Cleanup(ts.Close)
+	return ts.URL
 }
 
 var soak = flag.Duration("soak", 0, "run TestSoak for this long (e.g. -soak 10m)")
