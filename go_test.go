@@ -21,7 +21,7 @@
 //	shutdown                       TestShutdownClosesChatWith1001EndsStreamsAndReturns, TestSIGTERMUnderLoad, TestSIGTERMWithAStuckClientExitsInTime, TestSecondSignalStopsAtOnce
 //	the page, its CSP, /healthz    TestIndexServesEmbeddedPage, TestPageCSPAllowsOnlyThePagesScriptAndStyleByHash, TestPageLoadsNothingFromElsewhere, TestHealthz
 //	HTTP/1.1's six connections     TestBrowserSevenStreamsNeedHTTP2, TestBrowserWebSocketsAreNotHeldToSix
-//	polling against pushing        BenchmarkPollVersusPush
+//	polling against pushing        BenchmarkPollVersusPush, TestBrowserPollsWhenAskedAndStreamsWhenNot
 //	welcome, order, identity       TestWelcome, TestEveryClientGetsEveryMessageInSeqOrder, TestCannotSpeakAsSomeoneElse
 //	names, presence, history       TestNamesAreTrimmedUniqueAndServerChosenOtherwise, TestPresenceIsCoalesced, TestHistoryKeepsTheLast50InOrder
 //	resuming a session             TestResumeAfterABlipKeepsIdentityAndMissedMessages, TestResumeCountsMissedAndExpires, TestOneLiveConnectionPerSession, TestResumeTokenTravelsAsASubprotocol
