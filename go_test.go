@@ -21,7 +21,7 @@
 //	shutdown                       TestShutdownClosesChatWith1001EndsStreamsAndReturns, TestSIGTERMUnderLoad, TestSIGTERMWithAStuckClientExitsInTime, TestSecondSignalStopsAtOnce
 //	the page, its CSP, /healthz    TestIndexServesEmbeddedPage, TestPageCSPAllowsOnlyThePagesScriptAndStyleByHash, TestPageLoadsNothingFromElsewhere, TestHealthz
 //	HTTP/1.1's six connections     TestBrowserSevenStreamsNeedHTTP2, TestBrowserWebSocketsAreNotHeldToSix
-//	polling against pushing        BenchmarkPollVersusPush
+//	polling against pushing        BenchmarkPollVersusPush, TestBrowserPollsWhenAskedAndStreamsWhenNot
 //	welcome, order, identity       TestWelcome, TestEveryClientGetsEveryMessageInSeqOrder, TestCannotSpeakAsSomeoneElse
 //	names, presence, history       TestNamesAreTrimmedUniqueAndServerChosenOtherwise, TestPresenceIsCoalesced, TestHistoryKeepsTheLast50InOrder
 //	resuming a session             TestResumeAfterABlipKeepsIdentityAndMissedMessages, TestResumeCountsMissedAndExpires, TestOneLiveConnectionPerSession, TestResumeTokenTravelsAsASubprotocol
@@ -35,6 +35,7 @@
 //	a scratch container, TLS       TestStaticBinaryRunsAloneLikeScratch, TestTLSServesHTTP2StreamsAndWebSocket
 //	the page in a browser          TestBrowserTwoPeopleChatAndWatchStats, TestBrowserShowsTheWireAndSpeaksChinese, TestBrowserPageIsAccessible
 //	the page's details             TestBrowserCountsCharactersAsTheServerDoes, TestBrowserLogsKeepTheNewestInViewUnlessScrolledUp, TestBrowserShowsADashForAnAbsentFigure, TestPageWordsAndNumbersHaveOneSource
+//	close codes in words           TestBrowserShowsEveryCloseCodeInWords
 
 package main
 
@@ -4521,7 +4522,8 @@ func TestBrowserShowsADashForAnAbsentFigure(t *testing.T) {
 // axe-core finds nothing to report on the page (WCAG 2 A and AA, and its
 // best practices) in English and Chinese, light and dark, at a desktop's and
 // a phone's width, with messages of both sides, a notice and an error shown
-// and the wire panel open. POLLFREE_AXE names axe.min.js; .ci/run installs it.
+// and the wire panel open, with "Poll instead" off and then on.
+// POLLFREE_AXE names axe.min.js; .ci/run installs it.
 func TestBrowserPageIsAccessible(t *testing.T) {
 	b := startBrowser(t)
 	axe := axeScript(t)
@@ -4552,25 +4554,225 @@ func TestBrowserPageIsAccessible(t *testing.T) {
 		other.eval(`document.getElementById("name").value = "other-`+strconv.Itoa(i)+`"; document.getElementById("name-form").requestSubmit()`, nil)
 		p.waitFor("a notice", `document.querySelector("#messages .notice")`)
 		p.waitFor("stats and the wire", `points.length > 0 && document.querySelector("#wire-log .down")`)
+		checkAxe(t, p, "polling off")
 
-		p.eval(`axe.run({resultTypes: ["violations"]}).then(r => window.axeViolations = r.violations)`, nil)
-		p.waitFor("axe's report", `window.axeViolations`)
-		var violations []struct {
-			ID, Impact, Help string
-			Nodes            []struct {
-				Target         []any
-				FailureSummary string
-			}
-		}
-		p.eval(`axeViolations`, &violations)
-		for _, v := range violations {
-			var where []any
-			for _, n := range v.Nodes {
-				where = append(where, n.Target...)
-			}
-			t.Errorf("%s: %s (%s, %s) at %d places %v: %s", p.name, v.ID, v.Help, v.Impact, len(where), where, v.Nodes[0].FailureSummary)
-		}
+		p.clickNamed("checkbox", map[string]string{"en": "Poll instead", "zh-CN": "改为轮询"}[c.language])
+		p.waitFor("a poll's answer on the wire", `[...document.querySelectorAll("#wire-log .down .transport")].some(s => s.textContent === "http")`)
+		checkAxe(t, p, "polling on")
 		b.call(t, "", "Target.closeTarget", map[string]any{"targetId": p.target}, nil)
+	}
+}
+
+// "Poll instead" switches the stats from their event stream to polling and
+// back, in English and in Chinese. Found by its accessible name and switched
+// on, it closes the stream (the server's clients.sse drops by one) and asks
+// GET /stats about once a second, opening no new stream; the figures go on
+// changing, and the wire shows each poll as an http ↑ and a ↓ with its size.
+// Switched off, the polls stop and exactly one new stream opens. A reload
+// streams again: the switch is not remembered. The server counts the page's
+// requests as they arrive.
+func TestBrowserPollsWhenAskedAndStreamsWhenNot(t *testing.T) {
+	b := startBrowser(t)
+	for _, c := range []struct{ language, name string }{{"en", "Poll instead"}, {"zh-CN", "改为轮询"}} {
+		t.Run(c.language, func(t *testing.T) {
+			t.Parallel()
+			var polls, streams atomic.Int64 // the page's GET /stats and GET /events (the test's own are not the browser's)
+			url := serveThrough(t, func(real http.Handler) http.Handler {
+				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if strings.Contains(r.UserAgent(), "Chrome") {
+						switch r.URL.Path {
+						case "/stats":
+							polls.Add(1)
+						case "/events":
+							streams.Add(1)
+						}
+					}
+					real.ServeHTTP(w, r)
+				})
+			})
+			sse := func(want int) {
+				t.Helper()
+				eventually(t, 3*wait, fmt.Sprintf("clients.sse at %d", want), func() bool { return getStats(t, url).Clients.SSE == want })
+			}
+			counts := func(when string, wantPolls, wantStreams int64) {
+				t.Helper()
+				if n, m := polls.Load(), streams.Load(); n != wantPolls || m != wantStreams {
+					t.Errorf("%s: got %d polls and %d streams, want %d and %d", when, n, m, wantPolls, wantStreams)
+				}
+			}
+			twoTicks := func(p *browserPage) {
+				t.Helper()
+				p.waitFor("two more ticks", `points.length >= `+strconv.Itoa(p.count(`points.length`)+2))
+			}
+			p := b.newPageWith(t, "poll-"+c.language, url+"/", func(p *browserPage) { p.speak(c.language) })
+			p.waitFor("stats shown", `points.length > 0`)
+			p.eval(`document.getElementById("wire-toggle").click()`, nil)
+
+			// Off: one stream, and nothing asked.
+			sse(1)
+			twoTicks(p)
+			counts("off", 0, 1)
+
+			// On: polls about once a second, and the stream closed.
+			p.clickNamed("checkbox", c.name)
+			eventually(t, wait, "the first poll", func() bool { return polls.Load() >= 1 })
+			first := time.Now()
+			eventually(t, 3*wait, "five more polls", func() bool { return polls.Load() >= 6 })
+			if every := time.Since(first) / 5; every < 700*time.Millisecond || every > 1500*time.Millisecond {
+				t.Errorf("polling: got a request every %v, want about a second", every)
+			}
+			sse(0)
+			before := p.text(`document.getElementById("s-time").textContent`)
+			p.waitFor("the figures change", `document.getElementById("s-time").textContent !== `+jsString(before))
+			lines := `[...document.querySelectorAll("#wire-log li")].filter(li => li.querySelector(".transport").textContent === "http")`
+			p.waitFor("a poll on the wire, ↑", lines+`.some(li => li.classList.contains("up") && li.querySelector(".type").textContent === "GET /stats")`)
+			p.waitFor("its answer on the wire, ↓", lines+`.some(li => li.classList.contains("down") && li.querySelector(".payload").textContent.includes('"memory"'))`)
+			if dir := os.Getenv("POLLFREE_SCREENSHOTS"); dir != "" {
+				p.screenshot(dir)
+			}
+			var answer struct{ Size, Body string }
+			// A click opens a line: its whole payload, the body.
+			p.eval(`(li => { li.click(); return {size: li.querySelector(".size").textContent, body: li.querySelector(".payload").textContent}; })(`+
+				lines+`.findLast(li => li.classList.contains("down")))`, &answer)
+			if size, err := strconv.Atoi(strings.TrimSuffix(answer.Size, " B")); err != nil || size < len(answer.Body) {
+				t.Errorf("a poll's answer is %q on the wire, want its size in bytes, at least its body's %d", answer.Size, len(answer.Body))
+			}
+			if n := streams.Load(); n != 1 {
+				t.Errorf("polling: got %d streams opened, want still 1", n)
+			}
+			t.Logf("%s: the answer's size %s (body %d B); %s", c.language, answer.Size, len(answer.Body), p.text(`document.getElementById("poll-cost").textContent`))
+
+			// Off again: one new stream, and the polls stop.
+			p.clickNamed("checkbox", c.name)
+			eventually(t, wait, "a new stream", func() bool { return streams.Load() == 2 })
+			twoTicks(p)
+			asked := polls.Load()
+			sse(1)
+			twoTicks(p)
+			counts("off again", asked, 2)
+
+			// Reloaded: streaming, the switch off.
+			p.call("Page.reload", map[string]any{}, nil)
+			p.waitFor("stats after the reload", `points.length > 0`)
+			if p.eval2bool(`document.getElementById("poll").checked`) {
+				t.Error("after a reload the switch is on, want off")
+			}
+			twoTicks(p)
+			counts("reloaded", asked, 3)
+		})
+	}
+}
+
+// Every close code the server sends (1000, 1001, 1002, 1003, 1007, 1008,
+// 1009, 1011, 4000) shows in the chat as a notice in words, in English and
+// in Chinese, once; after each the page reconnects, but after 4000, whose
+// session went on elsewhere. The server is pollfree's but for /ws, where a
+// stand-in welcomes the page and closes at once with the next code: no page
+// can make the real server send 1002, 1007 or 1011.
+func TestBrowserShowsEveryCloseCodeInWords(t *testing.T) {
+	b := startBrowser(t)
+	closes := []struct {
+		code           int
+		reason, en, zh string
+	}{
+		{1000, "", "The chat connection was closed.", "聊天连接已关闭。"},
+		{1001, "server shutting down", "The server is restarting.", "服务器正在重启。"},
+		{1002, "client frames must be masked", "The server closed the connection: a frame broke the WebSocket protocol.", "服务器关闭了连接：有一帧不符合 WebSocket 协议。"},
+		{1003, "text frames only", "The server closed the connection: it takes text frames only.", "服务器关闭了连接：它只接受文本帧。"},
+		{1007, "text message is not valid UTF-8", "The server closed the connection: a message was not valid UTF-8.", "服务器关闭了连接：有一条消息不是有效的 UTF-8。"},
+		{1008, "flooding", "The server closed the connection: flooding", "服务器关闭了连接: flooding"},
+		{1009, "message over 32768 bytes", "That message was too large; the server closed the connection.", "消息太大，服务器关闭了连接。"},
+		{1011, "internal error", "The server hit an internal error and closed the connection.", "服务器内部出错，关闭了连接。"},
+		{4000, "replaced", "This chat continued in another connection. Reload the page to come back here.", "这个聊天已在另一个连接中继续。重新加载页面即可回到这里。"},
+	}
+	for _, language := range []string{"en", "zh-CN"} {
+		t.Run(language, func(t *testing.T) {
+			var opened atomic.Int64
+			closing := websocket.Server{
+				Handshake: func(c *websocket.Config, r *http.Request) error {
+					c.Protocol = []string{"pollfree"} // the page offers it, and fails a handshake that picks none
+					return nil
+				},
+				Handler: func(ws *websocket.Conn) {
+					i := int(opened.Add(1)) - 1
+					if i >= len(closes) {
+						return
+					}
+					// A welcome as the server's, so that the page is connected and
+					// its backoff starts again from 1 s.
+					websocket.Message.Send(ws, `{"type":"welcome","run":"r","you":{"id":"r-1","name":"closer"},"online":1,`+
+						`"users":[{"id":"r-1","name":"closer"}],"history":[],"resume":"token","resumed":false,"missed":0}`)
+					ws.PayloadType = websocket.CloseFrame // x/net writes a frame of this opcode: a close frame
+					ws.Write(append(binary.BigEndian.AppendUint16(nil, uint16(closes[i].code)), closes[i].reason...))
+					ws.SetReadDeadline(time.Now().Add(wait))
+					io.Copy(io.Discard, ws) // until the page answers the close, or goes
+				},
+			}
+			url := serveThrough(t, func(real http.Handler) http.Handler {
+				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if r.URL.Path == "/ws" {
+						closing.ServeHTTP(w, r)
+						return
+					}
+					real.ServeHTTP(w, r)
+				})
+			})
+			p := b.newPageWith(t, "closes-"+language, url+"/", func(p *browserPage) { p.speak(language) })
+			notices := func(text string) string {
+				return `[...document.querySelectorAll("#messages .notice")].filter(li => li.textContent === ` + jsString(text) + `).length`
+			}
+			for _, c := range closes {
+				want := c.en
+				if language != "en" {
+					want = c.zh
+				}
+				p.waitFor(fmt.Sprintf("close %d in words", c.code), notices(want)+` > 0`)
+				if n := p.count(notices(want)); n != 1 {
+					t.Errorf("close %d: got %d notices %q, want 1", c.code, n, want)
+				}
+			}
+			if got, want := int(opened.Load()), len(closes); got != want {
+				t.Errorf("got %d connections, want %d: one a close code", got, want)
+			}
+			if !p.eval2bool(`chat.ws === null && chat.attempt === 0`) {
+				t.Error("after a 4000 close the page scheduled a reconnect")
+			}
+		})
+	}
+}
+
+// serveThrough runs pollfree's handler under httptest, as newTestServer
+// does, but behind wrap, which may count requests or stand in for a route,
+// and returns that server's URL. (newTestServer's own listener goes unused;
+// its cleanup shuts the handler down.)
+func serveThrough(t *testing.T, wrap func(real http.Handler) http.Handler) string {
+	t.Helper()
+	s, _ := newTestServer(t)
+	ts := httptest.NewServer(wrap(s))
+	t.Cleanup(ts.Close)
+	return ts.URL
+}
+
+// checkAxe runs axe-core, loaded with the page, and reports what it finds;
+// when says in what state the page was.
+func checkAxe(t *testing.T, p *browserPage, when string) {
+	t.Helper()
+	p.eval(`window.axeViolations = undefined; axe.run({resultTypes: ["violations"]}).then(r => window.axeViolations = r.violations)`, nil)
+	p.waitFor("axe's report", `window.axeViolations`)
+	var violations []struct {
+		ID, Impact, Help string
+		Nodes            []struct {
+			Target         []any
+			FailureSummary string
+		}
+	}
+	p.eval(`axeViolations`, &violations)
+	for _, v := range violations {
+		var where []any
+		for _, n := range v.Nodes {
+			where = append(where, n.Target...)
+		}
+		t.Errorf("%s, %s: %s (%s, %s) at %d places %v: %s", p.name, when, v.ID, v.Help, v.Impact, len(where), where, v.Nodes[0].FailureSummary)
 	}
 }
 
@@ -5776,6 +5978,24 @@ func (p *browserPage) screenshot(dir string) {
 	var shot struct{ Data []byte }
 	p.b.call(p.t, p.session, "Page.captureScreenshot", map[string]any{"format": "png"}, &shot)
 	os.WriteFile(dir+"/"+p.name+".png", shot.Data, 0o644)
+}
+
+// clickNamed clicks the one element with role and accessible name, as the
+// browser's accessibility tree has them (what a screen reader announces).
+func (p *browserPage) clickNamed(role, name string) {
+	p.t.Helper()
+	var doc struct{ Result struct{ ObjectID string } }
+	p.call("Runtime.evaluate", map[string]any{"expression": "document"}, &doc)
+	var found struct {
+		Nodes []struct{ BackendDOMNodeID int }
+	}
+	p.call("Accessibility.queryAXTree", map[string]any{"objectId": doc.Result.ObjectID, "role": role, "accessibleName": name}, &found)
+	if len(found.Nodes) != 1 {
+		p.t.Fatalf("%s: got %d elements with role %s named %q, want 1", p.name, len(found.Nodes), role, name)
+	}
+	var node struct{ Object struct{ ObjectID string } }
+	p.call("DOM.resolveNode", map[string]any{"backendNodeId": found.Nodes[0].BackendDOMNodeID}, &node)
+	p.call("Runtime.callFunctionOn", map[string]any{"objectId": node.Object.ObjectID, "functionDeclaration": "function() { this.click(); }"}, nil)
 }
 
 func (p *browserPage) eval2bool(expr string) bool {
