@@ -287,6 +287,82 @@ func TestPanicInAConnectionClosesItWith1011(t *testing.T) {
 	}
 }
 
+// A panic in a chat connection's writer is logged with its stack and
+// closes that connection with 1011, written by the recovery; the others
+// lose nothing. The writer panics in a write to its connection.
+func TestPanicInAWriterClosesItWith1011(t *testing.T) {
+	var logs syncBuffer
+	h := newHub(slog.New(slog.NewTextHandler(&logs, nil)), 10, nil)
+	other := detachedClient(t)
+	h.join(other, joinRequest{since: -1})
+	server, peer := net.Pipe()
+	t.Cleanup(func() { peer.Close() })
+	conn := &panicOnWrite{Conn: server}
+	victim := newClient()
+	h.attach(victim, conn, server)
+	h.conns.Add(1)
+	h.admitted.Add(1)
+	go h.serve(victim, h.join(victim, joinRequest{since: -1}))
+	raw := &rawConn{Conn: peer, br: bufio.NewReader(peer)}
+	raw.readText(t) // the welcome
+	conn.armed.Store(true)
+	h.say(other, "before")
+	if code, _ := raw.readClose(t); code != closeInternalError {
+		t.Errorf("the connection whose writer panicked closed with %d, want %d", code, closeInternalError)
+	}
+	h.say(other, "after")
+	frames, _ := other.out.take()
+	var all []byte
+	for _, f := range frames {
+		all = append(all, f...)
+	}
+	for _, want := range []string{`"text":"before"`, `"text":"after"`} {
+		if !bytes.Contains(all, []byte(want)) {
+			t.Errorf("the other client's outbox lacks %s", want)
+		}
+	}
+	if out := logs.String(); !strings.Contains(out, "level=ERROR msg=panic") || !strings.Contains(out, "chat writer") || !strings.Contains(out, "goroutine") {
+		t.Errorf("panic logged as:\n%s\nwant level=ERROR with where and the stack", out)
+	}
+}
+
+// panicOnWrite is a connection whose next write panics, once armed.
+type panicOnWrite struct {
+	net.Conn
+	armed atomic.Bool
+}
+
+func (p *panicOnWrite) Write(b []byte) (int, error) {
+	if p.armed.CompareAndSwap(true, false) {
+		panic("boom in a write")
+	}
+	return p.Conn.Write(b)
+}
+
+// A panic in one of the hub's timers (presence, pings) is logged with its
+// stack, and the room serves on: the next presence frame still goes out.
+func TestPanicInATimerIsLoggedAndTheRoomServesOn(t *testing.T) {
+	var logs syncBuffer
+	h := newHub(slog.New(slog.NewTextHandler(&logs, nil)), 10, nil)
+	watcher := detachedClient(t)
+	h.join(watcher, joinRequest{name: "watcher", since: -1})
+	h.mu.Lock()
+	h.presence.joined[nil] = true // a session that is not there: the flush panics on it
+	h.mu.Unlock()
+	eventually(t, wait, "the presence timer's panic logged", func() bool { return strings.Contains(logs.String(), "in=presence") })
+	if out := logs.String(); !strings.Contains(out, "level=ERROR msg=panic") || !strings.Contains(out, "goroutine") {
+		t.Errorf("panic logged as:\n%s\nwant level=ERROR with the stack", out)
+	}
+	watcher.out.take()
+	h.join(detachedClient(t), joinRequest{name: "ann", since: -1})
+	eventually(t, wait, "ann's join announced after the panic", func() bool {
+		frames, _ := watcher.out.take()
+		return slices.ContainsFunc(frames, func(f []byte) bool { return bytes.Contains(f, []byte(`"joined":[{"id"`)) && bytes.Contains(f, []byte(`"name":"ann"`)) })
+	})
+	h.after(0, "pings", func() { panic("boom in a ping round") })
+	eventually(t, wait, "the ping timer's panic logged", func() bool { return strings.Contains(logs.String(), "in=pings") })
+}
+
 // syncBuffer is a bytes.Buffer safe for a logger and a test to share.
 type syncBuffer struct {
 	mu  sync.Mutex
