@@ -357,7 +357,9 @@ func TestPanicInATimerIsLoggedAndTheRoomServesOn(t *testing.T) {
 	h.join(detachedClient(t), joinRequest{name: "ann", since: -1})
 	eventually(t, wait, "ann's join announced after the panic", func() bool {
 		frames, _ := watcher.out.take()
-		return slices.ContainsFunc(frames, func(f []byte) bool { return bytes.Contains(f, []byte(`"joined":[{"id"`)) && bytes.Contains(f, []byte(`"name":"ann"`)) })
+		return slices.ContainsFunc(frames, func(f []byte) bool {
+			return bytes.Contains(f, []byte(`"joined":[{"id"`)) && bytes.Contains(f, []byte(`"name":"ann"`))
+		})
 	})
 	h.after(0, "pings", func() { panic("boom in a ping round") })
 	eventually(t, wait, "the ping timer's panic logged", func() bool { return strings.Contains(logs.String(), "in=pings") })
