@@ -2694,6 +2694,50 @@ func TestChatWriteBlockedPastWriteWaitDropsTheClient(t *testing.T) {
 	}
 }
 
+// A write that fails is logged for what happened: the peer gone is not
+// "too slow"; a write blocked past writeWait and a full outbox are.
+func TestFailedWritesAreLoggedForWhatHappened(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		writeWait time.Duration                          // nobody reads peer: the welcome's write blocks for that long
+		then      func(h *hub, c *client, peer net.Conn) // before c's writer starts on its welcome
+		want      string
+	}{
+		{"the peer went", time.Minute, func(h *hub, c *client, peer net.Conn) { peer.Close() }, `code=1000 reason="gone: a write failed"`},
+		{"a write blocked", 50 * time.Millisecond, func(h *hub, c *client, peer net.Conn) {}, `code=1008 reason="too slow: a write blocked past the write timeout"`},
+		{"the outbox full", time.Minute, func(h *hub, c *client, peer net.Conn) {
+			for range sendQueueFrames + 1 {
+				h.reply(c, pongReply)
+			}
+		}, `code=1008 reason="too slow: outbound queue full"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var logs syncBuffer
+			h := newHub(slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})), 10, nil)
+			h.cfg.writeWait = tc.writeWait
+			server, peer := net.Pipe()
+			t.Cleanup(func() { peer.Close() })
+			c := newClient()
+			h.attach(c, server, server)
+			h.join(c, joinRequest{since: -1})
+			tc.then(h, c, peer)
+			go h.write(c) // once c has left, its close frame waits closeGrace for a reader, in vain
+			select {
+			case <-c.writerDone:
+			case <-time.After(wait):
+				t.Fatal("the writer did not end")
+			}
+			out := logs.String()
+			if !strings.Contains(out, tc.want) {
+				t.Errorf("logged:\n%s\nwant %s", out, tc.want)
+			}
+			if tc.name == "the peer went" && strings.Contains(out, "too slow") {
+				t.Errorf("a peer that went is logged as too slow:\n%s", out)
+			}
+		})
+	}
+}
+
 // dialStuck connects a client named name that never reads, with a tiny
 // receive buffer so that the server's writes to it back up quickly.
 func dialStuck(t testing.TB, url string, name string) {
