@@ -2590,8 +2590,6 @@ func TestMaxClientsAnswers503BeforeUpgrade(t *testing.T) {
 	}
 }
 
-// In a large room a welcome lists welcomeUsers users, the newcomer first,
-// and counts everyone.
 // Event streams beyond -max-streams are answered 503, as a full chat room
 // is; GET /stats still answers, and a stream that ends makes room.
 func TestMaxStreamsAnswers503(t *testing.T) {
@@ -2620,6 +2618,8 @@ func TestMaxStreamsAnswers503(t *testing.T) {
 	})
 }
 
+// In a large room a welcome lists welcomeUsers users, the newcomer first,
+// and counts everyone.
 func TestWelcomeListsAtMostWelcomeUsers(t *testing.T) {
 	_, url := newTestServer(t)
 	cs, _ := connectAll(t, hostport(url), welcomeUsers+5)
