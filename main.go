@@ -57,6 +57,7 @@ const (
 	readHeaderTimeout = 5 * time.Second   // for the request line and headers (slowloris)
 	bodyTimeout       = 10 * time.Second  // for what net/http reads of a request body no route wants; then the connection is cut
 	idleTimeout       = 120 * time.Second // a keep-alive connection with no request in flight
+	writeTimeout      = 10 * time.Second  // for each whole answer that is not a stream (see newHTTPServer); then the connection is cut
 	maxHeaderBytes    = 16 << 10          // the request line plus headers
 	shutdownTimeout   = 5 * time.Second   // the whole shutdown; run returns after it anyway
 	// closeGrace bounds every write to a connection that is being closed (a
@@ -229,8 +230,26 @@ func newHTTPServer(h http.Handler, logger *slog.Logger) *http.Server {
 		IdleTimeout: idleTimeout,
 		// Request line plus headers, at most.
 		MaxHeaderBytes: maxHeaderBytes,
-		// No WriteTimeout: /events streams for hours. Each stream write has its own deadline.
-		ErrorLog: log.New(serverErrors{logger}, "", 0),
+		// Every answer that is not a stream must be written within this, or its
+		// connection is cut: a client that asks for the page again and again
+		// and never reads would otherwise hold its connection, and the
+		// answers in its send queue, for ever. Who owns the deadline:
+		//  - HTTP/1: net/http sets it on the connection as each request has
+		//    been read (conn.readRequest), so it bounds that one answer, and
+		//    clears it once the answer is written.
+		//  - A hijacked connection (/ws, and /events over HTTP/1.1) leaves
+		//    net/http with its deadlines cleared (conn.hijackLocked), and they
+		//    are its wire's alone from then on: the wire sets one before every
+		//    write, x/net's handshake answer included (chat.go, sse.go).
+		//  - HTTP/2: it is a timer per stream, armed as the stream opens
+		//    (serverConn.newStream, in h2_bundle.go), that resets the stream
+		//    when it fires, writing or not. An event stream's wire moves it
+		//    before every write (ResponseController.SetWriteDeadline), so the
+		//    stream lives as long as it writes. The connection itself has none.
+		// TestChatAndStreamsOutliveTheWriteTimeout holds the streams to that;
+		// TestClientsThatNeverReadAreCut, the answers.
+		WriteTimeout: writeTimeout,
+		ErrorLog:     log.New(serverErrors{logger}, "", 0),
 	}
 }
 
