@@ -229,6 +229,24 @@ func TestShutdownClosesChatWith1001EndsStreamsAndReturns(t *testing.T) {
 	}
 }
 
+// When shutdown's wait runs out of time, its error names only what is still
+// open: here a chat connection, never the event streams, none of which is
+// open (issue 23 item 9). Waiting for the chat first ran the time out, and
+// the streams' wait, its context already done, said they were still open.
+func TestShutdownWaitNamesOnlyWhatIsStillOpen(t *testing.T) {
+	t.Parallel()
+	s, url := newTestServer(t)
+	dial(t, url, "") // open, and not asked to close
+	for range 10 {
+		ctx, cancel := context.WithTimeout(t.Context(), 50*time.Millisecond)
+		err := s.wait(ctx)
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), "chat connections") || strings.Contains(err.Error(), "event streams") {
+			t.Fatalf("wait with a chat connection open and no event stream = %v, want it to name chat connections alone", err)
+		}
+	}
+}
+
 // A panic in a handler is logged at error level, with its stack, and the
 // server goes on serving.
 func TestHandlerPanicIsLoggedAsError(t *testing.T) {

@@ -376,12 +376,21 @@ func (s *server) beginShutdown() {
 }
 
 // wait blocks until every chat connection and event stream has closed
-// (http.Server.Shutdown does not track hijacked connections) or ctx is done.
+// (http.Server.Shutdown does not track hijacked connections) or ctx is done,
+// and names what is still open. It waits for both at once: waited for one
+// after the other, the first could run out ctx, and the second, whose group
+// was long done, would find both of its cases ready and might say "still
+// open" (TestShutdownWaitNamesOnlyWhatIsStillOpen).
 func (s *server) wait(ctx context.Context) error {
-	return errors.Join(waitFor(ctx, &s.chat.handlers, "chat connections"), waitFor(ctx, &s.stats.streams, "event streams"))
+	chat := make(chan error, 1)
+	go func() { chat <- waitFor(ctx, &s.chat.handlers, "chat connections") }()
+	streams := waitFor(ctx, &s.stats.streams, "event streams")
+	return errors.Join(<-chat, streams)
 }
 
-// waitFor waits for wg, or until ctx is done.
+// waitFor waits for wg, or until ctx is done. Call it before ctx is done:
+// given a ctx already done, it may report a wg that is done too, as its
+// select then picks either.
 func waitFor(ctx context.Context, wg *sync.WaitGroup, what string) error {
 	done := make(chan struct{})
 	go func() {
