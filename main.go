@@ -176,7 +176,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	scheme := "http"
 	if cfg.tlsCert != "" {
 		scheme = "https"
-		go func() { serveErr <- srv.ServeTLS(tlsUnder{ln}, cfg.tlsCert, cfg.tlsKey) }()
+		go func() { serveErr <- srv.ServeTLS(ln, cfg.tlsCert, cfg.tlsKey) }()
 	} else {
 		go func() { serveErr <- srv.Serve(ln) }()
 	}
@@ -251,34 +251,6 @@ func newHTTPServer(h http.Handler, logger *slog.Logger) *http.Server {
 		WriteTimeout: writeTimeout,
 		ErrorLog:     log.New(serverErrors{logger}, "", 0),
 	}
-}
-
-// tlsUnder hands crypto/tls the connections it runs over, each closing itself
-// when a write to it fails. Closing a TLS connection first writes an alert
-// (close_notify) under a 5 s write deadline of crypto/tls's own, which no
-// stopBy can shorten: to a client whose socket was full to the brim, that
-// alert held a chat connection, and shutdown, past its bound. A connection
-// whose write failed or timed out is broken anyway; closed at once, it fails
-// the alert at once. (Plain TCP connections stay as they are: net/http uses
-// their CloseWrite.)
-type tlsUnder struct{ net.Listener }
-
-func (l tlsUnder) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	return closeOnWriteError{c}, nil
-}
-
-type closeOnWriteError struct{ net.Conn }
-
-func (c closeOnWriteError) Write(p []byte) (int, error) {
-	n, err := c.Conn.Write(p)
-	if err != nil {
-		c.Conn.Close()
-	}
-	return n, err
 }
 
 // serverErrors takes net/http's own error lines into the structured log: a
