@@ -203,8 +203,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	app.beginShutdown() // chat clients get 1001; event streams end
 	// Shutdown waits for the requests in flight. A response that a client
 	// stopped reading (the page, asked for again and again) would hold it
-	// for good, so after closeGrace twice, as a stuck chat client's writes
-	// are, the connections still busy are cut.
+	// until the write timeout, past shutdownTimeout, so after closeGrace
+	// twice, as a stuck chat client's writes are, the connections still busy
+	// are cut. Without the cut, TestSIGTERMWithAStuckPageReaderExitsInTime
+	// exits 1 after 5 s.
 	cut, cancelCut := context.WithTimeout(ctx, 2*closeGrace)
 	defer cancelCut()
 	if srv.Shutdown(cut) != nil {
