@@ -52,7 +52,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -77,12 +76,12 @@ type hub struct {
 	cfg settings
 	run string // this server run; every id carries it, and seq restarts with it
 
-	admitted atomic.Int64       // connections past admission, mid-handshake included: at most cfg.maxClients
-	conns    sync.WaitGroup     // one per admitted connection until its goroutines end, for wait
+	conns    sync.WaitGroup     // one per admitted connection until its goroutines end, for wait; Add under mu
 	stopping context.Context    // done once shutdown has begun: every connection then leaves (see attach)
 	stop     context.CancelFunc // begins shutdown
 
 	mu       sync.Mutex           // guards the fields below, and every session's fields but id and secret
+	admitted int                  // connections past admission, mid-handshake included: at most cfg.maxClients
 	clients  map[*client]struct{} // the connections in the room: one per live session
 	seq      int64                // the last message's number
 	history  history              // the last messages, for welcomes and resumes
@@ -278,8 +277,14 @@ func (h *hub) online() int {
 // those still in their handshake too (see attach). It does not wait; see wait.
 func (h *hub) shutdown() { h.stop() }
 
-// wait blocks until every connection has closed, or ctx is done.
-func (h *hub) wait(ctx context.Context) error { return waitFor(ctx, &h.conns, "chat connections") }
+// wait blocks until every connection has closed, or ctx is done. It takes
+// h.mu first, so that it comes after every conns.Add so far (admit's, made
+// under h.mu), as a WaitGroup asks.
+func (h *hub) wait(ctx context.Context) error {
+	h.mu.Lock()
+	h.mu.Unlock()
+	return waitFor(ctx, &h.conns, "chat connections")
+}
 
 // ---------------------------------------- a client: its outbox, reader, writer --
 //
@@ -388,8 +393,7 @@ func (o *outbox) done(frames [][]byte) {
 // connection: all within closeGrace of leaving. joined says whether join
 // let c in; a client refused at shutdown only gets its close frame.
 func (h *hub) serve(c *client, joined bool) {
-	defer h.conns.Done()
-	defer h.admitted.Add(-1)
+	defer h.release()
 	defer c.unwatch()
 	go h.write(c)
 	if joined {
@@ -984,12 +988,10 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusForbidden)
 		return
 	}
-	if h.admitted.Add(1) > int64(h.cfg.maxClients) {
-		h.admitted.Add(-1)
+	if !h.admit() {
 		http.Error(w, "chat is full, try again later", http.StatusServiceUnavailable)
 		return
 	}
-	h.conns.Add(1) // before the hijack, while Shutdown still waits for this request
 	c := newClient()
 	var req joinRequest
 	// x/net calls Handshake and then Handler on this goroutine, before
@@ -1002,8 +1004,7 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				c.unwatch()
 				c.sock.Close()
 			}
-			h.admitted.Add(-1)
-			h.conns.Done()
+			h.release()
 		}
 	}()
 	ws := websocket.Server{
@@ -1036,6 +1037,28 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		},
 	}
 	ws.ServeHTTP(hijacker{w, h, c}, r)
+}
+
+// admit counts a connection in, unless cfg.maxClients are in already. It
+// runs before the hijack, while net/http's Shutdown still waits for the
+// request; from then on conns does.
+func (h *hub) admit() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.admitted == h.cfg.maxClients {
+		return false
+	}
+	h.admitted++
+	h.conns.Add(1)
+	return true
+}
+
+// release counts a connection out, once its goroutines are done with it.
+func (h *hub) release() {
+	h.mu.Lock()
+	h.admitted--
+	h.mu.Unlock()
+	h.conns.Done()
 }
 
 // checkOrigin refuses cross-site WebSocket hijacking: a browser always sends

@@ -57,12 +57,13 @@ const (
 	readHeaderTimeout = 5 * time.Second   // for the request line and headers (slowloris)
 	bodyTimeout       = 10 * time.Second  // for what net/http reads of a request body no route wants; then the connection is cut
 	idleTimeout       = 120 * time.Second // a keep-alive connection with no request in flight
+	writeTimeout      = 10 * time.Second  // for each whole answer that is not a stream (see newHTTPServer); then the connection is cut
 	maxHeaderBytes    = 16 << 10          // the request line plus headers
 	shutdownTimeout   = 5 * time.Second   // the whole shutdown; run returns after it anyway
-	// closeGrace bounds every write to a connection that is being closed (a
-	// chat client out of the room, an event stream at shutdown), then the
-	// wait for a chat peer's close frame. A stuck client costs it twice at
-	// shutdown, well inside shutdownTimeout.
+	// closeGrace bounds the end of a connection being closed: a chat
+	// client's last writes and the wait for its peer's close frame, together,
+	// or an event stream's last write at shutdown. A stuck client costs it
+	// once, well inside shutdownTimeout.
 	closeGrace = time.Second
 )
 
@@ -175,7 +176,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	scheme := "http"
 	if cfg.tlsCert != "" {
 		scheme = "https"
-		go func() { serveErr <- srv.ServeTLS(tlsUnder{ln}, cfg.tlsCert, cfg.tlsKey) }()
+		go func() { serveErr <- srv.ServeTLS(ln, cfg.tlsCert, cfg.tlsKey) }()
 	} else {
 		go func() { serveErr <- srv.Serve(ln) }()
 	}
@@ -202,9 +203,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	app.beginShutdown() // chat clients get 1001; event streams end
 	// Shutdown waits for the requests in flight. A response that a client
 	// stopped reading (the page, asked for again and again) would hold it
-	// for good, so after closeGrace twice, as a stuck chat client's writes
-	// are, the connections still busy are cut.
-	cut, cancelCut := context.WithTimeout(ctx, 2*closeGrace)
+	// until the write timeout, past shutdownTimeout, so after closeGrace, as
+	// a stuck chat client's are, the connections still busy are cut. Without
+	// the cut, TestSIGTERMWithAStuckPageReaderExitsInTime exits 1 after 5 s.
+	cut, cancelCut := context.WithTimeout(ctx, closeGrace)
 	defer cancelCut()
 	if srv.Shutdown(cut) != nil {
 		log.Warn("cutting responses still being written")
@@ -229,37 +231,27 @@ func newHTTPServer(h http.Handler, logger *slog.Logger) *http.Server {
 		IdleTimeout: idleTimeout,
 		// Request line plus headers, at most.
 		MaxHeaderBytes: maxHeaderBytes,
-		// No WriteTimeout: /events streams for hours. Each stream write has its own deadline.
-		ErrorLog: log.New(serverErrors{logger}, "", 0),
+		// Every answer that is not a stream must be written within this, or its
+		// connection is cut: a client that asks for the page again and again
+		// and never reads would otherwise hold its connection, and the
+		// answers in its send queue, for ever. Who owns the deadline:
+		//  - HTTP/1: net/http sets it on the connection as each request has
+		//    been read (conn.readRequest), so it bounds that one answer, and
+		//    clears it once the answer is written.
+		//  - A hijacked connection (/ws, and /events over HTTP/1.1) leaves
+		//    net/http with its deadlines cleared (conn.hijackLocked), and they
+		//    are its wire's alone from then on: the wire sets one before every
+		//    write, x/net's handshake answer included (chat.go, sse.go).
+		//  - HTTP/2: it is a timer per stream, armed as the stream opens
+		//    (serverConn.newStream, in h2_bundle.go), that resets the stream
+		//    when it fires, writing or not. An event stream's wire moves it
+		//    before every write (ResponseController.SetWriteDeadline), so the
+		//    stream lives as long as it writes. The connection itself has none.
+		// TestChatAndStreamsOutliveTheWriteTimeout holds the streams to that;
+		// TestClientsThatNeverReadAreCut, the answers.
+		WriteTimeout: writeTimeout,
+		ErrorLog:     log.New(serverErrors{logger}, "", 0),
 	}
-}
-
-// tlsUnder hands crypto/tls the connections it runs over, each closing itself
-// when a write to it fails. Closing a TLS connection first writes an alert
-// (close_notify) under a 5 s write deadline of crypto/tls's own, which no
-// stopBy can shorten: to a client whose socket was full to the brim, that
-// alert held a chat connection, and shutdown, past its bound. A connection
-// whose write failed or timed out is broken anyway; closed at once, it fails
-// the alert at once. (Plain TCP connections stay as they are: net/http uses
-// their CloseWrite.)
-type tlsUnder struct{ net.Listener }
-
-func (l tlsUnder) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	return closeOnWriteError{c}, nil
-}
-
-type closeOnWriteError struct{ net.Conn }
-
-func (c closeOnWriteError) Write(p []byte) (int, error) {
-	n, err := c.Conn.Write(p)
-	if err != nil {
-		c.Conn.Close()
-	}
-	return n, err
 }
 
 // serverErrors takes net/http's own error lines into the structured log: a
@@ -357,12 +349,21 @@ func (s *server) beginShutdown() {
 }
 
 // wait blocks until every chat connection and event stream has closed
-// (http.Server.Shutdown does not track hijacked connections) or ctx is done.
+// (http.Server.Shutdown does not track hijacked connections) or ctx is done,
+// and names what is still open. It waits for both at once: waited for one
+// after the other, the first could run out ctx, and the second, whose group
+// was long done, would find both of its cases ready and might say "still
+// open" (TestShutdownWaitNamesOnlyWhatIsStillOpen).
 func (s *server) wait(ctx context.Context) error {
-	return errors.Join(s.chat.wait(ctx), waitFor(ctx, &s.stats.streams, "event streams"))
+	chat := make(chan error, 1)
+	go func() { chat <- s.chat.wait(ctx) }()
+	streams := waitFor(ctx, &s.stats.streams, "event streams")
+	return errors.Join(<-chat, streams)
 }
 
-// waitFor waits for wg, or until ctx is done.
+// waitFor waits for wg, or until ctx is done. Call it before ctx is done:
+// given a ctx already done, it may report a wg that is done too, as its
+// select then picks either.
 func waitFor(ctx context.Context, wg *sync.WaitGroup, what string) error {
 	done := make(chan struct{})
 	go func() {
