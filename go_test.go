@@ -2572,6 +2572,25 @@ func BenchmarkJoinSameName(b *testing.B) {
 	}
 }
 
+// BenchmarkJoinWithFullHistory: what a join costs the hub when the history
+// is full of the largest messages (64 KiB of them as encoded): the welcome
+// splices the shared, already encoded history in, rather than encoding it
+// again for each join.
+func BenchmarkJoinWithFullHistory(b *testing.B) {
+	h := newHub(slog.New(slog.DiscardHandler), 10, nil)
+	sender := detachedClient(b)
+	h.join(sender, joinRequest{since: -1})
+	for range historySize {
+		h.say(sender, strings.Repeat("<", maxTextChars))
+	}
+	c := detachedClient(b)
+	for b.Loop() {
+		h.join(c, joinRequest{since: -1})
+		h.leave(c, closeNormal, "")
+		c.out = outbox{wake: make(chan struct{}, 1)}
+	}
+}
+
 func TestCrossOriginHandshakeIs403(t *testing.T) {
 	_, url := newTestServer(t, func(cfg *config) {
 		cfg.allowOrigins = []string{"https://friend.example"}
