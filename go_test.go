@@ -26,7 +26,7 @@
 //	names, presence, history       TestNamesAreTrimmedUniqueAndServerChosenOtherwise, TestPresenceIsCoalesced, TestHistoryKeepsTheLast50InOrder
 //	resuming a session             TestResumeAfterABlipKeepsIdentityAndMissedMessages, TestResumeCountsMissedAndExpires, TestOneLiveConnectionPerSession, TestResumeTokenTravelsAsASubprotocol
 //	the event stream               Example_formatEvent, TestEventsStreamHeadersAndFirstEventAtOnce, TestOneSamplerServesEverySubscriber
-//	/proc and cgroups              TestProcHostWithoutMemoryLimit, TestProcCgroupV2ContainerShowsItsLimit, TestRealCgroupLimitIsShown
+//	/proc and cgroups              TestProcHostWithoutMemoryLimit, TestProcCgroupV2ContainerShowsItsLimit, TestProcTightestCgroupLimitBinds, TestRealCgroupLimitIsShown
 //	the CPU figure, sampler runs   TestSamplerRunsShareHostInfoAndCPUBaseline
 //	each row of the limits table   the test the README's table names, in the limits section below
 //	RFC 6455, as Autobahn judges   TestRFC6455Conformance (238 cases), TestFrameAbuse, FuzzFrameReader
@@ -1402,6 +1402,75 @@ func TestProcCgroupV1ContainerShowsItsLimit(t *testing.T) {
 	s := readFixture(t, "testdata/cgroup1")
 	if s.Memory.Source != "cgroup" || s.Memory.LimitBytes != 256<<20 || s.Memory.CgroupUsedBytes != 96<<20 || s.Memory.UsedPercent != 37.5 {
 		t.Errorf("memory = %+v, want cgroup 96 MiB used of 256 MiB", s.Memory)
+	}
+}
+
+// A limit set on a parent cgroup binds the process as much as its own
+// cgroup's: the snapshot shows the tightest limit among the process's
+// cgroup and the ancestors visible to it, with the usage of the cgroup that
+// sets it (what that limit is compared against), in v2 and in v1.
+func TestProcTightestCgroupLimitBinds(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("/proc parsing is Linux only")
+	}
+	const MiB = 1 << 20
+	// dir is one cgroup directory: its limit ("max", or v1's no-limit value,
+	// for none) and its usage with the inactive page cache in it.
+	type dir struct {
+		path, limit     string
+		usage, inactive uint64
+	}
+	tree := func(v1 bool, self string, dirs ...dir) fstest.MapFS {
+		limit, usage, stat := "memory.max", "memory.current", "inactive_file %d\n"
+		if v1 {
+			limit, usage, stat = "memory.limit_in_bytes", "memory.usage_in_bytes", "inactive_file 0\ntotal_inactive_file %d\n"
+		}
+		fsys := fstest.MapFS{
+			"proc/meminfo":     {Data: []byte("MemTotal: 8388608 kB\nMemFree: 4194304 kB\nMemAvailable: 4194304 kB\n")},
+			"proc/self/cgroup": {Data: []byte(self)},
+		}
+		for _, d := range dirs {
+			fsys[d.path+"/"+limit] = &fstest.MapFile{Data: []byte(d.limit + "\n")}
+			fsys[d.path+"/"+usage] = &fstest.MapFile{Data: []byte(strconv.FormatUint(d.usage, 10) + "\n")}
+			fsys[d.path+"/memory.stat"] = &fstest.MapFile{Data: fmt.Appendf(nil, stat, d.inactive)}
+		}
+		return fsys
+	}
+	const v1None = "9223372036854771712" // what v1 reports for no limit
+	for _, c := range []struct {
+		name              string
+		fsys              fstest.MapFS
+		limitMiB, usedMiB uint64
+	}{
+		{"v2, the parent's limit is lower", tree(false, "0::/app/web\n",
+			dir{"sys/fs/cgroup", "max", 900 * MiB, 0},
+			dir{"sys/fs/cgroup/app", strconv.Itoa(256 * MiB), 200 * MiB, 8 * MiB},
+			dir{"sys/fs/cgroup/app/web", strconv.Itoa(512 * MiB), 100 * MiB, 0}), 256, 192},
+		{"v2, the child's limit is lower", tree(false, "0::/app/web\n",
+			dir{"sys/fs/cgroup/app", strconv.Itoa(1024 * MiB), 200 * MiB, 0},
+			dir{"sys/fs/cgroup/app/web", strconv.Itoa(128 * MiB), 100 * MiB, 4 * MiB}), 128, 96},
+		{"v2, the grandparent's limit is lower", tree(false, "0::/app/web\n",
+			dir{"sys/fs/cgroup/app", strconv.Itoa(64 * MiB), 50 * MiB, 0},
+			dir{"sys/fs/cgroup/app/web", "max", 10 * MiB, 0}), 64, 50},
+		{"v2, only the mount root is visible", tree(false, "0::/docker/abc\n",
+			dir{"sys/fs/cgroup", strconv.Itoa(300 * MiB), 30 * MiB, 0}), 300, 30},
+		{"v1, the parent's limit is lower", tree(true, "4:memory:/app/web\n0::/app/web\n",
+			dir{"sys/fs/cgroup/memory", v1None, 900 * MiB, 0},
+			dir{"sys/fs/cgroup/memory/app", strconv.Itoa(256 * MiB), 200 * MiB, 8 * MiB},
+			dir{"sys/fs/cgroup/memory/app/web", strconv.Itoa(512 * MiB), 100 * MiB, 0}), 256, 192},
+		{"v1, the child's limit is lower", tree(true, "4:memory:/app/web\n0::/app/web\n",
+			dir{"sys/fs/cgroup/memory", v1None, 900 * MiB, 0},
+			dir{"sys/fs/cgroup/memory/app", strconv.Itoa(1024 * MiB), 200 * MiB, 0},
+			dir{"sys/fs/cgroup/memory/app/web", strconv.Itoa(128 * MiB), 100 * MiB, 4 * MiB}), 128, 96},
+	} {
+		var s snapshot
+		var cpu cpuTimes
+		readSystem(c.fsys, readHostInfo(c.fsys), &s, &cpu)
+		m := s.Memory
+		if m.Source != "cgroup" || m.LimitBytes != c.limitMiB*MiB || m.CgroupUsedBytes != c.usedMiB*MiB || m.TotalBytes != m.LimitBytes {
+			t.Errorf("%s: source %q, limit %d MiB, used %d MiB, total %d MiB; want cgroup, limit %d MiB, used %d MiB, total the limit",
+				c.name, m.Source, m.LimitBytes/MiB, m.CgroupUsedBytes/MiB, m.TotalBytes/MiB, c.limitMiB, c.usedMiB)
+		}
 	}
 }
 
@@ -3849,8 +3918,9 @@ func TestStaticBinaryRunsAloneLikeScratch(t *testing.T) {
 	})
 }
 
-// Inside a real memory cgroup with a limit, /stats reports the container's
-// memory, not the host's. Needs root and a writable memory cgroup (v1 or v2).
+// Inside a real memory cgroup whose parent has a limit, /stats reports the
+// container's memory, not the host's, with the parent's limit: the child's
+// own is looser. Needs root and a writable memory cgroup (v1 or v2).
 func TestRealCgroupLimitIsShown(t *testing.T) {
 	if testing.Short() {
 		t.Skip("a real cgroup (-short)")
@@ -3874,14 +3944,27 @@ func TestRealCgroupLimitIsShown(t *testing.T) {
 	if dir == "" {
 		t.Skip("no memory cgroup to create a child in")
 	}
-	cg := strings.TrimSuffix(dir, "/") + "/pollfree-test-" + strconv.Itoa(os.Getpid())
-	if err := os.Mkdir(cg, 0o755); err != nil {
+	parent := strings.TrimSuffix(dir, "/") + "/pollfree-test-" + strconv.Itoa(os.Getpid())
+	if err := os.Mkdir(parent, 0o755); err != nil {
 		t.Skipf("cannot create a cgroup here: %v", err)
 	}
-	t.Cleanup(func() { eventually(t, wait, "test cgroup removed", func() bool { return os.Remove(cg) == nil }) })
+	t.Cleanup(func() { eventually(t, wait, "test cgroup removed", func() bool { return os.Remove(parent) == nil }) })
 	const limit = 300 << 20
-	if err := os.WriteFile(cg+"/"+limitFile, []byte(strconv.Itoa(limit)), 0o644); err != nil {
+	if err := os.WriteFile(parent+"/"+limitFile, []byte(strconv.Itoa(limit)), 0o644); err != nil {
 		t.Skipf("cannot set a memory limit: %v", err)
+	}
+	if limitFile == "memory.max" { // v2: the parent hands the memory controller down
+		if err := os.WriteFile(parent+"/cgroup.subtree_control", []byte("+memory"), 0o644); err != nil {
+			t.Skipf("cannot enable the memory controller for a child: %v", err)
+		}
+	}
+	cg := parent + "/app"
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatalf("creating a child cgroup: %v", err)
+	}
+	t.Cleanup(func() { eventually(t, wait, "test cgroup removed", func() bool { return os.Remove(cg) == nil }) })
+	if err := os.WriteFile(cg+"/"+limitFile, []byte(strconv.Itoa(2*limit)), 0o644); err != nil {
+		t.Fatalf("setting the child's looser limit: %v", err)
 	}
 
 	cmd := exec.Command(buildStatic(t), "-addr", "127.0.0.1:0")
@@ -3892,7 +3975,7 @@ func TestRealCgroupLimitIsShown(t *testing.T) {
 	s := getStats(t, url) // the sampler starts now, inside the cgroup
 	if s.Memory.Source != "cgroup" || s.Memory.LimitBytes != limit || s.Memory.TotalBytes != limit ||
 		s.Memory.CgroupUsedBytes == 0 || s.Memory.CgroupUsedBytes > limit {
-		t.Errorf("memory in a %d-byte cgroup = %+v, want the cgroup's view", limit, s.Memory)
+		t.Errorf("memory in a cgroup limited to %d bytes by its parent = %+v, want the cgroup's view with that limit", limit, s.Memory)
 	}
 }
 
