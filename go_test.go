@@ -2759,6 +2759,54 @@ func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
 	readEvent(t, br)
 }
 
+// Nothing reads an event stream's connection, so what its client sends
+// after the request waits in the server's receive queue. That is bounded:
+// 50 streams whose clients upload as fast as the server takes it, for 3 s,
+// hold at most 32 KB each there (with the kernel's default receive buffer,
+// about 127 KB each), or are closed.
+func TestUploadingStreamHoldsAtMost32KB(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("reads the server's receive queues from /proc/net/tcp")
+	}
+	t.Parallel()
+	_, url := newTestServer(t)
+	const streams, bound = 50, 32 << 10
+	conns := make([]net.Conn, streams)
+	for i := range conns {
+		conns[i] = dialTCP(t, url, 0)
+		if _, _, err := requestEvents(conns[i]); err != nil {
+			t.Fatalf("GET /events: %v", err)
+		}
+	}
+	var wg sync.WaitGroup
+	chunk := make([]byte, 64<<10) // on loopback, the largest segments make the most of one
+	for _, c := range conns {
+		wg.Go(func() {
+			c.SetWriteDeadline(time.Now().Add(3 * time.Second))
+			for {
+				if _, err := c.Write(chunk); err != nil {
+					return // the deadline, or the server closed the stream
+				}
+			}
+		})
+	}
+	wg.Wait()
+	held := make(map[string]uint64) // receive queue by "local remote" address, as /proc/net/tcp writes them
+	b, _ := os.ReadFile("/proc/net/tcp")
+	for line := range strings.Lines(string(b)) {
+		if f := strings.Fields(line); len(f) > 4 {
+			_, rx, _ := strings.Cut(f[4], ":")
+			n, _ := strconv.ParseUint(rx, 16, 64)
+			held[f[1]+" "+f[2]] = n
+		}
+	}
+	for i, c := range conns {
+		if n, open := held[hex4(c.RemoteAddr())+" "+hex4(c.LocalAddr())]; open && n > bound {
+			t.Errorf("stream %d, open, holds %d bytes its client sent in the server's receive queue, want at most %d", i, n, bound)
+		}
+	}
+}
+
 // A stream with no event for the keep-alive time gets a comment line, so
 // that proxies do not take it for dead.
 func TestSilentStreamGetsAKeepAliveComment(t *testing.T) {

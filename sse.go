@@ -40,6 +40,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	osuser "os/user"
@@ -344,6 +345,14 @@ func (b *broadcaster) serveStats(w http.ResponseWriter, r *http.Request) {
 // whole life, 27 KB a subscriber; taken out of net/http once its request is
 // read, 8 KB. A first reading may skip it: serveEvents shows the idea.
 
+// streamReadBuffer is the receive buffer, in bytes, of a hijacked stream's
+// connection. Nothing reads it, so whatever a client sends after its request
+// stays in the kernel: with the default buffer about 127 KB a stream. Linux
+// doubles the value, and still takes one segment when the buffer is full
+// (on loopback up to half the window offered at the handshake): a stream
+// holds at most 32 KB (TestUploadingStreamHoldsAtMost32KB).
+const streamReadBuffer = 4 << 10
+
 // eventStreamHeader answers GET /events over HTTP/1.1, written by hand once
 // the connection has left net/http. The stream ends with the connection.
 const eventStreamHeader = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n" +
@@ -356,6 +365,9 @@ func (b *broadcaster) serveHijacked(w http.ResponseWriter) {
 	if err != nil {
 		http.Error(w, "cannot stream: "+err.Error(), http.StatusInternalServerError)
 		return
+	}
+	if tcp, ok := conn.(*net.TCPConn); ok {
+		tcp.SetReadBuffer(streamReadBuffer)
 	}
 	out := &wire{conn: conn, wait: b.writeTimeout}
 	sub := b.subscribe(out)
