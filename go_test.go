@@ -2807,6 +2807,104 @@ func TestUploadingStreamHoldsAtMost32KB(t *testing.T) {
 	}
 }
 
+// Shutdown while a stream's write is blocked, its client having stopped
+// reading: the write ends within closeGrace, though the write timeout is a
+// minute away, and with it the stream, so that a stuck subscriber cannot
+// hold shutdown. Over HTTP/1.1 (a hijacked connection whose socket is full)
+// and over HTTP/2 (a stream whose flow-control window is spent). Not
+// parallel: it finds the blocked write among the process's goroutines.
+func TestShutdownEndsAStreamBlockedInAWrite(t *testing.T) {
+	for _, proto := range []string{"HTTP/1.1", "HTTP/2"} {
+		s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, testLogger(t))
+		s.stats.sampleEvery = time.Hour // one tick at the start; the test publishes the rest
+		s.stats.writeTimeout = time.Minute
+		ts := httptest.NewUnstartedServer(s)
+		if proto == "HTTP/2" {
+			ts.EnableHTTP2 = true
+			ts.StartTLS()
+			client := ts.Client()
+			// A 64 KB window: the client takes no more of a stream it does not read.
+			client.Transport.(*http.Transport).HTTP2 = &http.HTTP2Config{MaxReceiveBufferPerStream: 64 << 10}
+			resp, err := client.Get(ts.URL + "/events") // and never read
+			if err != nil || resp.ProtoMajor != 2 {
+				t.Fatalf("GET /events over HTTP/2: %v, %v", resp, err)
+			}
+			defer resp.Body.Close()
+		} else {
+			ts.Start()
+			if _, _, err := requestEvents(dialTCP(t, ts.URL, 2048)); err != nil { // and never read
+				t.Fatal(err)
+			}
+		}
+		defer ts.Close()
+		big := bytes.Repeat([]byte("x"), 1<<20)
+		eventually(t, 4*wait, proto+": the stream's write blocked", func() bool {
+			s.stats.publish(big)
+			for _, stack := range goroutines() {
+				if strings.Contains(stack, ".(*broadcaster).stream(") &&
+					(strings.Contains(stack, "waitWrite") || strings.Contains(stack, "writeDataFromHandler")) {
+					return true
+				}
+			}
+			return false
+		})
+		start := time.Now()
+		s.stats.shutdown()
+		ctx, cancel := context.WithTimeout(t.Context(), wait)
+		defer cancel()
+		if err := waitFor(ctx, &s.stats.streams, "event streams"); err != nil {
+			t.Fatalf("%s: %v", proto, err)
+		}
+		t.Logf("%s: the stream ended %v after shutdown", proto, time.Since(start).Round(time.Millisecond))
+		if d := time.Since(start); d > closeGrace+closeGrace/2 {
+			t.Errorf("%s: a stream blocked in a write ended %v after shutdown, want within closeGrace (%v)", proto, d.Round(time.Millisecond), closeGrace)
+		}
+	}
+}
+
+// net/http sets a write deadline of the server's WriteTimeout when it reads
+// a request. Over HTTP/2 that deadline is a timer that resets the stream
+// when it fires; a stream sets its own before each write, so it outlives a
+// server WriteTimeout. (Over HTTP/1.1, Hijack clears net/http's deadlines;
+// the stream's own bound its writes alone there.)
+func TestStreamOutlivesTheServersWriteTimeout(t *testing.T) {
+	t.Parallel()
+	for _, proto := range []string{"HTTP/1.1", "HTTP/2"} {
+		s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, testLogger(t))
+		s.stats.sampleEvery = 20 * time.Millisecond
+		ts := httptest.NewUnstartedServer(s)
+		ts.Config.WriteTimeout = 100 * time.Millisecond
+		var body io.ReadCloser
+		if proto == "HTTP/2" {
+			ts.EnableHTTP2 = true
+			ts.StartTLS()
+			resp, err := ts.Client().Get(ts.URL + "/events")
+			if err != nil || resp.ProtoMajor != 2 {
+				t.Fatalf("GET /events over HTTP/2: %v, %v", resp, err)
+			}
+			body = resp.Body
+		} else {
+			ts.Start()
+			resp, _, err := requestEvents(dialTCP(t, ts.URL, 0))
+			if err != nil {
+				t.Fatal(err)
+			}
+			body = resp.Body
+		}
+		br := bufio.NewReader(body)
+		start := time.Now()
+		for n := 0; time.Since(start) < 5*ts.Config.WriteTimeout; n++ {
+			if _, _, err := nextEvent(br); err != nil {
+				t.Fatalf("%s: event %d, %v after the stream began, with WriteTimeout %v: %v, want the stream going on",
+					proto, n, time.Since(start).Round(time.Millisecond), ts.Config.WriteTimeout, err)
+			}
+		}
+		body.Close()
+		s.beginShutdown()
+		ts.Close()
+	}
+}
+
 // A stream with no event for the keep-alive time gets a comment line, so
 // that proxies do not take it for dead.
 func TestSilentStreamGetsAKeepAliveComment(t *testing.T) {
