@@ -394,9 +394,10 @@ func (b *broadcaster) serveStats(w http.ResponseWriter, r *http.Request) {
 const streamReadBuffer = 4 << 10
 
 // eventStreamHeader answers GET /events over HTTP/1.1, written by hand once
-// the connection has left net/http. The stream ends with the connection.
-const eventStreamHeader = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n" +
-	"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n"
+// the connection has left net/http, with the stream's first line. The stream
+// ends with the connection. Every stream writes these same bytes.
+var eventStreamHeader = []byte("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n" +
+	"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n" + retryLine)
 
 // serveHijacked takes the connection from net/http, answers with
 // eventStreamHeader, and streams from a goroutine of its own, then returns.
@@ -422,7 +423,7 @@ func (b *broadcaster) serveHijacked(w http.ResponseWriter) {
 		defer conn.Close()
 		defer b.unsubscribe(sub, out)
 		b.log.Debug("stream opened", "remote", conn.RemoteAddr())
-		err := b.stream(out, sub, []byte(eventStreamHeader+retryLine), nil)
+		err := b.stream(out, sub, eventStreamHeader, nil)
 		b.log.Debug("stream closed", "remote", conn.RemoteAddr(), "err", err)
 	}()
 }
