@@ -26,7 +26,7 @@
 //	names, presence, history       TestNamesAreTrimmedUniqueAndServerChosenOtherwise, TestPresenceIsCoalesced, TestHistoryKeepsTheLast50InOrder
 //	resuming a session             TestResumeAfterABlipKeepsIdentityAndMissedMessages, TestResumeCountsMissedAndExpires, TestOneLiveConnectionPerSession, TestResumeTokenTravelsAsASubprotocol
 //	the event stream               Example_formatEvent, TestEventsStreamHeadersAndFirstEventAtOnce, TestOneSamplerServesEverySubscriber
-//	/proc and cgroups              TestProcHostWithoutMemoryLimit, TestProcCgroupV2ContainerShowsItsLimit, TestRealCgroupLimitIsShown
+//	/proc and cgroups              TestProcHostWithoutMemoryLimit, TestProcCgroupV2ContainerShowsItsLimit, TestProcTightestCgroupLimitBinds, TestRealCgroupLimitIsShown
 //	the CPU figure, sampler runs   TestSamplerRunsShareHostInfoAndCPUBaseline
 //	each row of the limits table   the test the README's table names, in the limits section below
 //	RFC 6455, as Autobahn judges   TestRFC6455Conformance (238 cases), TestFrameAbuse, FuzzFrameReader
@@ -1564,6 +1564,75 @@ func TestProcCgroupV1ContainerShowsItsLimit(t *testing.T) {
 	}
 }
 
+// A limit set on a parent cgroup binds the process as much as its own
+// cgroup's: the snapshot shows the tightest limit among the process's
+// cgroup and the ancestors visible to it, with the usage of the cgroup that
+// sets it (what that limit is compared against), in v2 and in v1.
+func TestProcTightestCgroupLimitBinds(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("/proc parsing is Linux only")
+	}
+	const MiB = 1 << 20
+	// dir is one cgroup directory: its limit ("max", or v1's no-limit value,
+	// for none) and its usage with the inactive page cache in it.
+	type dir struct {
+		path, limit     string
+		usage, inactive uint64
+	}
+	tree := func(v1 bool, self string, dirs ...dir) fstest.MapFS {
+		limit, usage, stat := "memory.max", "memory.current", "inactive_file %d\n"
+		if v1 {
+			limit, usage, stat = "memory.limit_in_bytes", "memory.usage_in_bytes", "inactive_file 0\ntotal_inactive_file %d\n"
+		}
+		fsys := fstest.MapFS{
+			"proc/meminfo":     {Data: []byte("MemTotal: 8388608 kB\nMemFree: 4194304 kB\nMemAvailable: 4194304 kB\n")},
+			"proc/self/cgroup": {Data: []byte(self)},
+		}
+		for _, d := range dirs {
+			fsys[d.path+"/"+limit] = &fstest.MapFile{Data: []byte(d.limit + "\n")}
+			fsys[d.path+"/"+usage] = &fstest.MapFile{Data: []byte(strconv.FormatUint(d.usage, 10) + "\n")}
+			fsys[d.path+"/memory.stat"] = &fstest.MapFile{Data: fmt.Appendf(nil, stat, d.inactive)}
+		}
+		return fsys
+	}
+	const v1None = "9223372036854771712" // what v1 reports for no limit
+	for _, c := range []struct {
+		name              string
+		fsys              fstest.MapFS
+		limitMiB, usedMiB uint64
+	}{
+		{"v2, the parent's limit is lower", tree(false, "0::/app/web\n",
+			dir{"sys/fs/cgroup", "max", 900 * MiB, 0},
+			dir{"sys/fs/cgroup/app", strconv.Itoa(256 * MiB), 200 * MiB, 8 * MiB},
+			dir{"sys/fs/cgroup/app/web", strconv.Itoa(512 * MiB), 100 * MiB, 0}), 256, 192},
+		{"v2, the child's limit is lower", tree(false, "0::/app/web\n",
+			dir{"sys/fs/cgroup/app", strconv.Itoa(1024 * MiB), 200 * MiB, 0},
+			dir{"sys/fs/cgroup/app/web", strconv.Itoa(128 * MiB), 100 * MiB, 4 * MiB}), 128, 96},
+		{"v2, the grandparent's limit is lower", tree(false, "0::/app/web\n",
+			dir{"sys/fs/cgroup/app", strconv.Itoa(64 * MiB), 50 * MiB, 0},
+			dir{"sys/fs/cgroup/app/web", "max", 10 * MiB, 0}), 64, 50},
+		{"v2, only the mount root is visible", tree(false, "0::/docker/abc\n",
+			dir{"sys/fs/cgroup", strconv.Itoa(300 * MiB), 30 * MiB, 0}), 300, 30},
+		{"v1, the parent's limit is lower", tree(true, "4:memory:/app/web\n0::/app/web\n",
+			dir{"sys/fs/cgroup/memory", v1None, 900 * MiB, 0},
+			dir{"sys/fs/cgroup/memory/app", strconv.Itoa(256 * MiB), 200 * MiB, 8 * MiB},
+			dir{"sys/fs/cgroup/memory/app/web", strconv.Itoa(512 * MiB), 100 * MiB, 0}), 256, 192},
+		{"v1, the child's limit is lower", tree(true, "4:memory:/app/web\n0::/app/web\n",
+			dir{"sys/fs/cgroup/memory", v1None, 900 * MiB, 0},
+			dir{"sys/fs/cgroup/memory/app", strconv.Itoa(1024 * MiB), 200 * MiB, 0},
+			dir{"sys/fs/cgroup/memory/app/web", strconv.Itoa(128 * MiB), 100 * MiB, 4 * MiB}), 128, 96},
+	} {
+		var s snapshot
+		var cpu cpuTimes
+		readSystem(c.fsys, readHostInfo(c.fsys), &s, &cpu)
+		m := s.Memory
+		if m.Source != "cgroup" || m.LimitBytes != c.limitMiB*MiB || m.CgroupUsedBytes != c.usedMiB*MiB || m.TotalBytes != m.LimitBytes {
+			t.Errorf("%s: source %q, limit %d MiB, used %d MiB, total %d MiB; want cgroup, limit %d MiB, used %d MiB, total the limit",
+				c.name, m.Source, m.LimitBytes/MiB, m.CgroupUsedBytes/MiB, m.TotalBytes/MiB, c.limitMiB, c.usedMiB)
+		}
+	}
+}
+
 func TestNoProcFallsBackToRuntime(t *testing.T) {
 	b := newBroadcaster(slog.New(slog.DiscardHandler), fstest.MapFS{}, func() int { return 3 })
 	s := b.snapshot()
@@ -2948,6 +3017,152 @@ func TestStuckEventStreamEndsAtTheWriteTimeout(t *testing.T) {
 	readEvent(t, br)
 }
 
+// Nothing reads an event stream's connection, so what its client sends
+// after the request waits in the server's receive queue. That is bounded:
+// 50 streams whose clients upload as fast as the server takes it, for 3 s,
+// hold at most 32 KB each there (with the kernel's default receive buffer,
+// about 127 KB each), or are closed.
+func TestUploadingStreamHoldsAtMost32KB(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("reads the server's receive queues from /proc/net/tcp")
+	}
+	t.Parallel()
+	_, url := newTestServer(t)
+	const streams, bound = 50, 32 << 10
+	conns := make([]net.Conn, streams)
+	for i := range conns {
+		conns[i] = dialTCP(t, url, 0)
+		if _, _, err := requestEvents(conns[i]); err != nil {
+			t.Fatalf("GET /events: %v", err)
+		}
+	}
+	var wg sync.WaitGroup
+	chunk := make([]byte, 64<<10) // on loopback, the largest segments make the most of one
+	for _, c := range conns {
+		wg.Go(func() {
+			c.SetWriteDeadline(time.Now().Add(3 * time.Second))
+			for {
+				if _, err := c.Write(chunk); err != nil {
+					return // the deadline, or the server closed the stream
+				}
+			}
+		})
+	}
+	wg.Wait()
+	held := make(map[string]uint64) // receive queue by "local remote" address, as /proc/net/tcp writes them
+	b, _ := os.ReadFile("/proc/net/tcp")
+	for line := range strings.Lines(string(b)) {
+		if f := strings.Fields(line); len(f) > 4 {
+			_, rx, _ := strings.Cut(f[4], ":")
+			n, _ := strconv.ParseUint(rx, 16, 64)
+			held[f[1]+" "+f[2]] = n
+		}
+	}
+	for i, c := range conns {
+		if n, open := held[hex4(c.RemoteAddr())+" "+hex4(c.LocalAddr())]; open && n > bound {
+			t.Errorf("stream %d, open, holds %d bytes its client sent in the server's receive queue, want at most %d", i, n, bound)
+		}
+	}
+}
+
+// Shutdown while a stream's write is blocked, its client having stopped
+// reading: the write ends within closeGrace, though the write timeout is a
+// minute away, and with it the stream, so that a stuck subscriber cannot
+// hold shutdown. Over HTTP/1.1 (a hijacked connection whose socket is full)
+// and over HTTP/2 (a stream whose flow-control window is spent). Not
+// parallel: it finds the blocked write among the process's goroutines.
+func TestShutdownEndsAStreamBlockedInAWrite(t *testing.T) {
+	for _, proto := range []string{"HTTP/1.1", "HTTP/2"} {
+		s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, testLogger(t))
+		s.stats.sampleEvery = time.Hour // one tick at the start; the test publishes the rest
+		s.stats.writeTimeout = time.Minute
+		ts := httptest.NewUnstartedServer(s)
+		if proto == "HTTP/2" {
+			ts.EnableHTTP2 = true
+			ts.StartTLS()
+			client := ts.Client()
+			// A 64 KB window: the client takes no more of a stream it does not read.
+			client.Transport.(*http.Transport).HTTP2 = &http.HTTP2Config{MaxReceiveBufferPerStream: 64 << 10}
+			resp, err := client.Get(ts.URL + "/events") // and never read
+			if err != nil || resp.ProtoMajor != 2 {
+				t.Fatalf("GET /events over HTTP/2: %v, %v", resp, err)
+			}
+			defer resp.Body.Close()
+		} else {
+			ts.Start()
+			if _, _, err := requestEvents(dialTCP(t, ts.URL, 2048)); err != nil { // and never read
+				t.Fatal(err)
+			}
+		}
+		defer ts.Close()
+		big := bytes.Repeat([]byte("x"), 1<<20)
+		eventually(t, 4*wait, proto+": the stream's write blocked", func() bool {
+			s.stats.publish(big)
+			for _, stack := range goroutines() {
+				if strings.Contains(stack, ".(*broadcaster).stream(") &&
+					(strings.Contains(stack, "waitWrite") || strings.Contains(stack, "writeDataFromHandler")) {
+					return true
+				}
+			}
+			return false
+		})
+		start := time.Now()
+		s.stats.shutdown()
+		ctx, cancel := context.WithTimeout(t.Context(), wait)
+		defer cancel()
+		if err := waitFor(ctx, &s.stats.streams, "event streams"); err != nil {
+			t.Fatalf("%s: %v", proto, err)
+		}
+		t.Logf("%s: the stream ended %v after shutdown", proto, time.Since(start).Round(time.Millisecond))
+		if d := time.Since(start); d > closeGrace+closeGrace/2 {
+			t.Errorf("%s: a stream blocked in a write ended %v after shutdown, want within closeGrace (%v)", proto, d.Round(time.Millisecond), closeGrace)
+		}
+	}
+}
+
+// net/http sets a write deadline of the server's WriteTimeout when it reads
+// a request. Over HTTP/2 that deadline is a timer that resets the stream
+// when it fires; a stream sets its own before each write, so it outlives a
+// server WriteTimeout. (Over HTTP/1.1, Hijack clears net/http's deadlines;
+// the stream's own bound its writes alone there.)
+func TestStreamOutlivesTheServersWriteTimeout(t *testing.T) {
+	t.Parallel()
+	for _, proto := range []string{"HTTP/1.1", "HTTP/2"} {
+		s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, testLogger(t))
+		s.stats.sampleEvery = 20 * time.Millisecond
+		ts := httptest.NewUnstartedServer(s)
+		ts.Config.WriteTimeout = 100 * time.Millisecond
+		var body io.ReadCloser
+		if proto == "HTTP/2" {
+			ts.EnableHTTP2 = true
+			ts.StartTLS()
+			resp, err := ts.Client().Get(ts.URL + "/events")
+			if err != nil || resp.ProtoMajor != 2 {
+				t.Fatalf("GET /events over HTTP/2: %v, %v", resp, err)
+			}
+			body = resp.Body
+		} else {
+			ts.Start()
+			resp, _, err := requestEvents(dialTCP(t, ts.URL, 0))
+			if err != nil {
+				t.Fatal(err)
+			}
+			body = resp.Body
+		}
+		br := bufio.NewReader(body)
+		start := time.Now()
+		for n := 0; time.Since(start) < 5*ts.Config.WriteTimeout; n++ {
+			if _, _, err := nextEvent(br); err != nil {
+				t.Fatalf("%s: event %d, %v after the stream began, with WriteTimeout %v: %v, want the stream going on",
+					proto, n, time.Since(start).Round(time.Millisecond), ts.Config.WriteTimeout, err)
+			}
+		}
+		body.Close()
+		s.beginShutdown()
+		ts.Close()
+	}
+}
+
 // A stream with no event for the keep-alive time gets a comment line, so
 // that proxies do not take it for dead.
 func TestSilentStreamGetsAKeepAliveComment(t *testing.T) {
@@ -4303,8 +4518,9 @@ func TestStaticBinaryRunsAloneLikeScratch(t *testing.T) {
 	})
 }
 
-// Inside a real memory cgroup with a limit, /stats reports the container's
-// memory, not the host's. Needs root and a writable memory cgroup (v1 or v2).
+// Inside a real memory cgroup whose parent has a limit, /stats reports the
+// container's memory, not the host's, with the parent's limit: the child's
+// own is looser. Needs root and a writable memory cgroup (v1 or v2).
 func TestRealCgroupLimitIsShown(t *testing.T) {
 	if testing.Short() {
 		t.Skip("a real cgroup (-short)")
@@ -4328,14 +4544,27 @@ func TestRealCgroupLimitIsShown(t *testing.T) {
 	if dir == "" {
 		t.Skip("no memory cgroup to create a child in")
 	}
-	cg := strings.TrimSuffix(dir, "/") + "/pollfree-test-" + strconv.Itoa(os.Getpid())
-	if err := os.Mkdir(cg, 0o755); err != nil {
+	parent := strings.TrimSuffix(dir, "/") + "/pollfree-test-" + strconv.Itoa(os.Getpid())
+	if err := os.Mkdir(parent, 0o755); err != nil {
 		t.Skipf("cannot create a cgroup here: %v", err)
 	}
-	t.Cleanup(func() { eventually(t, wait, "test cgroup removed", func() bool { return os.Remove(cg) == nil }) })
+	t.Cleanup(func() { eventually(t, wait, "test cgroup removed", func() bool { return os.Remove(parent) == nil }) })
 	const limit = 300 << 20
-	if err := os.WriteFile(cg+"/"+limitFile, []byte(strconv.Itoa(limit)), 0o644); err != nil {
+	if err := os.WriteFile(parent+"/"+limitFile, []byte(strconv.Itoa(limit)), 0o644); err != nil {
 		t.Skipf("cannot set a memory limit: %v", err)
+	}
+	if limitFile == "memory.max" { // v2: the parent hands the memory controller down
+		if err := os.WriteFile(parent+"/cgroup.subtree_control", []byte("+memory"), 0o644); err != nil {
+			t.Skipf("cannot enable the memory controller for a child: %v", err)
+		}
+	}
+	cg := parent + "/app"
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatalf("creating a child cgroup: %v", err)
+	}
+	t.Cleanup(func() { eventually(t, wait, "test cgroup removed", func() bool { return os.Remove(cg) == nil }) })
+	if err := os.WriteFile(cg+"/"+limitFile, []byte(strconv.Itoa(2*limit)), 0o644); err != nil {
+		t.Fatalf("setting the child's looser limit: %v", err)
 	}
 
 	cmd := exec.Command(buildStatic(t), "-addr", "127.0.0.1:0")
@@ -4346,7 +4575,7 @@ func TestRealCgroupLimitIsShown(t *testing.T) {
 	s := getStats(t, url) // the sampler starts now, inside the cgroup
 	if s.Memory.Source != "cgroup" || s.Memory.LimitBytes != limit || s.Memory.TotalBytes != limit ||
 		s.Memory.CgroupUsedBytes == 0 || s.Memory.CgroupUsedBytes > limit {
-		t.Errorf("memory in a %d-byte cgroup = %+v, want the cgroup's view", limit, s.Memory)
+		t.Errorf("memory in a cgroup limited to %d bytes by its parent = %+v, want the cgroup's view with that limit", limit, s.Memory)
 	}
 }
 

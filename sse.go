@@ -30,8 +30,8 @@
 //
 // Over HTTP/2 (with -tls-cert) a stream is one of many on a connection and
 // stays with net/http; over HTTP/1.1 it leaves net/http once its request is
-// read (the hijack path, below). Either way every write goes through a wire
-// (chat.go), which owns the write deadline.
+// read (the hijack path, below). Either way its writes go through an
+// eventStream, which owns the write deadline.
 package main
 
 import (
@@ -40,6 +40,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	osuser "os/user"
@@ -95,10 +96,10 @@ type broadcaster struct {
 	// shutdown has set closed, no Add can race wait's Wait.
 	streams sync.WaitGroup
 
-	mu      sync.Mutex           // guards the fields below, and every send on or close of a subscriber channel
-	subs    map[chan *tick]*wire // each with its stream's wire (nil for GET /stats)
-	open    int                  // event streams subscribed (what streams counts): clients.sse, at most maxStreams
-	latest  *tick                // the last tick, while the sampler runs
+	mu      sync.Mutex                  // guards the fields below, and every send on or close of a subscriber channel
+	subs    map[chan *tick]*eventStream // each with its stream (nil for GET /stats)
+	open    int                         // event streams subscribed (what streams counts): clients.sse, at most maxStreams
+	latest  *tick                       // the last tick, while the sampler runs
 	running bool
 	closed  bool
 	lastID  uint64 // the last tick's id; ids go on increasing across sampler runs
@@ -118,16 +119,16 @@ func newBroadcaster(log *slog.Logger, fsys fs.FS, chatClients func() int) *broad
 		sampleEvery:  sampleEvery,
 		keepAlive:    sseKeepAlive,
 		writeTimeout: sseWriteTimeout,
-		subs:         make(map[chan *tick]*wire),
+		subs:         make(map[chan *tick]*eventStream),
 	}
 }
 
 // subscribe returns a channel that receives the latest tick at once (if any)
 // and then every tick it is ready for; it starts the sampler if none runs.
-// A stream subscribes with its wire, and counts in b.open and b.streams
-// until it unsubscribes. subscribe returns nil once shutdown has begun, and
-// for a stream while maxStreams are open.
-func (b *broadcaster) subscribe(out *wire) chan *tick {
+// A stream subscribes with its eventStream, and counts in b.open and
+// b.streams until it unsubscribes. subscribe returns nil once shutdown has
+// begun, and for a stream while maxStreams are open.
+func (b *broadcaster) subscribe(out *eventStream) chan *tick {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closed || out != nil && b.open >= b.maxStreams {
@@ -150,7 +151,7 @@ func (b *broadcaster) subscribe(out *wire) chan *tick {
 }
 
 // unsubscribe removes sub; the sampler stops at its next tick if sub was the last.
-func (b *broadcaster) unsubscribe(sub chan *tick, out *wire) {
+func (b *broadcaster) unsubscribe(sub chan *tick, out *eventStream) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if _, ok := b.subs[sub]; ok {
@@ -172,12 +173,11 @@ func (b *broadcaster) shutdown() {
 		return
 	}
 	b.closed = true // the sampler stops at its next tick
-	stop := time.Now().Add(closeGrace)
 	for sub, out := range b.subs {
 		delete(b.subs, sub)
 		close(sub)
 		if out != nil {
-			out.stopBy(stop)
+			out.stop() // while the stream is subscribed, so while its handler runs
 		}
 	}
 }
@@ -247,7 +247,7 @@ func (b *broadcaster) serveEvents(w http.ResponseWriter, r *http.Request) {
 		b.serveHijacked(w)
 		return
 	}
-	out := &wire{conn: flushingResponse{w, http.NewResponseController(w)}, wait: b.writeTimeout}
+	out := &eventStream{conn: flushingResponse{w, http.NewResponseController(w)}}
 	sub := b.subscribe(out)
 	if sub == nil {
 		http.Error(w, "too many event streams, or shutting down", http.StatusServiceUnavailable)
@@ -259,15 +259,15 @@ func (b *broadcaster) serveEvents(w http.ResponseWriter, r *http.Request) {
 	h.Set("Cache-Control", "no-cache")
 	h.Set("X-Accel-Buffering", "no")
 	w.WriteHeader(http.StatusOK)
-	err := b.stream(out, sub, retryLine, r.Context().Done())
+	err := b.stream(out, sub, []byte(retryLine), r.Context().Done())
 	b.log.Debug("stream closed", "remote", r.RemoteAddr, "err", err)
 }
 
-// flushingResponse lets a wire write to an HTTP/2 response: each write is
-// flushed at once, and the write deadline is the stream's. Two goroutines
-// set it through the wire: the handler's, before each write, and shutdown's
-// (stopBy). net/http hands each SetWriteDeadline to the connection's serve
-// goroutine, which owns the stream's timer, so either may; the wire orders them.
+// flushingResponse is what an HTTP/2 stream writes to: each write is flushed
+// at once, and the write deadline is the stream's own, not the connection's.
+// net/http hands each SetWriteDeadline to the connection's goroutine, which
+// owns the stream's timer, so the handler's goroutine and shutdown's may
+// both call it while the handler runs (after, it would panic: see stop).
 type flushingResponse struct {
 	w  http.ResponseWriter
 	rc *http.ResponseController
@@ -290,8 +290,8 @@ var keepAliveLine = []byte(": keep-alive\n\n")
 // a write fails or blocks past sseWriteTimeout, or gone is closed. A hijacked
 // stream has no gone: nothing reads its connection, so a client that left is
 // noticed at the next write or the one after.
-func (b *broadcaster) stream(out *wire, sub chan *tick, first string, gone <-chan struct{}) error {
-	if _, err := io.WriteString(out, first); err != nil {
+func (b *broadcaster) stream(out *eventStream, sub chan *tick, first []byte, gone <-chan struct{}) error {
+	if err := out.write(first, b.writeTimeout); err != nil {
 		return err
 	}
 	quiet := time.NewTimer(b.keepAlive)
@@ -309,11 +309,51 @@ func (b *broadcaster) stream(out *wire, sub chan *tick, first string, gone <-cha
 		case <-gone:
 			return context.Canceled
 		}
-		if _, err := out.Write(p); err != nil {
+		if err := out.write(p, b.writeTimeout); err != nil {
 			return err
 		}
 		quiet.Reset(b.keepAlive)
 	}
+}
+
+// eventStream is one stream's connection. The stream's goroutine alone
+// writes to it. It owns the write deadline, which two goroutines set: the
+// stream's, to the write timeout before each write (over HTTP/2, the
+// deadline net/http set from the server's WriteTimeout would otherwise end
+// the stream), and shutdown's, once, to closeGrace. mu orders them, and once
+// shutdown has set stopped the stream no longer moves the deadline: a write
+// in progress at shutdown, and any begun after it, ends within closeGrace
+// (TestShutdownEndsAStreamBlockedInAWrite).
+type eventStream struct {
+	conn interface { // a hijacked net.Conn (HTTP/1.1), or a flushingResponse (HTTP/2)
+		io.Writer
+		SetWriteDeadline(time.Time) error
+	}
+
+	mu      sync.Mutex // held for each SetWriteDeadline, and guards stopped
+	stopped bool       // shutdown has set the last deadline
+}
+
+// write writes p within timeout, or within the bound stop set.
+func (s *eventStream) write(p []byte, timeout time.Duration) error {
+	s.mu.Lock()
+	if !s.stopped {
+		s.conn.SetWriteDeadline(time.Now().Add(timeout))
+	}
+	s.mu.Unlock()
+	_, err := s.conn.Write(p)
+	return err
+}
+
+// stop bounds the write in progress, if any, and every later one, by
+// closeGrace from now. The broadcaster calls it only for a stream still
+// subscribed, under its mu: a stream unsubscribes before its handler
+// returns, and net/http's HTTP/2 SetWriteDeadline panics after that.
+func (s *eventStream) stop() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.stopped = true
+	s.conn.SetWriteDeadline(time.Now().Add(closeGrace))
 }
 
 // serveStats serves GET /stats: the latest snapshot as JSON. When no sampler
@@ -342,12 +382,22 @@ func (b *broadcaster) serveStats(w http.ResponseWriter, r *http.Request) {
 // Why this exists: memory. Served through net/http, a stream keeps the
 // request's buffers, its background reader and a deep handler stack for its
 // whole life, 27 KB a subscriber; taken out of net/http once its request is
-// read, 8 KB. A first reading may skip it: serveEvents shows the idea.
+// read, 8 KB (BenchmarkCapacitySSE's KB-rss/subscriber, at 5000 subscribers).
+// A first reading may skip it: serveEvents shows the idea.
+
+// streamReadBuffer is the receive buffer, in bytes, of a hijacked stream's
+// connection. Nothing reads it, so whatever a client sends after its request
+// stays in the kernel: with the default buffer about 127 KB a stream. Linux
+// doubles the value, and still takes one segment when the buffer is full
+// (on loopback up to half the window offered at the handshake): a stream
+// holds at most 32 KB (TestUploadingStreamHoldsAtMost32KB).
+const streamReadBuffer = 4 << 10
 
 // eventStreamHeader answers GET /events over HTTP/1.1, written by hand once
-// the connection has left net/http. The stream ends with the connection.
-const eventStreamHeader = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n" +
-	"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n"
+// the connection has left net/http, with the stream's first line. The stream
+// ends with the connection. Every stream writes these same bytes.
+var eventStreamHeader = []byte("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n" +
+	"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n" + retryLine)
 
 // serveHijacked takes the connection from net/http, answers with
 // eventStreamHeader, and streams from a goroutine of its own, then returns.
@@ -357,11 +407,14 @@ func (b *broadcaster) serveHijacked(w http.ResponseWriter) {
 		http.Error(w, "cannot stream: "+err.Error(), http.StatusInternalServerError)
 		return
 	}
-	out := &wire{conn: conn, wait: b.writeTimeout}
+	if tcp, ok := conn.(*net.TCPConn); ok {
+		tcp.SetReadBuffer(streamReadBuffer)
+	}
+	out := &eventStream{conn: conn}
 	sub := b.subscribe(out)
 	if sub == nil { // shutdown has begun, or maxStreams are open
-		out.stopBy(time.Now().Add(closeGrace))
-		out.Write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"))
+		conn.SetWriteDeadline(time.Now().Add(closeGrace))
+		io.WriteString(conn, "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
 		conn.Close()
 		return
 	}
@@ -370,7 +423,7 @@ func (b *broadcaster) serveHijacked(w http.ResponseWriter) {
 		defer conn.Close()
 		defer b.unsubscribe(sub, out)
 		b.log.Debug("stream opened", "remote", conn.RemoteAddr())
-		err := b.stream(out, sub, eventStreamHeader+retryLine, nil)
+		err := b.stream(out, sub, eventStreamHeader, nil)
 		b.log.Debug("stream closed", "remote", conn.RemoteAddr(), "err", err)
 	}()
 }
@@ -442,7 +495,7 @@ func (b *broadcaster) snapshot() snapshot {
 	}
 	info := *b.info
 	now := time.Now()
-	s := snapshot{Time: stamp(now)}
+	s := snapshot{Time: now.UTC().Format("2006-01-02T15:04:05.000Z07:00")} // RFC 3339, UTC, to the millisecond
 	s.Host = hostStats{Hostname: info.hostname, OS: runtime.GOOS, Arch: runtime.GOARCH, Kernel: info.kernel, User: info.user}
 	s.CPU = cpuStats{Cores: runtime.NumCPU(), Model: info.cpuModel}
 	readRuntime(&s)

@@ -7,9 +7,11 @@
 //	host.uptimeSeconds  /proc/uptime, first field
 //	host.load           /proc/loadavg, first three fields
 //	memory              /proc/meminfo: MemTotal, MemAvailable, MemFree; used = total - available
-//	memory (container)  the memory cgroup named in /proc/self/cgroup: v2 memory.max and
-//	                    memory.current, or v1 memory.limit_in_bytes and memory.usage_in_bytes;
-//	                    less inactive page cache from memory.stat, as `docker stats` counts it
+//	memory (container)  the tightest limit among the cgroup named in /proc/self/cgroup and its
+//	                    ancestors up to the mount's root (a parent's limit binds too): v2
+//	                    memory.max, or v1 memory.limit_in_bytes; usage from that same cgroup's
+//	                    memory.current (v2) or memory.usage_in_bytes (v1), less inactive page
+//	                    cache from its memory.stat, as `docker stats` counts it
 //	cpu.model           /proc/cpuinfo, "model name" (x86) or "Model" (ARM)
 //	cpu.usedPercent     two samples of the "cpu" line of /proc/stat; idle = idle + iowait
 //	process.rssBytes    /proc/self/statm, resident pages times the page size
@@ -39,8 +41,8 @@ type cpuTimes struct {
 	total, idle uint64
 }
 
-// cgroupFiles names the memory cgroup files of this process, when a memory
-// limit applies; the zero value means none does.
+// cgroupFiles names the files of the memory cgroup whose limit binds this
+// process (its own or an ancestor's); the zero value means no limit does.
 type cgroupFiles struct {
 	limit       uint64 // bytes
 	usage       string // memory.current (v2) or memory.usage_in_bytes (v1)
@@ -200,33 +202,39 @@ func parseCPUModel(b []byte) string {
 	return ""
 }
 
-// findCgroup finds the memory cgroup of this process, given /proc/self/cgroup,
-// and returns its files if a memory limit is set. Each candidate is tried in
-// turn: the process's own cgroup under the mount, then the mount's root (a
-// container without a cgroup namespace sees its own cgroup there).
+// findCgroup finds the memory limit that binds this process, given
+// /proc/self/cgroup, and returns its cgroup's files; the zero value if none
+// does. A limit set on a parent cgroup binds the children too, so it walks
+// from the process's own cgroup up to the mount's root and keeps the
+// tightest limit it reads. The walk also finds a container's limit when it
+// runs without a cgroup namespace: its own cgroup is then the mount's root,
+// and the path /proc/self/cgroup names does not exist under the mount.
 func findCgroup(fsys fs.FS, selfCgroup []byte) cgroupFiles {
-	var v1, v2 []string // directories to look in
+	var tightest cgroupFiles
 	for line := range strings.Lines(string(selfCgroup)) {
 		parts := strings.SplitN(strings.TrimSpace(line), ":", 3)
+		var root, limitFile, usageFile, inactiveKey string
 		switch {
 		case len(parts) != 3:
+			continue
 		case parts[0] == "0" && parts[1] == "":
-			v2 = []string{path.Join("sys/fs/cgroup", parts[2]), "sys/fs/cgroup"}
+			root, limitFile, usageFile, inactiveKey = "sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"
 		case slices.Contains(strings.Split(parts[1], ","), "memory"):
-			v1 = []string{path.Join("sys/fs/cgroup/memory", parts[2]), "sys/fs/cgroup/memory"}
+			root, limitFile, usageFile, inactiveKey = "sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"
+		default:
+			continue
+		}
+		for cg := path.Clean("/" + parts[2]); ; cg = path.Dir(cg) { // Clean keeps a "/.." from leaving the mount
+			dir := path.Join(root, cg)
+			if limit, ok := readLimit(fsys, path.Join(dir, limitFile)); ok && (tightest.limit == 0 || limit < tightest.limit) {
+				tightest = cgroupFiles{limit, path.Join(dir, usageFile), path.Join(dir, "memory.stat"), inactiveKey}
+			}
+			if cg == "/" {
+				break
+			}
 		}
 	}
-	for _, dir := range v1 {
-		if limit, ok := readLimit(fsys, path.Join(dir, "memory.limit_in_bytes")); ok {
-			return cgroupFiles{limit, path.Join(dir, "memory.usage_in_bytes"), path.Join(dir, "memory.stat"), "total_inactive_file"}
-		}
-	}
-	for _, dir := range v2 {
-		if limit, ok := readLimit(fsys, path.Join(dir, "memory.max")); ok {
-			return cgroupFiles{limit, path.Join(dir, "memory.current"), path.Join(dir, "memory.stat"), "inactive_file"}
-		}
-	}
-	return cgroupFiles{}
+	return tightest
 }
 
 // readLimit reads a cgroup memory limit; "max" (v2) or a value of noLimit
