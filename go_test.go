@@ -3187,6 +3187,37 @@ func TestSilentStreamGetsAKeepAliveComment(t *testing.T) {
 	}
 }
 
+// Over HTTP/2 a stream's write deadline is a timer that resets the stream
+// when it fires, whether a write is under way or not: a stream silent for
+// longer than its write timeout must still get its keep-alive comment.
+func TestSilentHTTP2StreamGetsItsKeepAlive(t *testing.T) {
+	t.Parallel()
+	s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, testLogger(t))
+	s.stats.sampleEvery = time.Hour // one tick at the start, then silence
+	s.stats.keepAlive, s.stats.writeTimeout = 300*time.Millisecond, 100*time.Millisecond
+	ts := httptest.NewUnstartedServer(s)
+	ts.EnableHTTP2 = true
+	ts.StartTLS()
+	defer ts.Close()
+	defer s.beginShutdown()
+	resp, err := ts.Client().Get(ts.URL + "/events")
+	if err != nil || resp.ProtoMajor != 2 {
+		t.Fatalf("GET /events over HTTP/2: %v, %v", resp, err)
+	}
+	defer resp.Body.Close()
+	br := bufio.NewReader(resp.Body)
+	readEvent(t, br)
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("silent for %v with a write timeout of %v: %v, want a keep-alive comment", s.stats.keepAlive, s.stats.writeTimeout, err)
+		}
+		if line == ": keep-alive\n" {
+			break
+		}
+	}
+}
+
 // A panic in one event stream's goroutine (here a nil tick, as a bug in the
 // fan-out could send) is logged at error level with its stack; that stream
 // alone ends, another loses no event, and the server serves on.

@@ -334,15 +334,24 @@ type eventStream struct {
 	stopped bool       // shutdown has set the last deadline
 }
 
-// write writes p within timeout, or within the bound stop set.
+// write writes p within timeout, or within the bound stop set. Between
+// writes there is no deadline: over HTTP/2 a deadline is a timer that
+// resets the stream when it fires, even with no write under way, and a
+// stream may be silent for sseKeepAlive (TestSilentHTTP2StreamGetsItsKeepAlive).
 func (s *eventStream) write(p []byte, timeout time.Duration) error {
-	s.mu.Lock()
-	if !s.stopped {
-		s.conn.SetWriteDeadline(time.Now().Add(timeout))
-	}
-	s.mu.Unlock()
+	s.deadline(time.Now().Add(timeout))
 	_, err := s.conn.Write(p)
+	s.deadline(time.Time{})
 	return err
+}
+
+// deadline sets the write deadline, unless stop has set the last one.
+func (s *eventStream) deadline(t time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.stopped {
+		s.conn.SetWriteDeadline(t)
+	}
 }
 
 // stop bounds the write in progress, if any, and every later one, by
