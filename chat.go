@@ -207,31 +207,6 @@ func (h *hub) reply(c *client, frame []byte) {
 	}
 }
 
-// rename changes c's display name and tells everyone.
-func (h *hub) rename(c *client, want string) *refusal {
-	name, ref := cleanName(want)
-	if ref != nil {
-		return ref
-	}
-	now := time.Now()
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	s := c.s
-	if !h.inRoomLocked(c) || name == s.name {
-		return nil
-	}
-	old := s.name
-	h.releaseNameLocked(s)
-	h.takeNameLocked(s, name, name)
-	h.broadcastLocked(encode(struct {
-		Type string `json:"type"` // "rename"
-		User user   `json:"user"`
-		Old  string `json:"old"`
-		Time string `json:"time"`
-	}{"rename", s.user(), old, stamp(now)}))
-	return nil
-}
-
 // leave is how every client leaves, whoever notices first (its reader, its
 // writer, the hub, shutdown): c is taken out of the room, if it is still
 // there, and its connection closes with code. The close frame goes last
@@ -882,6 +857,31 @@ func (h *hub) releaseNameLocked(s *session) {
 			delete(h.sessions.bases, foldName(s.asked))
 		}
 	}
+}
+
+// rename changes c's display name and tells everyone.
+func (h *hub) rename(c *client, want string) *refusal {
+	name, ref := cleanName(want)
+	if ref != nil {
+		return ref
+	}
+	now := time.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s := c.s
+	if !h.inRoomLocked(c) || name == s.name {
+		return nil
+	}
+	old := s.name
+	h.releaseNameLocked(s)
+	h.takeNameLocked(s, name, name)
+	h.broadcastLocked(encode(struct {
+		Type string `json:"type"` // "rename"
+		User user   `json:"user"`
+		Old  string `json:"old"`
+		Time string `json:"time"`
+	}{"rename", s.user(), old, stamp(now)}))
+	return nil
 }
 
 // foldName is the key under which names must be unique: case does not
