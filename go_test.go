@@ -3,7 +3,7 @@
 // the stats stream, the limits, capacity, deployment, and the page in a
 // real browser; then the helpers, and the browser driver last.
 //
-//	go test -race ./...                  everything, as CI runs it (about 140 s here)
+//	go test -race ./...                  everything, as CI runs it (about 150 s here)
 //	go test -short ./...                 without the 1000-client, slowloris, storm, container and browser tests (under 30 s)
 //	go test -run '^$' -bench Capacity -benchtime 1x    the capacity figures (server in a process of its own)
 //	go test -run Soak -soak 10m -timeout 15m -v    the soak
@@ -18,19 +18,19 @@
 // Where each behaviour is proved:
 //
 //	flags, $PORT, -drain, panics   TestHelpListsEveryFlag, TestAddressFromFlagOrPORT, TestDrainAnswers503WhileStillServing, TestHandlerPanicIsLoggedAsError
-//	shutdown                       TestShutdownClosesChatWith1001EndsStreamsAndReturns, TestSIGTERMUnderLoad, TestSIGTERMWithAStuckClientExitsInTime, TestSecondSignalStopsAtOnce
+//	shutdown                       TestShutdownClosesChatWith1001EndsStreamsAndReturns, TestSIGTERMUnderLoad, TestSIGTERMWithAStuckClientExitsInTime, TestShutdownCutsAStuckHandshake, TestSecondSignalStopsAtOnce
 //	the page, its CSP, /healthz    TestIndexServesEmbeddedPage, TestPageCSPAllowsOnlyThePagesScriptAndStyleByHash, TestPageLoadsNothingFromElsewhere, TestHealthz
 //	HTTP/1.1's six connections     TestBrowserSevenStreamsNeedHTTP2, TestBrowserWebSocketsAreNotHeldToSix
 //	polling against pushing        BenchmarkPollVersusPush, TestBrowserPollsWhenAskedAndStreamsWhenNot
 //	welcome, order, identity       TestWelcome, TestEveryClientGetsEveryMessageInSeqOrder, TestCannotSpeakAsSomeoneElse
-//	names, presence, history       TestNamesAreTrimmedUniqueAndServerChosenOtherwise, TestPresenceIsCoalesced, TestHistoryKeepsTheLast50InOrder
+//	names, presence, history       TestNamesAreTrimmedUniqueAndServerChosenOtherwise, TestInvisibleDifferencesDoNotMakeANewName, TestPresenceIsCoalesced, TestHistoryKeepsTheLast50InOrder, TestWelcomeStaysSmallAfterTheLargestMessages
 //	resuming a session             TestResumeAfterABlipKeepsIdentityAndMissedMessages, TestResumeCountsMissedAndExpires, TestOneLiveConnectionPerSession, TestResumeTokenTravelsAsASubprotocol
 //	the event stream               Example_formatEvent, TestEventsStreamHeadersAndFirstEventAtOnce, TestOneSamplerServesEverySubscriber
 //	/proc and cgroups              TestProcHostWithoutMemoryLimit, TestProcCgroupV2ContainerShowsItsLimit, TestProcTightestCgroupLimitBinds, TestRealCgroupLimitIsShown
 //	the CPU figure, sampler runs   TestSamplerRunsShareHostInfoAndCPUBaseline
 //	each row of the limits table   the test the README's table names, in the limits section below
 //	RFC 6455, as Autobahn judges   TestRFC6455Conformance (238 cases), TestFrameAbuse, FuzzFrameReader
-//	a panic in a connection        TestPanicInAConnectionClosesItWith1011
+//	a panic in a connection        TestPanicInAConnectionClosesItWith1011, TestPanicInAWriterClosesItWith1011, TestPanicInATimerIsLoggedAndTheRoomServesOn
 //	goroutines of a connection     TestNoGoroutineOutlivesItsConnection (it names the server's per-connection functions)
 //	a scratch container, TLS       TestStaticBinaryRunsAloneLikeScratch, TestTLSServesHTTP2StreamsAndWebSocket
 //	the page in a browser          TestBrowserTwoPeopleChatAndWatchStats, TestBrowserShowsTheWireAndSpeaksChinese, TestBrowserPageIsAccessible
