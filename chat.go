@@ -830,7 +830,11 @@ func (h *hub) forgetEndedLocked(now time.Time) {
 // takeNameLocked gives s the name prefer if no live session has it, and
 // otherwise asked with the next free "-N" suffix. Each name asked for keeps
 // its next suffix, so that the ten-thousandth "ann" is a look-up or two, not
-// a scan of ann-2, ann-3... under the lock. The caller holds h.mu.
+// a scan of ann-2, ann-3... under the lock. A long name cut to fit its
+// suffix can meet another name's suffixes ("a"×30 + "-2" against the
+// holders of 32 "a"); after a few such, each try is at random among four
+// times as many suffixes as there are names, so it costs a try or two
+// whatever the room (BenchmarkJoinSameName). The caller holds h.mu.
 func (h *hub) takeNameLocked(s *session, prefer, asked string) {
 	b := h.sessions.bases[foldName(asked)]
 	if b == nil {
@@ -839,9 +843,14 @@ func (h *hub) takeNameLocked(s *session, prefer, asked string) {
 	}
 	b.holders++
 	name := prefer
-	for h.sessions.byName[foldName(name)] != nil {
-		name = withSuffix(asked, b.next)
-		b.next++
+	for tries := 0; h.sessions.byName[foldName(name)] != nil; tries++ {
+		n := b.next
+		if tries < 4 {
+			b.next++
+		} else { // at most a quarter of these are taken
+			n += rand.IntN(4 * len(h.sessions.byName))
+		}
+		name = withSuffix(asked, n)
 	}
 	s.name, s.asked = name, asked
 	h.sessions.byName[foldName(name)] = s

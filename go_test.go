@@ -2624,20 +2624,26 @@ func TestPersistentFloodingIsClosedSteadyClientIsNot(t *testing.T) {
 
 // BenchmarkJoinSameName: a join asking for a name that N people online
 // already asked for costs the same whatever N.
+// The second kind asks for a name that the holders' suffixes fill once cut
+// to fit: 32 "a", then "a"×30 + "-2", whose own "-N" candidates ("a"×30 +
+// "-3", "a"×29 + "-10"...) the holders of 32 "a" already have.
 func BenchmarkJoinSameName(b *testing.B) {
-	for _, n := range []int{100, 10_000} {
-		b.Run("holders="+strconv.Itoa(n), func(b *testing.B) {
-			h := newHub(slog.New(slog.DiscardHandler), 2*n, nil)
-			for range n {
-				h.join(detachedClient(b), joinRequest{name: "ann", since: -1})
-			}
-			c := detachedClient(b)
-			for b.Loop() {
-				h.join(c, joinRequest{name: "ann", since: -1})
-				h.leave(c, closeNormal, "")
-				c.out = outbox{wake: make(chan struct{}, 1)}
-			}
-		})
+	long := strings.Repeat("a", maxNameChars)
+	for _, tc := range []struct{ held, asked string }{{"ann", "ann"}, {long, long[:30] + "-2"}} {
+		for _, n := range []int{100, 10_000} {
+			b.Run(fmt.Sprintf("asked=%s/holders=%d", tc.asked[len(tc.asked)-3:], n), func(b *testing.B) {
+				h := newHub(slog.New(slog.DiscardHandler), 2*n, nil)
+				for range n {
+					h.join(detachedClient(b), joinRequest{name: tc.held, since: -1})
+				}
+				c := detachedClient(b)
+				for b.Loop() {
+					h.join(c, joinRequest{name: tc.asked, since: -1})
+					h.leave(c, closeNormal, "")
+					c.out = outbox{wake: make(chan struct{}, 1)}
+				}
+			})
+		}
 	}
 }
 
