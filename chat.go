@@ -2,32 +2,37 @@
 //
 // The hub is the room. A connection joins it, says things, may rename
 // itself, and leaves; what one says is broadcast to everyone, the sender
-// included. A message goes from socket to sockets through eight places,
-// all in the first screens of this file but the socket's two methods at
-// its end:
+// included. A message goes from one socket to all of them through eight
+// places (with the helpers each calls):
 //
-//	socket.readMessage  a client's reader reads one whole text message;
-//	hub.read            the reader's loop hands it to the hub,
-//	hub.handle          which decodes it;
+//	socket.readMessage  the sender's reader reads one whole text message,
+//	hub.read            and its loop hands it on
+//	hub.handle          to be decoded (decodeMessage) and acted on:
 //	hub.say             the hub numbers it, under its lock,
-//	hub.broadcastLocked frames it once,
-//	outbox.put          and puts the same bytes in every client's outbox;
+//	hub.broadcastLocked frames it once (textFrame) and offers it to everyone,
+//	outbox.put          the same bytes put in each client's outbox, never waiting;
 //	hub.write           each client's writer takes its whole outbox
-//	socket.writeFrames  and sends it in one system call.
+//	socket.writeFrames  and writes it at once.
+//
+// All but the first and last are in this file's first 450 lines; those
+// two, with the rest of the socket, are at its end.
 //
 // Who owns what:
 //   - The hub owns what the clients share (who is online, their names and
 //     sessions, the message numbers, the history), under one mutex, hub.mu.
-//   - A client's outbox is filled under hub.mu without blocking, and
-//     emptied by the client's writer. A client whose outbox is full is
-//     dropped, never waited for; nothing is written to a socket while
-//     hub.mu is held, and putting under it keeps every client's view in
-//     seq order. Lock order: hub.mu, then an outbox's or a socket's own.
+//   - A client's outbox is filled under hub.mu without blocking (but for a
+//     newcomer's welcome, put first before its writer starts), and emptied
+//     by the client's writer. A client whose outbox is full is dropped,
+//     never waited for; nothing is written to a socket while hub.mu is
+//     held, and putting under it keeps every client's view in seq order.
+//     Lock order: hub.mu, then an outbox's or a socket's own.
 //   - A client's socket is the only code that touches its connection after
 //     the handshake: the client's reader goroutine reads through it, its
 //     writer goroutine writes through it, and the socket alone sets
-//     deadlines and does the closing handshake.
-//   - A client leaves through one function, hub.leave.
+//     deadlines, bounds the closing handshake and waits for the peer's
+//     close frame.
+//   - A client leaves through one function, hub.leave, which chooses its
+//     close code.
 package main
 
 import (
@@ -127,45 +132,6 @@ func newHub(log *slog.Logger, maxClients int, allowOrigins []string) *hub {
 	return h
 }
 
-// join puts c in the room and queues its welcome, and reports false once
-// shutdown has begun. c continues the session req.resume names, if it is
-// still kept, or starts a new one. join runs before c's writer starts: the
-// welcome is encoded outside the lock, then put in front of what reached c
-// meanwhile.
-func (h *hub) join(c *client, req joinRequest) bool {
-	name, bad := askedName(req.name)
-	w, history, ok := h.enter(c, req, name)
-	if !ok {
-		return false
-	}
-	first := welcomeFrame(w, history)
-	if bad != nil && !w.Resumed {
-		first = append(first, textFrame(encodeRefusal(bad)))
-	}
-	c.out.putFirst(first...)
-	return true
-}
-
-// enter is join's part under hub.mu: c speaks for a session from now on,
-// and the others hear of it in the next presence frame (unless its session
-// never left the room, or left and came back within one). It returns c's
-// welcome, and the history that goes with it.
-func (h *hub) enter(c *client, req joinRequest, name string) (w welcome, history []byte, ok bool) {
-	secret, now := crand.Text(), time.Now() // before the lock: nothing slow under it
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.stopping.Err() != nil {
-		return w, nil, false
-	}
-	s, resumed := h.sessionLocked(c, req.resume, name, secret, now)
-	s.client, c.s = c, s
-	h.clients[c] = struct{}{}
-	h.schedulePresenceLocked()
-	h.schedulePingsLocked()
-	w, history = h.welcomeLocked(s, resumed, req.since, now)
-	return w, history, true
-}
-
 // say broadcasts a message from c, already checked by decodeMessage, and
 // keeps it in the history.
 func (h *hub) say(c *client, text string) {
@@ -207,10 +173,50 @@ func (h *hub) reply(c *client, frame []byte) {
 	}
 }
 
+// join puts c in the room and queues its welcome, and reports false once
+// shutdown has begun. c continues the session req.resume names, if it is
+// still kept, or starts a new one. join runs before c's writer starts: the
+// welcome is encoded outside the lock, then put in front of what reached c
+// meanwhile.
+func (h *hub) join(c *client, req joinRequest) bool {
+	name, bad := askedName(req.name)
+	w, history, ok := h.enter(c, req, name)
+	if !ok {
+		return false
+	}
+	first := welcomeFrame(w, history)
+	if bad != nil && !w.Resumed {
+		first = append(first, textFrame(encodeRefusal(bad)))
+	}
+	c.out.putFirst(first...)
+	return true
+}
+
+// enter is join's part under hub.mu: c speaks for a session from now on,
+// and the others hear of it in the next presence frame (unless its session
+// never left the room, or left and came back within one). It returns c's
+// welcome, and the history that goes with it.
+func (h *hub) enter(c *client, req joinRequest, name string) (w welcome, history []byte, ok bool) {
+	secret, now := crand.Text(), time.Now() // before the lock: nothing slow under it
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.stopping.Err() != nil {
+		return w, nil, false
+	}
+	s, resumed := h.sessionLocked(c, req.resume, name, secret, now)
+	s.client, c.s = c, s
+	h.clients[c] = struct{}{}
+	h.schedulePresenceLocked()
+	h.schedulePingsLocked()
+	w, history = h.welcomeLocked(s, resumed, req.since, now)
+	return w, history, true
+}
+
 // leave is how every client leaves, whoever notices first (its reader, its
 // writer, the hub, shutdown): c is taken out of the room, if it is still
 // there, and its connection closes with code. The close frame goes last
-// into c's outbox (alone, for a client too slow or replaced), and from now
+// into c's outbox (alone, for a client that broke a limit or was too slow,
+// 1008, or was replaced, 4000), and from now
 // on the socket bounds everything by closeGrace: the writes still to come
 // and the wait for the peer's own close frame. A client that stopped
 // reading cannot hold its connection, or the server's shutdown, for longer.
@@ -239,26 +245,6 @@ func (h *hub) leaveLocked(c *client, code int, why string) {
 func (h *hub) inRoomLocked(c *client) bool {
 	_, ok := h.clients[c]
 	return ok && h.stopping.Err() == nil
-}
-
-// online reports how many people are in the room.
-func (h *hub) online() int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return len(h.clients)
-}
-
-// shutdown refuses new clients and has every connection leave with 1001,
-// those still in their handshake too (see attach). It does not wait; see wait.
-func (h *hub) shutdown() { h.stop() }
-
-// wait blocks until every connection has closed, or ctx is done. It takes
-// h.mu first, so that it comes after every conns.Add so far (admit's, made
-// under h.mu), as a WaitGroup asks.
-func (h *hub) wait(ctx context.Context) error {
-	h.mu.Lock()
-	h.mu.Unlock()
-	return waitFor(ctx, &h.conns, "chat connections")
 }
 
 // ---------------------------------------- a client: its outbox, reader, writer --
@@ -404,7 +390,7 @@ func (h *hub) read(c *client) {
 		if now := time.Now(); !limit.take(now) {
 			if !strikes.take(now) {
 				h.leave(c, closePolicyViolation, "flooding")
-				continue
+				continue // out of the room: what it still sends is read and ignored
 			}
 			h.reply(c, textFrame(encodeRefusal(&refusal{errRateLimited, "too many messages: at most " +
 				strconv.Itoa(rateBurst) + " at once or " + strconv.Itoa(ratePerSecond) + " a second"})))
@@ -454,6 +440,23 @@ func (h *hub) write(c *client) {
 		c.sock.closeBy(time.Now()) // nothing more can be said: the reader stops too
 		return
 	}
+}
+
+// handle acts on one message from c, or says why it refused it.
+func (h *hub) handle(c *client, data []byte) *refusal {
+	in, ref := decodeMessage(data)
+	if ref != nil {
+		return ref
+	}
+	switch in.Type {
+	case "message":
+		h.say(c, in.Text)
+	case "rename":
+		return h.rename(c, in.Name)
+	case "ping":
+		h.reply(c, pongReply)
+	}
+	return nil
 }
 
 // ----------------------------------------------------- what is on the wire --
@@ -515,23 +518,6 @@ const (
 
 // pongReply answers a client's {"type":"ping"}, framed once for everyone.
 var pongReply = textFrame([]byte(`{"type":"pong"}`))
-
-// handle acts on one message from c, or says why it refused it.
-func (h *hub) handle(c *client, data []byte) *refusal {
-	in, ref := decodeMessage(data)
-	if ref != nil {
-		return ref
-	}
-	switch in.Type {
-	case "message":
-		h.say(c, in.Text)
-	case "rename":
-		return h.rename(c, in.Name)
-	case "ping":
-		h.reply(c, pongReply)
-	}
-	return nil
-}
 
 // decodeMessage parses and checks a client's message, valid UTF-8 already
 // (see readMessage). It refuses what is not a JSON object, an unknown type,
@@ -965,10 +951,11 @@ func (h *hub) flushPresence() {
 	}{"presence", len(h.clients), joined, left, len(p.joined), len(p.left), stamp(now)}))
 }
 
-// ------------------------------------------------ a connection's beginning --
+// --------------------------------------- a connection's beginning, shutdown --
 //
-// Why this exists: to turn an HTTP request into a client in the room, and
-// to keep it alive. A first reading may skip it.
+// Why this exists: to turn an HTTP request into a client in the room, to
+// keep it alive, and to end them all at shutdown. A first reading may skip
+// it.
 
 // A connection's timing.
 const (
@@ -1046,6 +1033,26 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		},
 	}
 	ws.ServeHTTP(hijacker{w, h, c}, r)
+}
+
+// online reports how many people are in the room.
+func (h *hub) online() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.clients)
+}
+
+// shutdown refuses new clients and has every connection leave with 1001,
+// those still in their handshake too (see attach). It does not wait; see wait.
+func (h *hub) shutdown() { h.stop() }
+
+// wait blocks until every connection has closed, or ctx is done. It takes
+// h.mu first, so that it comes after every conns.Add so far (admit's, made
+// under h.mu), as a WaitGroup asks.
+func (h *hub) wait(ctx context.Context) error {
+	h.mu.Lock()
+	h.mu.Unlock()
+	return waitFor(ctx, &h.conns, "chat connections")
 }
 
 // admit counts a connection in, unless cfg.maxClients are in already. It
@@ -1216,9 +1223,11 @@ func invisible(r rune) bool {
 //
 // Why this exists: pollfree speaks RFC 6455 itself, so that a text chat
 // never relays a message that is not whole, valid UTF-8, and so that one
-// type owns the connection: the room and a client's loops above use its
-// readMessage, writeFrames and closeBy, and never see a deadline or a
-// frame's bytes. A first reading may skip it.
+// type owns the connection: the room and a client's loops above use five
+// of its methods (readMessage, writeFrames, closeBy, linger, Close), and
+// never set a deadline or parse a frame. The frames they hand it are built
+// by the small functions at the end (textFrame, closeFrame...). A first
+// reading may skip it.
 //
 // Which part of the wire is whose:
 //   - x/net/websocket checks the opening handshake (net/http has read it:
@@ -1486,8 +1495,8 @@ func validCloseCode(code int) bool {
 
 // writeFrames writes frames, failing if that takes longer than writeWait
 // (or past closeBy's bound). It reports how many bytes went. The frames go
-// in one system call, as they are: net.Buffers is writev on a TCP
-// connection, so a batch is never copied into one buffer.
+// as they are, never copied into one buffer: net.Buffers is one writev
+// system call on a TCP connection (over TLS, a write a frame).
 func (s *socket) writeFrames(frames [][]byte) (int64, error) {
 	s.deadline(s.conn.SetWriteDeadline, s.writeWait)
 	bufs := net.Buffers(frames)
