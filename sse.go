@@ -163,13 +163,11 @@ func (b *broadcaster) unsubscribe(sub chan *tick, out *eventStream) {
 }
 
 // shutdown ends every stream and stops the sampler. A stream blocked in a
-// write (its reader stuck) gets closeGrace to finish it.
+// write (its reader stuck) gets closeGrace to finish it. A second call finds
+// no subscriber left: subscribe takes none once closed is set.
 func (b *broadcaster) shutdown() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.closed {
-		return
-	}
 	b.closed = true // the sampler stops at its next tick
 	for sub, out := range b.subs {
 		delete(b.subs, sub)
