@@ -287,10 +287,7 @@ func recoverTo(log *slog.Logger, what string, then func()) {
 // listenURL turns a listener address into a URL a person can click:
 // an unspecified host (":3000", "[::]:3000") becomes localhost.
 func listenURL(scheme string, addr net.Addr) string {
-	host, port, err := net.SplitHostPort(addr.String())
-	if err != nil {
-		return scheme + "://" + addr.String() + "/"
-	}
+	host, port, _ := net.SplitHostPort(addr.String()) // a TCP address always splits
 	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
 		host = "localhost"
 	}
@@ -402,16 +399,14 @@ func inlineHash(page []byte, tag string) string {
 }
 
 // serveIndex serves GET /: the embedded page.
-func serveIndex(w http.ResponseWriter, r *http.Request) {
+func serveIndex(w http.ResponseWriter, _ *http.Request) {
 	h := w.Header()
 	h.Set("Content-Type", "text/html; charset=utf-8")
 	h.Set("Content-Length", strconv.Itoa(len(page)))
 	h.Set("Content-Security-Policy", pageCSP)
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Set("Cache-Control", "no-cache")
-	if r.Method != http.MethodHead {
-		w.Write(page)
-	}
+	w.Write(page) // net/http drops it for HEAD, which this route answers too
 }
 
 // serveHealthz serves GET /healthz for load balancers and orchestrators.

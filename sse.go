@@ -37,6 +37,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"io/fs"
 	"log/slog"
@@ -73,12 +74,7 @@ type tick struct {
 // formatEvent frames data as one SSE event named "stats". data must be one
 // line, as encoding/json's output is.
 func formatEvent(id uint64, data []byte) []byte {
-	b := make([]byte, 0, len(data)+40)
-	b = append(b, "id: "...)
-	b = strconv.AppendUint(b, id, 10)
-	b = append(b, "\nevent: stats\ndata: "...)
-	b = append(b, data...)
-	return append(b, "\n\n"...)
+	return fmt.Appendf(nil, "id: %d\nevent: stats\ndata: %s\n\n", id, data)
 }
 
 // broadcaster runs the sampler and fans its ticks out to subscribers.
@@ -106,8 +102,10 @@ type broadcaster struct {
 
 	// Owned by the sampler goroutine. One run stops (in publish, or restart
 	// after a panic) before the next starts (in subscribe or restart), all under mu.
-	info *hostInfo // read on the first run: it does not change while the server runs
-	cpu  cpuTimes  // the last CPU sample, kept across runs: a run's first tick covers the pause before it
+	// info is read on the first run, not at start: a process may be put in its
+	// cgroup after it starts (TestRealCgroupLimitIsShown). It does not change after.
+	info *hostInfo
+	cpu  cpuTimes // the last CPU sample, kept across runs: a run's first tick covers the pause before it
 }
 
 func newBroadcaster(log *slog.Logger, fsys fs.FS, chatClients func() int) *broadcaster {
@@ -165,13 +163,11 @@ func (b *broadcaster) unsubscribe(sub chan *tick, out *eventStream) {
 }
 
 // shutdown ends every stream and stops the sampler. A stream blocked in a
-// write (its reader stuck) gets closeGrace to finish it.
+// write (its reader stuck) gets closeGrace to finish it. A second call finds
+// no subscriber left: subscribe takes none once closed is set.
 func (b *broadcaster) shutdown() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.closed {
-		return
-	}
 	b.closed = true // the sampler stops at its next tick
 	for sub, out := range b.subs {
 		delete(b.subs, sub)
@@ -190,8 +186,7 @@ func (b *broadcaster) sample() {
 	t := time.NewTicker(b.sampleEvery)
 	defer t.Stop()
 	for {
-		s := b.snapshot()
-		data, err := json.Marshal(s)
+		data, err := json.Marshal(b.snapshot())
 		if err != nil {
 			panic("stats: encoding snapshot: " + err.Error()) // plain numbers and strings only
 		}
@@ -518,22 +513,16 @@ func (b *broadcaster) snapshot() snapshot {
 	return s
 }
 
-// runtimeSamples are the runtime/metrics read every tick; reading them does
-// not stop the world, unlike runtime.ReadMemStats.
-var runtimeSamples = []string{
-	"/sched/goroutines:goroutines",
-	"/memory/classes/heap/objects:bytes",
-	"/memory/classes/total:bytes",
-	"/memory/classes/heap/released:bytes",
-	"/memory/classes/heap/free:bytes",
-}
-
 // readRuntime fills the process figures, and the memory figures with the
 // runtime's own view (source "runtime") for readSystem to replace.
 func readRuntime(s *snapshot) {
-	m := make([]metrics.Sample, len(runtimeSamples))
-	for i, name := range runtimeSamples {
-		m[i].Name = name
+	// Reading runtime/metrics does not stop the world, unlike runtime.ReadMemStats.
+	m := []metrics.Sample{
+		{Name: "/sched/goroutines:goroutines"},
+		{Name: "/memory/classes/heap/objects:bytes"},
+		{Name: "/memory/classes/total:bytes"},
+		{Name: "/memory/classes/heap/released:bytes"},
+		{Name: "/memory/classes/heap/free:bytes"},
 	}
 	metrics.Read(m)
 	value := func(i int) uint64 {

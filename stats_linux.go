@@ -22,8 +22,6 @@
 package main
 
 import (
-	"bytes"
-	"errors"
 	"io/fs"
 	"os"
 	"path"
@@ -60,41 +58,31 @@ func readHostInfo(fsys fs.FS) hostInfo {
 	if ostype != "" && release != "" {
 		info.kernel = ostype + " " + release
 	}
-	if b, err := fs.ReadFile(fsys, "proc/cpuinfo"); err == nil {
-		info.cpuModel = parseCPUModel(b)
-	}
-	if b, err := fs.ReadFile(fsys, "proc/self/cgroup"); err == nil {
-		info.cgroup = findCgroup(fsys, b)
-	}
+	info.cpuModel = parseCPUModel(readString(fsys, "proc/cpuinfo"))
+	info.cgroup = findCgroup(fsys, readString(fsys, "proc/self/cgroup"))
 	return info
 }
 
 // readSystem fills s with what /proc says now. prev is the CPU sample from the
 // last call, replaced by this one; the first call measures since boot.
 func readSystem(fsys fs.FS, info hostInfo, s *snapshot, prev *cpuTimes) {
-	if f, err := parseFloats(readString(fsys, "proc/uptime"), 1); err == nil {
+	if f, ok := parseFloats(readString(fsys, "proc/uptime"), 1); ok {
 		s.Host.UptimeSeconds = &f[0]
 	}
-	if f, err := parseFloats(readString(fsys, "proc/loadavg"), 3); err == nil {
+	if f, ok := parseFloats(readString(fsys, "proc/loadavg"), 3); ok {
 		s.Host.Load = f
 	}
-	if b, err := fs.ReadFile(fsys, "proc/stat"); err == nil {
-		if now, err := parseCPUTimes(b); err == nil {
-			used := cpuPercent(*prev, now)
-			s.CPU.UsedPercent = &used
-			*prev = now
-		}
+	if now, ok := parseCPUTimes(readString(fsys, "proc/stat")); ok {
+		used := cpuPercent(*prev, now)
+		s.CPU.UsedPercent = &used
+		*prev = now
 	}
 	if f := strings.Fields(readString(fsys, "proc/self/statm")); len(f) > 1 {
 		if pages, err := strconv.ParseUint(f[1], 10, 64); err == nil {
 			s.Process.RSSBytes = pages * uint64(os.Getpagesize())
 		}
 	}
-	b, err := fs.ReadFile(fsys, "proc/meminfo")
-	if err != nil {
-		return
-	}
-	m, ok := parseMeminfo(b)
+	m, ok := parseMeminfo(readString(fsys, "proc/meminfo"))
 	if !ok {
 		return
 	}
@@ -111,11 +99,11 @@ func readSystem(fsys fs.FS, info hostInfo, s *snapshot, prev *cpuTimes) {
 }
 
 // parseMeminfo reads the "Key:   123 kB" lines pollfree shows. It reports
-// false without a MemTotal.
-func parseMeminfo(b []byte) (memoryStats, bool) {
+// false without a MemTotal (as for a file that could not be read).
+func parseMeminfo(text string) (memoryStats, bool) {
 	m := memoryStats{Source: "host"}
-	for line := range bytes.Lines(b) {
-		key, rest, _ := strings.Cut(string(line), ":")
+	for line := range strings.Lines(text) {
+		key, rest, _ := strings.Cut(line, ":")
 		f := strings.Fields(rest)
 		if len(f) == 0 {
 			continue
@@ -143,9 +131,9 @@ func parseMeminfo(b []byte) (memoryStats, bool) {
 
 // parseCPUTimes reads the aggregate "cpu" line of /proc/stat: user nice
 // system idle iowait irq softirq steal (guest time is already in user).
-func parseCPUTimes(b []byte) (cpuTimes, error) {
-	for line := range bytes.Lines(b) {
-		f := strings.Fields(string(line))
+func parseCPUTimes(text string) (cpuTimes, bool) {
+	for line := range strings.Lines(text) {
+		f := strings.Fields(line)
 		if len(f) < 5 || f[0] != "cpu" {
 			continue
 		}
@@ -153,16 +141,16 @@ func parseCPUTimes(b []byte) (cpuTimes, error) {
 		for i, s := range f[1:min(len(f), 9)] {
 			n, err := strconv.ParseUint(s, 10, 64)
 			if err != nil {
-				return cpuTimes{}, errors.New("stat: bad cpu field " + strconv.Quote(s))
+				return cpuTimes{}, false
 			}
 			t.total += n
 			if i == 3 || i == 4 { // idle, iowait
 				t.idle += n
 			}
 		}
-		return t, nil
+		return t, true
 	}
-	return cpuTimes{}, errors.New("stat: no cpu line")
+	return cpuTimes{}, false
 }
 
 // cpuPercent is the busy share of CPU time between two samples.
@@ -175,26 +163,26 @@ func cpuPercent(prev, now cpuTimes) float64 {
 }
 
 // parseFloats reads the first n space-separated numbers of s.
-func parseFloats(s string, n int) ([]float64, error) {
+func parseFloats(s string, n int) ([]float64, bool) {
 	f := strings.Fields(s)
 	if len(f) < n {
-		return nil, errors.New("want " + strconv.Itoa(n) + " numbers, got " + strconv.Itoa(len(f)))
+		return nil, false
 	}
 	out := make([]float64, n)
 	for i := range out {
 		v, err := strconv.ParseFloat(f[i], 64)
 		if err != nil || !(v >= 0 && v <= 1e15) { // NaN too: it has no JSON encoding
-			return nil, errors.New("bad number " + strconv.Quote(f[i]))
+			return nil, false
 		}
 		out[i] = v
 	}
-	return out, nil
+	return out, true
 }
 
 // parseCPUModel returns the first CPU's model name from /proc/cpuinfo.
-func parseCPUModel(b []byte) string {
-	for line := range bytes.Lines(b) {
-		key, value, ok := strings.Cut(string(line), ":")
+func parseCPUModel(text string) string {
+	for line := range strings.Lines(text) {
+		key, value, ok := strings.Cut(line, ":")
 		if key = strings.TrimSpace(key); ok && (key == "model name" || key == "Model") {
 			return strings.TrimSpace(value)
 		}
@@ -209,9 +197,9 @@ func parseCPUModel(b []byte) string {
 // tightest limit it reads. The walk also finds a container's limit when it
 // runs without a cgroup namespace: its own cgroup is then the mount's root,
 // and the path /proc/self/cgroup names does not exist under the mount.
-func findCgroup(fsys fs.FS, selfCgroup []byte) cgroupFiles {
+func findCgroup(fsys fs.FS, selfCgroup string) cgroupFiles {
 	var tightest cgroupFiles
-	for line := range strings.Lines(string(selfCgroup)) {
+	for line := range strings.Lines(selfCgroup) {
 		parts := strings.SplitN(strings.TrimSpace(line), ":", 3)
 		var root, limitFile, usageFile, inactiveKey string
 		switch {
@@ -251,8 +239,7 @@ func readCgroupUsage(fsys fs.FS, cg cgroupFiles) (uint64, bool) {
 	if err != nil {
 		return 0, false
 	}
-	stat, _ := fs.ReadFile(fsys, cg.stat)
-	for line := range strings.Lines(string(stat)) {
+	for line := range strings.Lines(readString(fsys, cg.stat)) {
 		if key, value, _ := strings.Cut(strings.TrimSpace(line), " "); key == cg.inactiveKey {
 			if n, err := strconv.ParseUint(value, 10, 64); err == nil && n <= used {
 				used -= n
