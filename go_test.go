@@ -4139,6 +4139,106 @@ func settle(tb testing.TB, url string, chat int) {
 	time.Sleep(2 * presenceEvery) // the joins' last presence frame goes out; the server cannot say when
 }
 
+// BenchmarkJoinersThatNeverRead: what a join costs the server when the
+// joiner never reads, after the room said the largest messages there are.
+// One client says 50 messages of 2 000 "<" (12 KB each once encoding/json
+// writes "<" as \u003c: 600 KB if the history kept them all), then 300
+// clients join with a 2 KB receive buffer and read nothing past the
+// handshake's answer. Each one's welcome, history included, is then stuck
+// on the server: in its memory (KB-rss/joiner, the server's RSS growth from
+// /proc/PID/status over the 300 joins) or in the kernel's send queues of
+// their sockets (KB-unsent/joiner, tx_queue in /proc/net/tcp), which RSS
+// does not count. KB/joiner is the sum; the issue's bound is 100 KB, and
+// before the history was bounded to historyBytes it was about 635 KB.
+//
+//	go test -run '^$' -bench JoinersThatNeverRead -benchtime 1x
+//
+// The RSS part includes what any idle connection costs (about 16 KB, see
+// BenchmarkCapacityChat). On 2 cores shared with other runs: at 6aabbab, 6
+// runs, 74.3 to 81.0 KB/joiner, of which 12.2 to 18.9 in RSS and 62.1 to
+// 62.2 unsent (the 64 KiB history, once per joiner, in the kernel); at
+// 39da373, before the history was bounded, 2 runs: 627.9 and 625.5
+// KB/joiner, of which 31.8 and 29.4 in RSS and 596.2 unsent.
+func BenchmarkJoinersThatNeverRead(b *testing.B) {
+	raiseFileLimit(b)
+	for b.Loop() {
+		benchJoiners(b, 300)
+	}
+	b.ReportMetric(0, "ns/op") // the figures that matter are the ones reported
+}
+
+func benchJoiners(b *testing.B, n int) {
+	url, proc, _ := serverProcess(b)
+	text := strings.Repeat("<", maxTextChars)
+	online := 0
+	var sender *chatClient
+	for sent := range historySize { // rotating senders, each within its burst allowance
+		if sent%rateBurst == 0 {
+			sender, _ = dial(b, url, "")
+			online++
+		}
+		// "<" as it is, not \u003c as say would send it: the message stays
+		// 2 KB on the way in, within even 39da373's 8 KB bound.
+		if err := websocket.Message.Send(sender.ws, `{"type":"message","text":"`+text+`"}`); err != nil {
+			b.Fatal(err)
+		}
+		sender.await("message")
+	}
+	settle(b, url, online)
+	rss0 := procRSS(b, proc.Pid)
+
+	joiners := make([]net.Conn, n)
+	for i := range joiners {
+		joiners[i] = dialTCP(b, url, 2048)
+		if _, status, err := handshake(joiners[i], ""); err != nil || status != 101 {
+			b.Fatalf("joiner %d: handshake: status %d, %v", i, status, err)
+		}
+	}
+	settle(b, url, online+n)
+	// The welcomes go as far as they can, then stay: a writer blocks for
+	// writeWait (10 s) before its client is dropped. Wait until the send
+	// queues stop growing.
+	var unsent int64
+	for still := 0; still < 3; time.Sleep(100 * time.Millisecond) {
+		now := serverUnsentBytes(b, joiners)
+		if now == unsent {
+			still++
+		} else {
+			still, unsent = 0, now
+		}
+	}
+	rss := float64(procRSS(b, proc.Pid)) - float64(rss0)
+	if got := getStats(b, url).Clients.Chat; got != online+n {
+		b.Fatalf("%d chat clients online once measured, want %d: joiners were dropped before the measurement", got, online+n)
+	}
+	b.ReportMetric((rss+float64(unsent))/float64(n)/1024, "KB/joiner")
+	b.ReportMetric(rss/float64(n)/1024, "KB-rss/joiner")
+	b.ReportMetric(float64(unsent)/float64(n)/1024, "KB-unsent/joiner")
+}
+
+// serverUnsentBytes returns the bytes the server's sides of conns, loopback
+// TCP connections, hold that conns have not taken: the sum of their
+// tx_queue in /proc/net/tcp (see serverHasUnsent).
+func serverUnsentBytes(tb testing.TB, conns []net.Conn) (sum int64) {
+	server := make(map[[2]string]bool, len(conns))
+	for _, c := range conns {
+		server[[2]string{hex4(c.RemoteAddr()), hex4(c.LocalAddr())}] = true
+	}
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		tb.Skipf("no /proc here: %v", err)
+	}
+	for line := range strings.Lines(string(b)) {
+		f := strings.Fields(line)
+		if len(f) > 4 && server[[2]string{f[1], f[2]}] {
+			queued, _, _ := strings.Cut(f[4], ":")
+			n, _ := strconv.ParseInt(queued, 16, 64)
+			sum += n
+		}
+	}
+	return sum
+}
+
 // BenchmarkFloorWrite is what no server can beat: the CPU, in a process of
 // its own, of writing one frame-sized buffer to each of N loopback TCP
 // connections in a plain loop. Compare cpu-µs/write with the chat's
