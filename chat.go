@@ -20,9 +20,8 @@
 // Who owns what:
 //   - The hub owns what the clients share (who is online, their names and
 //     sessions, the message numbers, the history), under one mutex, hub.mu.
-//   - A client's outbox is filled under hub.mu without blocking (but for a
-//     newcomer's welcome, put first before its writer starts), and emptied
-//     by the client's writer. A client whose outbox is full is dropped,
+//   - A client's outbox is filled under hub.mu without blocking, and
+//     emptied by the client's writer. A client whose outbox is full is dropped,
 //     never waited for; nothing is written to a socket while hub.mu is
 //     held, and putting under it keeps every client's view in seq order.
 //     Lock order: hub.mu, then an outbox's or a socket's own.
@@ -173,43 +172,29 @@ func (h *hub) reply(c *client, frame []byte) {
 	}
 }
 
-// join puts c in the room and queues its welcome, and reports false once
-// shutdown has begun. c continues the session req.resume names, if it is
-// still kept, or starts a new one. join runs before c's writer starts: the
-// welcome is encoded outside the lock, then put in front of what reached c
-// meanwhile.
+// join puts c in the room, and its welcome first in its outbox, before
+// any broadcast can reach it; it reports false once shutdown has begun. c
+// continues the session req.resume names, if it is still kept, or starts a
+// new one, and the others hear of it in the next presence frame (unless its
+// session never left the room, or left and came back within one).
 func (h *hub) join(c *client, req joinRequest) bool {
 	name, bad := askedName(req.name)
-	w, history, ok := h.enter(c, req, name)
-	if !ok {
-		return false
-	}
-	first := welcomeFrame(w, history)
-	if bad != nil && !w.Resumed {
-		first = append(first, textFrame(encodeRefusal(bad)))
-	}
-	c.out.putFirst(first...)
-	return true
-}
-
-// enter is join's part under hub.mu: c speaks for a session from now on,
-// and the others hear of it in the next presence frame (unless its session
-// never left the room, or left and came back within one). It returns c's
-// welcome, and the history that goes with it.
-func (h *hub) enter(c *client, req joinRequest, name string) (w welcome, history []byte, ok bool) {
 	secret, now := crand.Text(), time.Now() // before the lock: nothing slow under it
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.stopping.Err() != nil {
-		return w, nil, false
+		return false
 	}
 	s, resumed := h.sessionLocked(c, req.resume, name, secret, now)
 	s.client, c.s = c, s
 	h.clients[c] = struct{}{}
 	h.schedulePresenceLocked()
 	h.schedulePingsLocked()
-	w, history = h.welcomeLocked(s, resumed, req.since, now)
-	return w, history, true
+	c.out.put(welcomeFrame(h.welcomeLocked(s, resumed, req.since, now))...)
+	if bad != nil && !resumed {
+		c.out.put(textFrame(encodeRefusal(bad)))
+	}
+	return true
 }
 
 // leave is how every client leaves, whoever notices first (its reader, its
@@ -275,31 +260,23 @@ func newClient() *client {
 // writer takes all of them at once. A close frame is the last one in.
 type outbox struct {
 	mu     sync.Mutex // guards the fields below
-	frames [][]byte   // at most sendQueueFrames, but for the welcome and a close frame
+	frames [][]byte   // at most sendQueueFrames (and a close frame)
 	closed bool       // a close frame is queued: nothing more goes in
 
 	wake chan struct{} // one slot: a signal that frames arrived
 }
 
-// put queues frame. It reports false when the box is full (or closed).
-func (o *outbox) put(frame []byte) bool {
+// put queues frames: one, or the pieces of one (a welcome). It reports
+// false when the box is full (or closed).
+func (o *outbox) put(frames ...[]byte) bool {
 	o.mu.Lock()
 	ok := !o.closed && len(o.frames) < sendQueueFrames
 	if ok {
-		o.frames = append(o.frames, frame)
+		o.frames = append(o.frames, frames...)
 	}
 	o.mu.Unlock()
 	o.signal()
 	return ok
-}
-
-// putFirst queues frames ahead of everything already queued, whatever the
-// bound: a new client's welcome, which join puts after it let go of hub.mu.
-func (o *outbox) putFirst(frames ...[]byte) {
-	o.mu.Lock()
-	o.frames = append(frames, o.frames...)
-	o.mu.Unlock()
-	o.signal()
 }
 
 // close queues a close frame last, and reports whether it did: not when
