@@ -8,10 +8,10 @@
 //	socket.readMessage  the sender's reader reads one whole text message,
 //	hub.read            and its loop hands it on
 //	hub.handle          to be decoded (decodeMessage) and acted on:
-//	hub.say             the hub numbers it, under its lock,
-//	hub.broadcastLocked frames it once (textFrame) and offers it to everyone,
-//	outbox.put          the same bytes put in each client's outbox, never waiting;
-//	hub.write           each client's writer takes its whole outbox
+//	hub.say             the hub numbers it under its lock and frames it once (textFrame);
+//	hub.broadcastLocked the same bytes go to every client,
+//	outbox.put          each client's outbox taking them without waiting;
+//	hub.write           each client's writer takes its whole outbox (outbox.take)
 //	socket.writeFrames  and writes it at once.
 //
 // All but the first and last are in this file's first 450 lines; those
@@ -30,8 +30,8 @@
 //     writer goroutine writes through it, and the socket alone sets
 //     deadlines, bounds the closing handshake and waits for the peer's
 //     close frame.
-//   - A client leaves through one function, hub.leave, which chooses its
-//     close code.
+//   - A client leaves through one function, hub.leave, with the close code
+//     its caller gives.
 package main
 
 import (
@@ -96,8 +96,8 @@ type hub struct {
 
 // settings are a hub's limits, timings and test hooks, fixed before it
 // serves. The timings are the constants of the same names; tests shorten
-// them (TestVanishedPeerIsRemovedLiveOneStays, TestChatWriteBlockedPastWriteWaitDropsTheClient,
-// TestResumeCountsMissedAndExpires, TestFrameAbuse).
+// them (TestVanishedPeerIsRemovedLiveOneStays and
+// TestChatWriteBlockedPastWriteWaitDropsTheClient, for example).
 type settings struct {
 	maxClients   int
 	allowOrigins map[string]bool // lower-case "scheme://host[:port]"
@@ -143,32 +143,26 @@ func (h *hub) say(c *client, text string) {
 	h.seq++
 	msg := encode(message{"message", h.seq, c.s.user(), text, stamp(now)})
 	h.history.add(msg)
-	h.broadcastLocked(msg)
+	h.broadcastLocked(textFrame(msg)) // framed once, for everyone
 }
 
-// broadcastLocked frames payload once and offers the frame to every client.
-// The caller holds h.mu.
-func (h *hub) broadcastLocked(payload []byte) {
-	frame := textFrame(payload)
+// broadcastLocked puts frame, the same bytes, in every client's outbox
+// without blocking. A client whose outbox is full is too slow to keep up,
+// and leaves. The caller holds h.mu.
+func (h *hub) broadcastLocked(frame []byte) {
 	for c := range h.clients {
-		h.offerLocked(c, frame)
+		if !c.out.put(frame) {
+			h.leaveLocked(c, closePolicyViolation, "too slow: outbound queue full")
+		}
 	}
 }
 
-// offerLocked queues a frame for c without blocking; if c's outbox is full,
-// c is too slow to keep up and leaves. The caller holds h.mu.
-func (h *hub) offerLocked(c *client, frame []byte) {
-	if !c.out.put(frame) {
-		h.leaveLocked(c, closePolicyViolation, "too slow: outbound queue full")
-	}
-}
-
-// reply queues a frame for c alone: an answer, an error, a pong.
+// reply puts a frame in c's outbox alone: an answer, an error, a pong.
 func (h *hub) reply(c *client, frame []byte) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.inRoomLocked(c) {
-		h.offerLocked(c, frame)
+	if h.inRoomLocked(c) && !c.out.put(frame) {
+		h.leaveLocked(c, closePolicyViolation, "too slow: outbound queue full")
 	}
 }
 
@@ -200,8 +194,8 @@ func (h *hub) join(c *client, req joinRequest) bool {
 // leave is how every client leaves, whoever notices first (its reader, its
 // writer, the hub, shutdown): c is taken out of the room, if it is still
 // there, and its connection closes with code. The close frame goes last
-// into c's outbox (alone, for a client that broke a limit or was too slow,
-// 1008, or was replaced, 4000), and from now
+// into c's outbox (alone, for a client closed with 1008, flooding or too
+// slow, or 4000, replaced), and from now
 // on the socket bounds everything by closeGrace: the writes still to come
 // and the wait for the peer's own close frame. A client that stopped
 // reading cannot hold its connection, or the server's shutdown, for longer.
@@ -835,12 +829,12 @@ func (h *hub) rename(c *client, want string) *refusal {
 	old := s.name
 	h.releaseNameLocked(s)
 	h.takeNameLocked(s, name, name)
-	h.broadcastLocked(encode(struct {
+	h.broadcastLocked(textFrame(encode(struct {
 		Type string `json:"type"` // "rename"
 		User user   `json:"user"`
 		Old  string `json:"old"`
 		Time string `json:"time"`
-	}{"rename", s.user(), old, stamp(now)}))
+	}{"rename", s.user(), old, stamp(now)})))
 	return nil
 }
 
@@ -905,7 +899,7 @@ func (h *hub) flushPresence() {
 		}
 		left = append(left, u)
 	}
-	h.broadcastLocked(encode(struct {
+	h.broadcastLocked(textFrame(encode(struct {
 		Type        string `json:"type"` // "presence"
 		Online      int    `json:"online"`
 		Joined      []user `json:"joined"`
@@ -913,7 +907,7 @@ func (h *hub) flushPresence() {
 		JoinedCount int    `json:"joinedCount"`
 		LeftCount   int    `json:"leftCount"`
 		Time        string `json:"time"`
-	}{"presence", len(h.clients), joined, left, len(p.joined), len(p.left), stamp(now)}))
+	}{"presence", len(h.clients), joined, left, len(p.joined), len(p.left), stamp(now)})))
 }
 
 // --------------------------------------- a connection's beginning, shutdown --
@@ -1089,9 +1083,7 @@ func (h *hub) pingAll() {
 		return
 	}
 	h.schedulePingsLocked()
-	for c := range h.clients {
-		h.offerLocked(c, pingFrame)
-	}
+	h.broadcastLocked(pingFrame)
 }
 
 // after runs f once d has passed, on a goroutine of its own: the hub's two

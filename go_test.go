@@ -2805,21 +2805,24 @@ func TestChatWriteBlockedPastWriteWaitDropsTheClient(t *testing.T) {
 }
 
 // A write that fails is logged for what happened: the peer gone is not
-// "too slow"; a write blocked past writeWait and a full outbox are.
+// "too slow"; a write blocked past writeWait and a full outbox are, and the
+// client still gets its close frame, 1008, when it reads again (the failed
+// write sent nothing, so the stream is between frames).
 func TestFailedWritesAreLoggedForWhatHappened(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
 		writeWait time.Duration                          // nobody reads peer: the welcome's write blocks for that long
 		then      func(h *hub, c *client, peer net.Conn) // before c's writer starts on its welcome
 		want      string
+		close     int // the close frame the peer then reads, if it can read
 	}{
-		{"the peer went", time.Minute, func(h *hub, c *client, peer net.Conn) { peer.Close() }, `code=1000 reason="gone: a write failed"`},
-		{"a write blocked", 50 * time.Millisecond, func(h *hub, c *client, peer net.Conn) {}, `code=1008 reason="too slow: a write blocked past the write timeout"`},
+		{"the peer went", time.Minute, func(h *hub, c *client, peer net.Conn) { peer.Close() }, `code=1000 reason="gone: a write failed"`, 0},
+		{"a write blocked", 50 * time.Millisecond, func(h *hub, c *client, peer net.Conn) {}, `code=1008 reason="too slow: a write blocked past the write timeout"`, closePolicyViolation},
 		{"the outbox full", time.Minute, func(h *hub, c *client, peer net.Conn) {
 			for range sendQueueFrames + 1 {
 				h.reply(c, pongReply)
 			}
-		}, `code=1008 reason="too slow: outbound queue full"`},
+		}, `code=1008 reason="too slow: outbound queue full"`, closePolicyViolation},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var logs syncBuffer
@@ -2831,7 +2834,14 @@ func TestFailedWritesAreLoggedForWhatHappened(t *testing.T) {
 			h.attach(c, server, server)
 			h.join(c, joinRequest{since: -1})
 			tc.then(h, c, peer)
-			go h.write(c) // once c has left, its close frame waits closeGrace for a reader, in vain
+			go h.write(c) // once c has left, its close frame waits closeGrace for a reader
+			if tc.close != 0 {
+				eventually(t, wait, "the client's leaving logged", func() bool { return strings.Contains(logs.String(), tc.want) })
+				raw := &rawConn{Conn: peer, br: bufio.NewReader(peer)}
+				if code, _ := raw.readClose(t); code != tc.close {
+					t.Errorf("the client read close %d, want %d", code, tc.close)
+				}
+			}
 			select {
 			case <-c.writerDone:
 			case <-time.After(wait):
