@@ -1487,6 +1487,24 @@ func TestStatsEndpointReturnsOneSnapshot(t *testing.T) {
 	eventually(t, wait, "sampler stopped after /stats", func() bool { return !samplerRunning(s.stats) })
 }
 
+// Many GET /stats at once share one tick and write it at the same time;
+// none may write into the tick's bytes (the race detector tells).
+func TestConcurrentStatsAnswersShareTheTickSafely(t *testing.T) {
+	s := newServer(config{maxClients: defaultMaxClients, maxStreams: defaultMaxStreams}, testLogger(t))
+	s.stats.sampleEvery = time.Hour // one tick, shared by every answer below
+	_, url := serveTest(t, s)
+	first := getStats(t, url)
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Go(func() {
+			if got := getStats(t, url); got.Time != first.Time {
+				t.Errorf("GET /stats answered the snapshot of %s, want the one tick's, %s", got.Time, first.Time)
+			}
+		})
+	}
+	wg.Wait()
+}
+
 // clients.sse counts event streams only: a GET /stats, which waits for a
 // tick as a subscriber of its own, is not one.
 func TestStatsCountsStreamsOnly(t *testing.T) {

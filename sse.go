@@ -67,7 +67,7 @@ const (
 
 // tick is one sample, encoded once and shared read-only by every subscriber.
 type tick struct {
-	json  []byte // the snapshot, for GET /stats
+	json  []byte // the snapshot and a newline, for GET /stats
 	event []byte // the same, framed as an SSE event, for GET /events
 }
 
@@ -222,7 +222,7 @@ func (b *broadcaster) publish(data []byte) bool {
 		return false
 	}
 	b.lastID++
-	b.latest = &tick{json: data, event: formatEvent(b.lastID, data)}
+	b.latest = &tick{json: append(data, '\n'), event: formatEvent(b.lastID, data)} // data is the sampler's, not yet shared
 	for sub := range b.subs {
 		select {
 		case sub <- b.latest:
@@ -371,7 +371,7 @@ func (b *broadcaster) serveStats(w http.ResponseWriter, r *http.Request) {
 			if ok {
 				w.Header().Set("Content-Type", "application/json")
 				w.Header().Set("Cache-Control", "no-store")
-				w.Write(append(t.json, '\n'))
+				w.Write(t.json)
 				return
 			}
 		case <-r.Context().Done():
