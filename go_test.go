@@ -888,12 +888,7 @@ func TestInvisibleDifferencesDoNotMakeANewName(t *testing.T) {
 // (each 12 KB once encoding/json writes "<" as \u003c, 600 KB in all), a
 // welcome, and a resume from since=0, are each under 100 KB.
 func TestWelcomeStaysSmallAfterTheLargestMessages(t *testing.T) {
-	h := newHub(slog.New(slog.DiscardHandler), 10, nil)
-	sender := detachedClient(t)
-	h.join(sender, joinRequest{since: -1})
-	for range historySize {
-		h.say(sender, strings.Repeat("<", maxTextChars))
-	}
+	h, sender := hubWithTheLargestHistory(t)
 	size := func(c *client) (n int) {
 		frames, _ := c.out.take()
 		for _, f := range frames {
@@ -1039,6 +1034,18 @@ func TestJoinAndLeaveInOneWindowAppearInNeither(t *testing.T) {
 	if f.Type != "presence" || f.JoinedCount != 1 || f.LeftCount != 0 || len(f.Joined) != 1 || f.Joined[0].ID != stays.s.id {
 		t.Errorf("presence = %s, want only %s joined", f.raw, stays.s.id)
 	}
+}
+
+// hubWithTheLargestHistory is a hub whose one client, sender, has said 50
+// messages of 2 000 "<", which encoding/json writes as \u003c: 12 KB each.
+func hubWithTheLargestHistory(tb testing.TB) (h *hub, sender *client) {
+	h = newHub(slog.New(slog.DiscardHandler), 10, nil)
+	sender = detachedClient(tb)
+	h.join(sender, joinRequest{since: -1})
+	for range historySize {
+		h.say(sender, strings.Repeat("<", maxTextChars))
+	}
+	return h, sender
 }
 
 // detachedClient is a client with no real connection behind it (its wire
@@ -2670,12 +2677,7 @@ func BenchmarkJoinSameName(b *testing.B) {
 // splices the shared, already encoded history in, rather than encoding it
 // again for each join.
 func BenchmarkJoinWithFullHistory(b *testing.B) {
-	h := newHub(slog.New(slog.DiscardHandler), 10, nil)
-	sender := detachedClient(b)
-	h.join(sender, joinRequest{since: -1})
-	for range historySize {
-		h.say(sender, strings.Repeat("<", maxTextChars))
-	}
+	h, _ := hubWithTheLargestHistory(b)
 	c := detachedClient(b)
 	for b.Loop() {
 		h.join(c, joinRequest{since: -1})
