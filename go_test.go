@@ -1048,7 +1048,7 @@ func hubWithTheLargestHistory(tb testing.TB) (h *hub, sender *client) {
 	return h, sender
 }
 
-// detachedClient is a client with no real connection behind it (its wire
+// detachedClient is a client with no real connection behind it (its socket
 // writes into a pipe), for tests that drive the hub directly.
 func detachedClient(t testing.TB) *client {
 	c := newClient()

@@ -240,13 +240,13 @@ func newHTTPServer(h http.Handler, logger *slog.Logger) *http.Server {
 		//    clears it once the answer is written.
 		//  - A hijacked connection (/ws, and /events over HTTP/1.1) leaves
 		//    net/http with its deadlines cleared (conn.hijackLocked), and they
-		//    are its wire's alone from then on: the wire sets one before every
-		//    write, x/net's handshake answer included (chat.go, sse.go).
+		//    are its own from then on: a chat socket and an eventStream each
+		//    set one before every write, x/net's handshake answer included.
 		//  - HTTP/2: it is a timer per stream, armed as the stream opens
 		//    (serverConn.newStream, in h2_bundle.go), that resets the stream
-		//    when it fires, writing or not. An event stream's wire moves it
-		//    before every write (ResponseController.SetWriteDeadline), so the
-		//    stream lives as long as it writes. The connection itself has none.
+		//    when it fires, writing or not. An eventStream moves it before
+		//    every write and clears it after (ResponseController.SetWriteDeadline),
+		//    so the stream lives as long as it writes. The connection has none.
 		// TestChatAndStreamsOutliveTheWriteTimeout holds the streams to that;
 		// TestClientsThatNeverReadAreCut, the answers.
 		WriteTimeout: writeTimeout,
