@@ -518,9 +518,6 @@ func encode(v any) []byte {
 	return b
 }
 
-// stamp formats t as the protocol's times are: RFC 3339, UTC, milliseconds.
-func stamp(t time.Time) string { return t.UTC().Format("2006-01-02T15:04:05.000Z07:00") }
-
 // ------------------------------------ sessions, history, names and presence --
 //
 // Why this exists: a network blip must not cost a person their name or a

@@ -284,6 +284,10 @@ func recoverTo(log *slog.Logger, what string, then func()) {
 	}
 }
 
+// stamp formats t as every time pollfree sends is written, chat frames and
+// stats snapshots alike: RFC 3339, UTC, to the millisecond.
+func stamp(t time.Time) string { return t.UTC().Format("2006-01-02T15:04:05.000Z07:00") }
+
 // listenURL turns a listener address into a URL a person can click:
 // an unspecified host (":3000", "[::]:3000") becomes localhost.
 func listenURL(scheme string, addr net.Addr) string {

@@ -499,7 +499,7 @@ func (b *broadcaster) snapshot() snapshot {
 	}
 	info := *b.info
 	now := time.Now()
-	s := snapshot{Time: now.UTC().Format("2006-01-02T15:04:05.000Z07:00")} // RFC 3339, UTC, to the millisecond
+	s := snapshot{Time: stamp(now)}
 	s.Host = hostStats{Hostname: info.hostname, OS: runtime.GOOS, Arch: runtime.GOARCH, Kernel: info.kernel, User: info.user}
 	s.CPU = cpuStats{Cores: runtime.NumCPU(), Model: info.cpuModel}
 	readRuntime(&s)
