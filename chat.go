@@ -95,37 +95,26 @@ type hub struct {
 }
 
 // settings are a hub's limits, timings and test hooks, fixed before it
-// serves. The timings are the constants of the same names; tests shorten
-// them (TestVanishedPeerIsRemovedLiveOneStays and
-// TestChatWriteBlockedPastWriteWaitDropsTheClient, for example).
+// serves.
 type settings struct {
 	maxClients   int
 	allowOrigins map[string]bool // lower-case "scheme://host[:port]"
-
-	pingEvery, readIdle, writeWait, resumeWindow, closeGrace time.Duration
+	timings
 
 	hook func(c *client, msg []byte) // tests only: runs in the reader before each message
 }
 
-func newHub(log *slog.Logger, maxClients int, allowOrigins []string) *hub {
+func newHub(log *slog.Logger, cfg config) *hub {
 	h := &hub{
 		log: log,
-		cfg: settings{
-			maxClients:   maxClients,
-			allowOrigins: make(map[string]bool),
-			pingEvery:    pingEvery,
-			readIdle:     readIdle,
-			writeWait:    writeWait,
-			resumeWindow: resumeWindow,
-			closeGrace:   closeGrace,
-		},
+		cfg: settings{maxClients: cfg.maxClients, allowOrigins: make(map[string]bool), timings: cfg.timings},
 		run:      strconv.FormatUint(rand.Uint64(), 36),
 		clients:  make(map[*client]struct{}),
 		sessions: sessions{byID: make(map[string]*session), byName: make(map[string]*session), bases: make(map[string]*nameBase)},
 		presence: presence{joined: make(map[*session]bool), left: make(map[*session]user)},
 	}
 	h.stopping, h.stop = context.WithCancel(context.Background())
-	for _, o := range allowOrigins {
+	for _, o := range cfg.allowOrigins {
 		h.cfg.allowOrigins[strings.ToLower(strings.TrimSuffix(o, "/"))] = true
 	}
 	return h
@@ -232,9 +221,15 @@ func (h *hub) inRoomLocked(c *client) bool {
 // that hands each message it reads to the hub, and a writer that sends what
 // the hub put in its outbox. With the room above, this is the whole idea.
 
-// sendQueueFrames bounds a client's outbox: a client whose outbox is full
-// when a frame arrives is dropped. Frames are shared: one costs 24 bytes.
-const sendQueueFrames = 256
+// A client's outbox holds at most sendQueueFrames frames and sendQueueBytes
+// bytes, the batch its writer is writing included: a client whose outbox is
+// full when a frame arrives is too slow, and leaves. Every frame counts at
+// its size, shared or not: once the others have written a broadcast, a
+// client that does not read keeps it alive alone.
+const (
+	sendQueueFrames = 256
+	sendQueueBytes  = 128 << 10 // room for a welcome with the whole history
+)
 
 // client is one connection to the chat, and the session speaking through it.
 type client struct {
@@ -255,6 +250,8 @@ func newClient() *client {
 type outbox struct {
 	mu     sync.Mutex // guards the fields below
 	frames [][]byte   // at most sendQueueFrames (and a close frame)
+	bytes  int        // of frames and of the writer's batch: at most sendQueueBytes (and a close frame)
+	batch  int        // bytes of the batch the writer took last; it is written when the writer comes back
 	closed bool       // a close frame is queued: nothing more goes in
 
 	wake chan struct{} // one slot: a signal that frames arrived
@@ -263,10 +260,15 @@ type outbox struct {
 // put queues frames: one, or the pieces of one (a welcome). It reports
 // false when the box is full (or closed).
 func (o *outbox) put(frames ...[]byte) bool {
+	n := 0
+	for _, f := range frames {
+		n += len(f)
+	}
 	o.mu.Lock()
-	ok := !o.closed && len(o.frames) < sendQueueFrames
+	ok := !o.closed && len(o.frames) < sendQueueFrames && o.bytes+n <= sendQueueBytes
 	if ok {
 		o.frames = append(o.frames, frames...)
+		o.bytes += n
 	}
 	o.mu.Unlock()
 	o.signal()
@@ -282,8 +284,10 @@ func (o *outbox) close(frame []byte, discard bool) bool {
 		if discard {
 			clear(o.frames)
 			o.frames = o.frames[:0]
+			o.bytes = o.batch
 		}
 		o.frames = append(o.frames, frame)
+		o.bytes += len(frame)
 		o.closed = true
 	}
 	o.mu.Unlock()
@@ -298,12 +302,14 @@ func (o *outbox) signal() {
 	}
 }
 
-// take empties the box, and reports whether its last frame is the close
-// frame.
+// take empties the box for the writer, which has written the batch it took
+// before, and reports whether its last frame is the close frame.
 func (o *outbox) take() (frames [][]byte, last bool) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	frames, o.frames = o.frames, nil
+	o.bytes -= o.batch
+	o.batch = o.bytes
 	return frames, o.closed
 }
 
@@ -312,26 +318,28 @@ func (o *outbox) take() (frames [][]byte, last bool) {
 // c has left), serve reads and drops what the peer still sends, up to its
 // close frame, waits for the writer to send c's close frame, and closes the
 // connection: all within closeGrace of leaving. joined says whether join
-// let c in; a client refused at shutdown only gets its close frame.
+// let c in; a client refused at shutdown only gets its close frame. A panic
+// in the reader closes this connection alone, with 1011.
 func (h *hub) serve(c *client, joined bool) {
 	defer h.release()
 	defer c.unwatch()
 	go h.write(c)
+	defer func() {
+		<-c.writerDone
+		c.sock.Close()
+	}()
+	defer recoverTo(h.log, "chat reader", func() { h.leave(c, closeInternalError, "internal error") })
 	if joined {
 		h.read(c)
 	}
 	c.sock.linger()
-	<-c.writerDone
-	c.sock.Close()
 }
 
 // read is c's reader: it hands each message c sends to the hub, until the
 // peer closes (its close frame is answered with its own code), breaks
 // RFC 6455 (closed with the code readMessage chose), goes, or stays silent
 // for readIdle. Once c is out of the room the hub ignores what it hands on.
-// A panic here closes this connection alone, with 1011.
 func (h *hub) read(c *client) {
-	defer recoverTo(h.log, "chat reader", func() { h.leave(c, closeInternalError, "internal error") })
 	limit := newBucket(rateBurst, ratePerSecond)
 	strikes := newBucket(floodStrikes, floodStrikes/floodWindow.Seconds())
 	pong := func(p []byte) { h.reply(c, pongFrame(p)) }
@@ -368,20 +376,23 @@ func (h *hub) read(c *client) {
 // write is c's writer, the only goroutine that writes to c's socket after
 // the handshake: each time it wakes, the whole outbox in one write. It ends
 // once the close frame is out, or when a write fails: c then leaves, too
-// slow if the write blocked past writeWait, gone otherwise. The close frame
-// is still tried when the failed write sent nothing of its batch, so that
-// the stream is between two frames (after half a frame, a close frame
-// would be read as its payload). A panic here closes this connection with
-// 1011, written by the recovery itself: nothing else would empty the outbox.
+// slow if the write blocked past the write timeout, gone otherwise. The
+// close frame may still go when the failed write sent nothing of its
+// batch, so that the stream is between two frames (after half a frame, a
+// close frame would be read as its payload). A panic here closes this
+// connection, with 1011 written by the recovery itself when the stream is
+// between frames: nothing else would empty the outbox.
 func (h *hub) write(c *client) {
 	defer close(c.writerDone)
 	defer recoverTo(h.log, "chat writer", func() {
 		h.leave(c, closeInternalError, "internal error")
-		c.sock.writeFrames([][]byte{closeFrame(closeInternalError, "internal error")}) // a panic is not a write: between frames
+		if !c.sock.midFrame {
+			c.sock.writeFrames([][]byte{closeFrame(closeInternalError, "internal error")})
+		}
 	})
 	for range c.out.wake {
 		frames, last := c.out.take()
-		n, err := c.sock.writeFrames(frames)
+		_, err := c.sock.writeFrames(frames)
 		if err == nil {
 			if last {
 				return
@@ -393,7 +404,7 @@ func (h *hub) write(c *client) {
 		} else {
 			h.leave(c, closeNormal, "gone: a write failed")
 		}
-		if n == 0 && !last {
+		if !c.sock.midFrame && !last {
 			continue // the close frame is queued: it may still go, within closeGrace
 		}
 		c.sock.closeBy(time.Now()) // nothing more can be said: the reader stops too
@@ -475,6 +486,9 @@ const (
 	errRateLimited = "rate_limited"
 )
 
+// refusalQuoteBytes is the most of a client's own text that a refusal quotes back.
+const refusalQuoteBytes = 24
+
 // pongReply answers a client's {"type":"ping"}, framed once for everyone.
 var pongReply = textFrame([]byte(`{"type":"pong"}`))
 
@@ -497,9 +511,23 @@ func decodeMessage(data []byte) (inbound, *refusal) {
 		}
 	case "rename", "ping":
 	default:
-		return in, &refusal{errUnknownType, fmt.Sprintf("unknown message type %q: want message, rename or ping", in.Type)}
+		return in, &refusal{errUnknownType, "unknown message type " + quote(in.Type) + ": want message, rename or ping"}
 	}
 	return in, nil
+}
+
+// quote quotes s, or its first refusalQuoteBytes, for a refusal: what a
+// client sent is quoted back, but never enough to make the refusal grow
+// with it.
+func quote(s string) string {
+	if len(s) <= refusalQuoteBytes {
+		return strconv.Quote(s)
+	}
+	cut := refusalQuoteBytes
+	for !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return strconv.Quote(s[:cut]) + "…"
 }
 
 func encodeRefusal(r *refusal) []byte {
@@ -915,9 +943,6 @@ func (h *hub) flushPresence() {
 
 // A connection's timing.
 const (
-	// writeWait bounds each write to a client; a write that takes longer
-	// drops the client.
-	writeWait = 10 * time.Second
 	// The server pings every client each pingEvery (one timer for the room),
 	// and a client that sends nothing, not even a pong, for readIdle is gone:
 	// a vanished peer is removed within 75 s. pingEvery must be well under readIdle.
@@ -941,7 +966,7 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !h.admit() {
-		http.Error(w, "chat is full, try again later", http.StatusServiceUnavailable)
+		http.Error(w, "chat is full, or the server is stopping: try again later", http.StatusServiceUnavailable)
 		return
 	}
 	c := newClient()
@@ -1017,7 +1042,7 @@ func (h *hub) wait(ctx context.Context) error {
 func (h *hub) admit() bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.admitted == h.cfg.maxClients {
+	if h.admitted == h.cfg.maxClients || h.stopping.Err() != nil {
 		return false
 	}
 	h.admitted++
@@ -1056,8 +1081,11 @@ func (h *hub) checkOrigin(r *http.Request) error {
 // stuck in a full socket is then cut within closeGrace, as a stuck client's
 // writes are).
 func (h *hub) attach(c *client, conn net.Conn, r io.Reader) {
-	c.sock = newSocket(conn, r, h.cfg.readIdle, h.cfg.writeWait)
-	c.unwatch = context.AfterFunc(h.stopping, func() { h.leave(c, closeGoingAway, "server shutting down") })
+	c.sock = newSocket(conn, r, h.cfg.readIdle, h.cfg.write)
+	c.unwatch = context.AfterFunc(h.stopping, func() {
+		defer recoverTo(h.log, "shutdown", nil)
+		h.leave(c, closeGoingAway, "server shutting down")
+	})
 }
 
 // schedulePingsLocked makes sure a round of pings is on its way. The caller
@@ -1065,7 +1093,7 @@ func (h *hub) attach(c *client, conn net.Conn, r io.Reader) {
 func (h *hub) schedulePingsLocked() {
 	if !h.pinging {
 		h.pinging = true
-		h.after(h.cfg.pingEvery, "pings", h.pingAll)
+		h.after(h.cfg.ping, "pings", h.pingAll)
 	}
 }
 
@@ -1206,6 +1234,11 @@ const (
 	// net/http's 4 KiB pair would be most of an idle client.
 	connReadBufferBytes  = 512
 	connWriteBufferBytes = 256
+	// connSendBufferBytes is the kernel's send buffer for a chat connection
+	// (Linux doubles it for its own bookkeeping): what a client that stops
+	// reading holds in the kernel, beside its outbox. Left to itself, the
+	// kernel grows it to megabytes.
+	connSendBufferBytes = 16 << 10
 )
 
 // WebSocket close codes (RFC 6455, section 7.4.1).
@@ -1240,6 +1273,10 @@ type socket struct {
 	br              *bufio.Reader // conn, after what came with the handshake
 	idle, writeWait time.Duration
 
+	// The writer's: whether its last write stopped inside a frame, or a
+	// panic left that unknown. Nothing more may be written then.
+	midFrame bool
+
 	// The reader's: the data message being put together, and the frame being read.
 	msg   []byte // nil when no message is open
 	valid int    // how much of msg is checked UTF-8
@@ -1254,6 +1291,9 @@ type socket struct {
 func newSocket(conn net.Conn, r io.Reader, idle, writeWait time.Duration) *socket {
 	s := &socket{conn: conn, br: bufio.NewReaderSize(r, connReadBufferBytes), idle: idle, writeWait: writeWait, pings: newBucket(pingBurst, pingsPerSecond)}
 	s.deadline(conn.SetReadDeadline, idle) // for the first frame
+	if tcp := tcpBeneath(conn); tcp != nil {
+		tcp.SetWriteBuffer(connSendBufferBytes)
+	}
 	return s
 }
 
@@ -1451,14 +1491,19 @@ func validCloseCode(code int) bool {
 // (or past closeBy's bound). It reports how many bytes went. The frames go
 // as they are, never copied into one buffer: net.Buffers is one writev
 // system call on a TCP connection (over TLS, a write a frame).
-func (s *socket) writeFrames(frames [][]byte) (int64, error) {
+func (s *socket) writeFrames(frames [][]byte) (n int64, err error) {
 	s.deadline(s.conn.SetWriteDeadline, s.writeWait)
-	if len(frames) == 1 { // most batches: a plain write costs less (BenchmarkCapacityChat, 5 000 clients: 10.6 µs a delivery against 11.3)
-		n, err := s.conn.Write(frames[0])
-		return int64(n), err
+	s.midFrame = true // until the write returns
+	if len(frames) == 1 { // most batches: a plain write costs less than a writev
+		var k int
+		k, err = s.conn.Write(frames[0])
+		n = int64(k)
+	} else {
+		bufs := net.Buffers(frames)
+		n, err = bufs.WriteTo(s.conn)
 	}
-	bufs := net.Buffers(frames)
-	return bufs.WriteTo(s.conn)
+	s.midFrame = err != nil && n > 0
+	return n, err
 }
 
 // Write writes p as writeFrames does: x/net's handshake answer goes through it.
@@ -1505,8 +1550,13 @@ func (s *socket) linger() {
 	}
 }
 
-// Close closes the connection.
-func (s *socket) Close() error { return s.conn.Close() }
+// Close closes the connection, within closeBy's bound (see closeWithin).
+func (s *socket) Close() error {
+	s.mu.Lock()
+	bound := s.until
+	s.mu.Unlock()
+	return closeWithin(s.conn, bound)
+}
 
 // hijacker hands x/net the connection as the client's socket: x/net reads
 // the handshake through the socket's small read buffer and writes its

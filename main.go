@@ -28,6 +28,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	_ "embed"
 	"encoding/base64"
 	"errors"
@@ -57,15 +58,37 @@ const (
 	readHeaderTimeout = 5 * time.Second   // for the request line and headers (slowloris)
 	bodyTimeout       = 10 * time.Second  // for what net/http reads of a request body no route wants; then the connection is cut
 	idleTimeout       = 120 * time.Second // a keep-alive connection with no request in flight
-	writeTimeout      = 10 * time.Second  // for each whole answer that is not a stream (see newHTTPServer); then the connection is cut
 	maxHeaderBytes    = 16 << 10          // the request line plus headers
 	shutdownTimeout   = 5 * time.Second   // the whole shutdown; run returns after it anyway
+	// writeTimeout bounds every write: each whole answer that is not a
+	// stream (see newHTTPServer), each write to a chat client or an event
+	// stream, and an HTTP/2 connection's wait to write anything at all.
+	// Past it the client is too slow, and its connection is cut.
+	writeTimeout = 10 * time.Second
 	// closeGrace bounds the end of a connection being closed: a chat
 	// client's last writes and the wait for its peer's close frame, together,
 	// or an event stream's last write at shutdown. A stuck client costs it
 	// once, well inside shutdownTimeout.
 	closeGrace = time.Second
 )
+
+// timings are every duration pollfree waits for, one value made from the
+// constants of the same names and passed down, so that tests can shorten
+// any of them for one server.
+type timings struct {
+	readHeader, body, idle, write, shutdown, closeGrace time.Duration // the server's, above
+	ping, readIdle, resumeWindow                        time.Duration // the chat's (pingEvery, readIdle, resumeWindow)
+	sample, keepAlive                                   time.Duration // the stats stream's (sampleEvery, sseKeepAlive)
+}
+
+func defaultTimings() timings {
+	return timings{
+		readHeader: readHeaderTimeout, body: bodyTimeout, idle: idleTimeout, write: writeTimeout,
+		shutdown: shutdownTimeout, closeGrace: closeGrace,
+		ping: pingEvery, readIdle: readIdle, resumeWindow: resumeWindow,
+		sample: sampleEvery, keepAlive: sseKeepAlive,
+	}
+}
 
 //go:embed index.html
 var page []byte
@@ -102,12 +125,13 @@ type config struct {
 	tlsKey       string
 	drain        time.Duration // how long /healthz says 503 before shutdown proper
 	logLevel     slog.Level
+	timings      timings
 }
 
 // parseConfig reads flags from args and falls back to $PORT for the address.
 // -h prints the usage to stderr and returns flag.ErrHelp.
 func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (config, error) {
-	var cfg config
+	cfg := config{timings: defaultTimings()}
 	fs := flag.NewFlagSet("pollfree", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&cfg.addr, "addr", "", "listen address, host:port (default \":$PORT\", or \":"+defaultPort+"\" without $PORT)")
@@ -171,14 +195,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err != nil {
 		return err
 	}
-	srv := newHTTPServer(app, log)
+	srv := newHTTPServer(app)
 	serveErr := make(chan error, 1)
+	go func() { serveErr <- serve(srv, ln, cfg.tlsCert, cfg.tlsKey) }()
 	scheme := "http"
 	if cfg.tlsCert != "" {
 		scheme = "https"
-		go func() { serveErr <- srv.ServeTLS(ln, cfg.tlsCert, cfg.tlsKey) }()
-	} else {
-		go func() { serveErr <- srv.Serve(ln) }()
 	}
 	log.Info("pollfree listening", "url", listenURL(scheme, ln.Addr()))
 
@@ -198,15 +220,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	// Shutdown: tell every client (chat and streams refuse newcomers from
 	// then on), stop accepting, wait for them all, bounded.
 	log.Info("shutting down")
-	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.timings.shutdown)
 	defer cancel()
 	app.beginShutdown() // chat clients get 1001; event streams end
 	// Shutdown waits for the requests in flight. A response that a client
 	// stopped reading (the page, asked for again and again) would hold it
-	// until the write timeout, past shutdownTimeout, so after closeGrace, as
-	// a stuck chat client's are, the connections still busy are cut. Without
-	// the cut, TestSIGTERMWithAStuckPageReaderExitsInTime exits 1 after 5 s.
-	cut, cancelCut := context.WithTimeout(ctx, closeGrace)
+	// until the write timeout, past the shutdown's bound, so after closeGrace,
+	// as a stuck chat client's are, the connections still busy are cut.
+	cut, cancelCut := context.WithTimeout(ctx, cfg.timings.closeGrace)
 	defer cancelCut()
 	if srv.Shutdown(cut) != nil {
 		log.Warn("cutting responses still being written")
@@ -220,50 +241,139 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	return nil
 }
 
-// newHTTPServer configures the server field by field.
-func newHTTPServer(h http.Handler, logger *slog.Logger) *http.Server {
+// HTTP/2's own limits (with -tls-cert). Each applies to one connection.
+const (
+	// http2MaxStreams bounds the streams a connection may have open at once,
+	// whatever the route: the least RFC 9113 recommends. A connection is
+	// held to it alone; -max-streams stays a bound on the whole server.
+	http2MaxStreams = 100
+	// http2MaxFrameBytes is the largest frame a client may send, in bytes:
+	// the least HTTP/2 allows, since the reader keeps a buffer the size of
+	// the largest frame it has read.
+	http2MaxFrameBytes = 16 << 10
+	// http2WindowBytes is what a client may send, in bytes, that the server
+	// holds unread: on a connection, and on each of its streams. No route
+	// reads a body. It is the least net/http takes for a connection: below
+	// it, net/http silently uses 1 MiB.
+	http2WindowBytes = 64 << 10
+)
+
+// newHTTPServer configures the server of s field by field.
+func newHTTPServer(s *server) *http.Server {
+	t := s.t
 	return &http.Server{
-		Handler: h,
+		Handler: s,
 		// Headers must arrive promptly. No ReadTimeout, which would cut /ws and
 		// /events: no route reads a body, and ServeHTTP bounds what net/http reads of one.
-		ReadHeaderTimeout: readHeaderTimeout,
+		ReadHeaderTimeout: t.readHeader,
 		// Idle keep-alive connections are closed after this long.
-		IdleTimeout: idleTimeout,
+		IdleTimeout: t.idle,
 		// Request line plus headers, at most.
 		MaxHeaderBytes: maxHeaderBytes,
-		// Every answer that is not a stream must be written within this, or its
-		// connection is cut: a client that asks for the page again and again
-		// and never reads would otherwise hold its connection, and the
-		// answers in its send queue, for ever. Who owns the deadline:
-		//  - HTTP/1: net/http sets it on the connection as each request has
-		//    been read (conn.readRequest), so it bounds that one answer, and
-		//    clears it once the answer is written.
-		//  - A hijacked connection (/ws, and /events over HTTP/1.1) leaves
-		//    net/http with its deadlines cleared (conn.hijackLocked), and they
-		//    are its own from then on: a chat socket and an eventStream each
-		//    set one before every write, x/net's handshake answer included.
-		//  - HTTP/2: it is a timer per stream, armed as the stream opens
-		//    (serverConn.newStream, in h2_bundle.go), that resets the stream
-		//    when it fires, writing or not. An eventStream moves it before
-		//    every write and clears it after (ResponseController.SetWriteDeadline),
-		//    so the stream lives as long as it writes. The connection has none.
-		// TestChatAndStreamsOutliveTheWriteTimeout holds the streams to that;
-		// TestClientsThatNeverReadAreCut, the answers.
-		WriteTimeout: writeTimeout,
-		ErrorLog:     log.New(serverErrors{logger}, "", 0),
+		// Every answer that is not a stream must be written within this, or
+		// its connection is cut: a client that asks for the page again and
+		// again and never reads would otherwise hold its connection, and the
+		// answers in its send queue, for ever. net/http arms it as it reads a
+		// request. A hijacked connection (/ws, and /events over HTTP/1.1)
+		// leaves net/http without it and sets its own before each write;
+		// over HTTP/2 it is a timer that resets the stream, which an event
+		// stream moves on at each of its writes.
+		WriteTimeout: t.write,
+		HTTP2: &http.HTTP2Config{
+			MaxConcurrentStreams:          http2MaxStreams,
+			MaxReadFrameSize:              http2MaxFrameBytes,
+			MaxReceiveBufferPerConnection: http2WindowBytes,
+			MaxReceiveBufferPerStream:     http2WindowBytes,
+			// A connection that writes nothing for this long, its client
+			// having stopped reading, is closed with all its streams. A
+			// stream's own deadline cannot do it: its reset would be one more
+			// frame waiting behind the stuck write. (A ping health check
+			// would not either: a client can answer pings and never read.)
+			WriteByteTimeout: t.write,
+		},
+		ErrorLog: log.New(serverErrors{s.log}, "", 0),
 	}
 }
 
+// serve serves srv on ln until it stops: over TLS, offering HTTP/2 and
+// HTTP/1.1, when certFile is given, through tlsBeneath.
+func serve(srv *http.Server, ln net.Listener, certFile, keyFile string) error {
+	if certFile == "" {
+		return srv.Serve(ln)
+	}
+	return srv.ServeTLS(tlsBeneath{ln}, certFile, keyFile)
+}
+
+// tlsBeneath is the listener that crypto/tls reads and writes through. Its
+// connections hold crypto/tls to its own rule, that after a write that timed
+// out every later write fails at once, for the one write it exempts: the
+// close_notify alert that closing a connection writes, under a fresh
+// deadline of crypto/tls's own (5 s). Without it, every connection closed
+// after a write that timed out (an HTTP/2 connection past
+// WriteByteTimeout, an answer cut by WriteTimeout, a stuck chat client or
+// stream) would wait that long again, past shutdown's bound.
+type tlsBeneath struct{ net.Listener }
+
+func (l tlsBeneath) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if tcp, ok := c.(*net.TCPConn); ok {
+		return &stuckAfterTimeout{TCPConn: tcp}, nil
+	}
+	return c, err
+}
+
+// stuckAfterTimeout is a TCP connection beneath TLS: once a write to it has
+// timed out, it takes no more. Only crypto/tls writes to it, through Write.
+type stuckAfterTimeout struct {
+	*net.TCPConn
+	timedOut atomic.Bool
+}
+
+func (c *stuckAfterTimeout) Write(p []byte) (int, error) {
+	if c.timedOut.Load() {
+		return 0, os.ErrDeadlineExceeded
+	}
+	n, err := c.TCPConn.Write(p)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		c.timedOut.Store(true)
+	}
+	return n, err
+}
+
+// closeWithin closes conn. Over TLS, closing writes a close_notify alert
+// first, under crypto/tls's own deadline (5 s): the connection beneath is
+// closed at bound if the alert is not out by then, at once if bound has
+// passed.
+func closeWithin(conn net.Conn, bound time.Time) error {
+	if tc, ok := conn.(*tls.Conn); ok {
+		defer time.AfterFunc(time.Until(bound), func() { tc.NetConn().Close() }).Stop()
+	}
+	return conn.Close()
+}
+
+// tcpBeneath returns the TCP connection beneath conn, over TLS too (where
+// a socket's kernel buffers are set), or nil for a connection of another kind.
+func tcpBeneath(conn net.Conn) *net.TCPConn {
+	if tc, ok := conn.(*tls.Conn); ok {
+		conn = tc.NetConn()
+	}
+	if s, ok := conn.(*stuckAfterTimeout); ok {
+		return s.TCPConn
+	}
+	tcp, _ := conn.(*net.TCPConn)
+	return tcp
+}
+
 // serverErrors takes net/http's own error lines into the structured log: a
-// panic in a handler (net/http recovers it and logs it with its stack) at
-// error level, the rest (TLS handshakes from scanners, clients hanging up
+// panic in a handler (net/http's HTTP/1 and HTTP/2 servers each recover it
+// and log it with its stack) at error level, the rest (TLS handshakes from scanners, clients hanging up
 // mid-request) at debug.
 type serverErrors struct{ log *slog.Logger }
 
 func (e serverErrors) Write(p []byte) (int, error) {
 	msg := strings.TrimSpace(string(p))
 	level := slog.LevelDebug
-	if strings.HasPrefix(msg, "http: panic serving") {
+	if strings.HasPrefix(msg, "http: panic serving") || strings.HasPrefix(msg, "http2: panic serving") {
 		level = slog.LevelError
 	}
 	e.log.Log(context.Background(), level, msg)
@@ -301,18 +411,18 @@ func listenURL(scheme string, addr net.Addr) string {
 // server is pollfree's http.Handler: the chat hub, the stats broadcaster and
 // the routes over them.
 type server struct {
-	chat        *hub
-	stats       *broadcaster
-	draining    atomic.Bool   // set once shutdown begins; /healthz then answers 503
-	bodyTimeout time.Duration // bodyTimeout, changeable by tests before serving
-	mux         *http.ServeMux
+	log      *slog.Logger
+	t        timings
+	chat     *hub
+	stats    *broadcaster
+	draining atomic.Bool // set once shutdown begins; /healthz then answers 503
+	mux      *http.ServeMux
 }
 
 func newServer(cfg config, log *slog.Logger) *server {
-	s := &server{mux: http.NewServeMux(), bodyTimeout: bodyTimeout}
-	s.chat = newHub(log, cfg.maxClients, cfg.allowOrigins)
-	s.stats = newBroadcaster(log, os.DirFS("/"), s.chat.online)
-	s.stats.maxStreams = cfg.maxStreams
+	s := &server{log: log, t: cfg.timings, mux: http.NewServeMux()}
+	s.chat = newHub(log, cfg)
+	s.stats = newBroadcaster(log, os.DirFS("/"), s.chat.online, cfg)
 	s.routes()
 	return s
 }
@@ -336,7 +446,7 @@ func (s *server) routes() {
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.ContentLength != 0 && r.ProtoMajor == 1 {
 		w.Header().Set("Connection", "close")
-		http.NewResponseController(w).SetReadDeadline(time.Now().Add(s.bodyTimeout))
+		http.NewResponseController(w).SetReadDeadline(time.Now().Add(s.t.body))
 	}
 	s.mux.ServeHTTP(w, r)
 }

@@ -41,7 +41,6 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	osuser "os/user"
@@ -60,9 +59,6 @@ const (
 	sseRetry = 2 * time.Second
 	// sseKeepAlive is the longest a stream stays silent before a comment line.
 	sseKeepAlive = 15 * time.Second
-	// sseWriteTimeout bounds each write to a subscriber: a write still
-	// blocked sseWriteTimeout after it started ends that stream.
-	sseWriteTimeout = 10 * time.Second
 )
 
 // tick is one sample, encoded once and shared read-only by every subscriber.
@@ -83,9 +79,8 @@ type broadcaster struct {
 	fsys        fs.FS      // the root file system, where /proc and /sys are read
 	chatClients func() int // how many chat clients are online
 	started     time.Time  // process start, for process.uptimeSeconds
-	// sampleEvery, sseKeepAlive and sseWriteTimeout, changeable by tests before serving.
-	sampleEvery, keepAlive, writeTimeout time.Duration
-	maxStreams                           int // -max-streams
+	t           timings
+	maxStreams  int // -max-streams
 
 	// streams counts the open event streams, for shutdown to wait on. Its
 	// Add is subscribe's alone, under mu and only while not closed: once
@@ -108,16 +103,15 @@ type broadcaster struct {
 	cpu  cpuTimes // the last CPU sample, kept across runs: a run's first tick covers the pause before it
 }
 
-func newBroadcaster(log *slog.Logger, fsys fs.FS, chatClients func() int) *broadcaster {
+func newBroadcaster(log *slog.Logger, fsys fs.FS, chatClients func() int, cfg config) *broadcaster {
 	return &broadcaster{
-		log:          log,
-		fsys:         fsys,
-		chatClients:  chatClients,
-		started:      time.Now(),
-		sampleEvery:  sampleEvery,
-		keepAlive:    sseKeepAlive,
-		writeTimeout: sseWriteTimeout,
-		subs:         make(map[chan *tick]*eventStream),
+		log:         log,
+		fsys:        fsys,
+		chatClients: chatClients,
+		started:     time.Now(),
+		t:           cfg.timings,
+		maxStreams:  cfg.maxStreams,
+		subs:        make(map[chan *tick]*eventStream),
 	}
 }
 
@@ -173,7 +167,7 @@ func (b *broadcaster) shutdown() {
 		delete(b.subs, sub)
 		close(sub)
 		if out != nil {
-			out.stop() // while the stream is subscribed, so while its handler runs
+			out.stop(b.t.closeGrace) // while the stream is subscribed, so while its handler runs
 		}
 	}
 }
@@ -183,7 +177,7 @@ func (b *broadcaster) shutdown() {
 // A panic ends it, logged, and restart sees to the next tick.
 func (b *broadcaster) sample() {
 	defer recoverTo(b.log, "stats sampler", b.restart)
-	t := time.NewTicker(b.sampleEvery)
+	t := time.NewTicker(b.t.sample)
 	defer t.Stop()
 	for {
 		data, err := json.Marshal(b.snapshot())
@@ -206,14 +200,16 @@ func (b *broadcaster) restart() {
 	defer b.mu.Unlock()
 	b.running = len(b.subs) > 0 && !b.closed
 	if b.running {
-		time.AfterFunc(b.sampleEvery, b.sample)
+		time.AfterFunc(b.t.sample, b.sample)
 	} else {
 		b.latest = nil
 	}
 }
 
-// publish offers one tick to every subscriber that is ready for it. It
-// reports false, marking the sampler stopped, when there is nobody left.
+// publish offers one tick to every subscriber. A subscriber still writing
+// an earlier tick finds this one in its slot when it comes back, in place
+// of any it skipped: the newest wins. publish reports false, marking the
+// sampler stopped, when there is nobody left.
 func (b *broadcaster) publish(data []byte) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -225,9 +221,10 @@ func (b *broadcaster) publish(data []byte) bool {
 	b.latest = &tick{json: append(data, '\n'), event: formatEvent(b.lastID, data)} // data is the sampler's, not yet shared
 	for sub := range b.subs {
 		select {
-		case sub <- b.latest:
-		default: // still writing an earlier tick: skip this one
+		case <-sub: // a tick it has not taken: replaced
+		default:
 		}
+		sub <- b.latest // room for it: every send is made under b.mu
 	}
 	return true
 }
@@ -238,6 +235,10 @@ var retryLine = "retry: " + strconv.FormatInt(sseRetry.Milliseconds(), 10) + "\n
 // serveEvents serves GET /events: the stats stream, through net/http. Over
 // HTTP/1.1 the stream leaves net/http instead (serveHijacked, below).
 func (b *broadcaster) serveEvents(w http.ResponseWriter, r *http.Request) {
+	if r.ContentLength != 0 { // nothing would read it, for as long as the stream lasts
+		http.Error(w, "GET /events takes no body", http.StatusBadRequest)
+		return
+	}
 	if r.ProtoMajor == 1 {
 		b.serveHijacked(w)
 		return
@@ -286,10 +287,10 @@ var keepAliveLine = []byte(": keep-alive\n\n")
 // stream has no gone: nothing reads its connection, so a client that left is
 // noticed at the next write or the one after.
 func (b *broadcaster) stream(out *eventStream, sub chan *tick, first []byte, gone <-chan struct{}) error {
-	if err := out.write(first, b.writeTimeout); err != nil {
+	if err := out.write(first, b.t.write); err != nil {
 		return err
 	}
-	quiet := time.NewTimer(b.keepAlive)
+	quiet := time.NewTimer(b.t.keepAlive)
 	defer quiet.Stop()
 	for {
 		var p []byte
@@ -304,10 +305,10 @@ func (b *broadcaster) stream(out *eventStream, sub chan *tick, first []byte, gon
 		case <-gone:
 			return context.Canceled
 		}
-		if err := out.write(p, b.writeTimeout); err != nil {
+		if err := out.write(p, b.t.write); err != nil {
 			return err
 		}
-		quiet.Reset(b.keepAlive)
+		quiet.Reset(b.t.keepAlive)
 	}
 }
 
@@ -350,14 +351,14 @@ func (s *eventStream) deadline(t time.Time) {
 }
 
 // stop bounds the write in progress, if any, and every later one, by
-// closeGrace from now. The broadcaster calls it only for a stream still
+// grace from now. The broadcaster calls it only for a stream still
 // subscribed, under its mu: a stream unsubscribes before its handler
 // returns, and net/http's HTTP/2 SetWriteDeadline panics after that.
-func (s *eventStream) stop() {
+func (s *eventStream) stop(grace time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.stopped = true
-	s.conn.SetWriteDeadline(time.Now().Add(closeGrace))
+	s.conn.SetWriteDeadline(time.Now().Add(grace))
 }
 
 // serveStats serves GET /stats: the latest snapshot as JSON. When no sampler
@@ -411,20 +412,21 @@ func (b *broadcaster) serveHijacked(w http.ResponseWriter) {
 		http.Error(w, "cannot stream: "+err.Error(), http.StatusInternalServerError)
 		return
 	}
-	if tcp, ok := conn.(*net.TCPConn); ok {
+	if tcp := tcpBeneath(conn); tcp != nil {
 		tcp.SetReadBuffer(streamReadBuffer)
 	}
 	out := &eventStream{conn: conn}
 	sub := b.subscribe(out)
 	if sub == nil { // shutdown has begun, or maxStreams are open
-		conn.SetWriteDeadline(time.Now().Add(closeGrace))
+		bound := time.Now().Add(b.t.closeGrace)
+		conn.SetWriteDeadline(bound)
 		io.WriteString(conn, "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-		conn.Close()
+		closeWithin(conn, bound)
 		return
 	}
 	go func() {
 		defer recoverTo(b.log, "event stream", nil) // the calls below end this stream alone
-		defer conn.Close()
+		defer func() { closeWithin(conn, time.Now().Add(b.t.closeGrace)) }()
 		defer b.unsubscribe(sub, out)
 		b.log.Debug("stream opened", "remote", conn.RemoteAddr())
 		err := b.stream(out, sub, eventStreamHeader, nil)
