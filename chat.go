@@ -106,8 +106,8 @@ type settings struct {
 
 func newHub(log *slog.Logger, cfg config) *hub {
 	h := &hub{
-		log: log,
-		cfg: settings{maxClients: cfg.maxClients, allowOrigins: make(map[string]bool), timings: cfg.timings},
+		log:      log,
+		cfg:      settings{maxClients: cfg.maxClients, allowOrigins: make(map[string]bool), timings: cfg.timings},
 		run:      strconv.FormatUint(rand.Uint64(), 36),
 		clients:  make(map[*client]struct{}),
 		sessions: sessions{byID: make(map[string]*session), byName: make(map[string]*session), bases: make(map[string]*nameBase)},
@@ -1493,7 +1493,7 @@ func validCloseCode(code int) bool {
 // system call on a TCP connection (over TLS, a write a frame).
 func (s *socket) writeFrames(frames [][]byte) (n int64, err error) {
 	s.deadline(s.conn.SetWriteDeadline, s.writeWait)
-	s.midFrame = true // until the write returns
+	s.midFrame = true     // until the write returns
 	if len(frames) == 1 { // most batches: a plain write costs less than a writev
 		var k int
 		k, err = s.conn.Write(frames[0])

@@ -2709,7 +2709,7 @@ func BenchmarkJoinSameName(b *testing.B) {
 	for _, tc := range []struct{ held, asked string }{{"ann", "ann"}, {long, long[:30] + "-2"}} {
 		for _, n := range []int{100, 10_000} {
 			b.Run(fmt.Sprintf("asked=%s/holders=%d", tc.asked[len(tc.asked)-3:], n), func(b *testing.B) {
-				h := newHub(slog.New(slog.DiscardHandler), testConfig(func(c *config) { c.maxClients = 2*n }))
+				h := newHub(slog.New(slog.DiscardHandler), testConfig(func(c *config) { c.maxClients = 2 * n }))
 				for range n {
 					h.join(detachedClient(b), joinRequest{name: tc.held, since: -1})
 				}
@@ -3000,7 +3000,7 @@ func TestPingAfterSilenceGetsPong(t *testing.T) {
 	s := newServer(cfg, testLogger(t))
 	_, url := serveTest(t, s)
 	raw, _ := dialRaw(t, url, "")
-	raw.readText(t)                      // the welcome: the server's last write
+	raw.readText(t)                  // the welcome: the server's last write
 	time.Sleep(2 * s.chat.cfg.write) // the silence under test, not a synchronisation
 	raw.writeFrame(websocket.PingFrame, []byte("still there?"))
 	op, p, err := raw.readFrame()
