@@ -1880,6 +1880,7 @@ func TestRefusedFramesGetAnErrorAndTheConnectionStays(t *testing.T) {
 		{`{"type":"rename","name":"a\u0007b"}`, errBadName},
 		{`{"type":"rename","name":"` + strings.Repeat("n", maxNameChars+1) + `"}`, errBadName},
 		{`{"type":"rename","name":"   "}`, errBadName},
+		{`{"type":"` + strings.Repeat("<", maxMessageBytes-20) + `"}`, errUnknownType}, // quoted back, each < as \u003c
 	} {
 		a, _ := dial(t, url, "")
 		if err := websocket.Message.Send(a.ws, tc.frame); err != nil {
@@ -1887,6 +1888,8 @@ func TestRefusedFramesGetAnErrorAndTheConnectionStays(t *testing.T) {
 		}
 		if f := a.await("error"); f.Code != tc.code || f.Error == "" {
 			t.Errorf("frame %.40q: got error %q (%q), want code %q with a message", tc.frame, f.Code, f.Error, tc.code)
+		} else if len(f.raw) > 300 {
+			t.Errorf("frame %.40q of %d bytes: got an error frame of %d bytes, want at most a few dozen of them quoted", tc.frame, len(tc.frame), len(f.raw))
 		}
 		a.say(strings.Repeat("é", maxTextChars)) // still connected; exactly at the limit
 		if m := a.await("message"); utf8.RuneCountInString(m.Text) != maxTextChars {
@@ -2945,6 +2948,65 @@ func TestFailedWritesAreLoggedForWhatHappened(t *testing.T) {
 	}
 }
 
+// A client's outbox is bounded in bytes as well as frames, counting the
+// batch its writer took and is still writing: a writer stuck on a large
+// batch leaves room for less.
+func TestOutboxIsBoundedInBytesItsWritersBatchIncluded(t *testing.T) {
+	o := &newClient().out
+	big, more := make([]byte, sendQueueBytes-10<<10), make([]byte, 20<<10)
+	if !o.put(big) {
+		t.Fatal("a frame within the bound refused")
+	}
+	o.take() // the writer holds it, writing
+	if o.put(more) {
+		t.Errorf("a frame past the bound, the writer's batch counted, taken in")
+	}
+	o.take() // the writer came back: its batch is written
+	if !o.put(more) {
+		t.Errorf("a frame within the bound refused once the writer's batch was written")
+	}
+	for range sendQueueFrames {
+		o.put(pingFrame)
+	}
+	if o.put(pingFrame) {
+		t.Errorf("more than %d frames taken in", sendQueueFrames)
+	}
+}
+
+// Once shutdown has begun nothing more is admitted: a late connection would
+// be counted after wait had begun to wait.
+func TestNothingIsAdmittedOnceShutdownHasBegun(t *testing.T) {
+	s, url := newTestServer(t)
+	s.beginShutdown()
+	if s.chat.admit() {
+		t.Error("a chat connection admitted after shutdown began")
+	}
+	if _, code := dialRaw(t, url, ""); code != http.StatusServiceUnavailable {
+		t.Errorf("a handshake after shutdown began: %d, want 503", code)
+	}
+}
+
+// GET /events with a request body is refused, on every path: nothing would
+// ever read the body, for as long as the stream lasted.
+func TestEventStreamWithABodyIsRefused(t *testing.T) {
+	t.Parallel()
+	for _, p := range allPaths {
+		t.Run(p.name, func(t *testing.T) {
+			t.Parallel()
+			url, client := serveOn(t, p, newServer(testConfig(), testLogger(t)))
+			req, _ := http.NewRequest("GET", url+"/events", strings.NewReader("a body"))
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusBadRequest {
+				t.Errorf("GET /events with a body: %d, want 400", resp.StatusCode)
+			}
+		})
+	}
+}
+
 // dialStuck connects a client named name that never reads, with a tiny
 // receive buffer so that the server's writes to it back up quickly.
 func dialStuck(t testing.TB, url string, name string) {
@@ -3081,6 +3143,12 @@ func TestSlowSubscriberSkipsTicksWithoutSlowingOthers(t *testing.T) {
 	}
 	if n := len(slow); n != 1 {
 		t.Errorf("slow subscriber holds %d ticks, want 1 (the rest skipped)", n)
+	}
+	b.mu.Lock()
+	latest := b.latest
+	b.mu.Unlock()
+	if held := <-slow; held != latest {
+		t.Errorf("slow subscriber holds a tick of %q, want the newest: it would show old figures when it comes back", held.event)
 	}
 }
 
@@ -3720,7 +3788,8 @@ func checkServed(t *testing.T, url string, client *http.Client) {
 
 // SIGTERM with 1000 chat clients, 1000 event streams and messages in flight:
 // every chat client gets close 1001, every stream ends, and the process
-// exits with status 0 within shutdownTimeout.
+// exits with status 0 within shutdownTimeout, on every path (over HTTP/2
+// the streams share the connections a client opens, a hundred to each).
 func TestSIGTERMUnderLoad(t *testing.T) {
 	if testing.Short() {
 		t.Skip("1000 clients (-short)")
@@ -3729,7 +3798,13 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 		t.Skip("no SIGTERM")
 	}
 	raiseFileLimit(t)
-	url, _, stop := serverProcess(t)
+	for _, p := range allPaths {
+		t.Run(p.name, func(t *testing.T) { testSIGTERMUnderLoad(t, p) })
+	}
+}
+
+func testSIGTERMUnderLoad(t *testing.T, p clientPath) {
+	url, _, stop := serverProcess(t, p.args(t)...)
 	const chats, streams = 1000, 1000
 
 	codes := make(chan int, chats)
@@ -3747,15 +3822,11 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 		}()
 	}
 	ended := make(chan error, streams)
+	client := p.client(t)
 	for range streams {
-		conn := dialTCP(t, url, 0)
-		resp, _, err := requestEvents(conn)
-		if err != nil {
-			t.Fatal(err)
-		}
+		body, _ := openEventsOn(t, p, url, client, 0)
 		go func() {
-			conn.SetReadDeadline(time.Now().Add(4 * shutdownTimeout))
-			_, err := io.Copy(io.Discard, resp.Body)
+			_, err := io.Copy(io.Discard, body)
 			ended <- err
 		}()
 	}
@@ -3787,9 +3858,15 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 			t.Fatalf("a chat client got close %d, want %d", code, closeGoingAway)
 		}
 	}
+	timeout := time.After(4 * shutdownTimeout)
 	for range streams {
-		if err := <-ended; err != nil {
-			t.Fatalf("an event stream did not end cleanly: %v", err)
+		select {
+		case err := <-ended:
+			if err != nil {
+				t.Fatalf("an event stream did not end cleanly: %v", err)
+			}
+		case <-timeout:
+			t.Fatal("event streams still open after the server exited")
 		}
 	}
 }
@@ -6173,7 +6250,9 @@ func serverProcess(tb testing.TB, args ...string) (url string, proc *os.Process,
 		tb.Fatal(err)
 	}
 	cmd := exec.Command(exe)
-	cmd.Env = append(os.Environ(), "POLLFREE_SERVE="+strings.Join(append([]string{"-addr", "127.0.0.1:0"}, args...), " "))
+	// Without atexit_sleep_ms=0 a binary built with -race sleeps a second as
+	// it exits, and every exit the tests time would be a second late.
+	cmd.Env = append(os.Environ(), "GORACE=atexit_sleep_ms=0", "POLLFREE_SERVE="+strings.Join(append([]string{"-addr", "127.0.0.1:0"}, args...), " "))
 	url, stop = startProcess(tb, cmd)
 	return url, cmd.Process, stop
 }
